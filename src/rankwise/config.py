@@ -60,10 +60,20 @@ def flag(name: str) -> str:
 
 
 _SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
 }
 
 
@@ -183,7 +193,9 @@ class DataConfig:
         "standard library's docstrings, offline).",
     )
     val: str | None = opt(None, "Validation file; if absent, a seeded split of --train is used.")
-    val_fraction: float = opt(0.1, "Share of --train records held out for validation when no --val.")
+    val_fraction: float = opt(
+        0.1, "Share of --train records held out for validation when no --val."
+    )
     split: str = opt("train", "Split to read from a hub dataset.")
     format: str = opt(
         "auto",
@@ -206,7 +218,9 @@ class DataConfig:
         _integer(self, "seq_len", "max_examples")
         _positive(self, "seq_len", "max_examples")
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+            raise ConfigError(
+                f"--val-fraction: expected a number in (0, 1), got {self.val_fraction!r}"
+            )
 
 
 @dataclass
@@ -219,7 +233,9 @@ class LoraSettings:
         "Default: PEFT's default for the architecture.",
     )
     dropout: float = opt(0.0, "lora_dropout.")
-    bias: str = opt("none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"])
+    bias: str = opt(
+        "none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"]
+    )
     alpha_policy: str = opt(
         "fixed",
         "How lora_alpha follows the rank. fixed: lora_alpha=--alpha for every rank (scale "
@@ -241,9 +257,13 @@ class LoraSettings:
             raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
-                self.target_modules = [s.strip() for s in self.target_modules.split(",") if s.strip()]
+                self.target_modules = [
+                    s.strip() for s in self.target_modules.split(",") if s.strip()
+                ]
             if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
-                raise ConfigError(f"--target-modules: expected module names, got {self.target_modules!r}")
+                raise ConfigError(
+                    f"--target-modules: expected module names, got {self.target_modules!r}"
+                )
 
     def alpha_for(self, rank: int) -> float:
         """lora_alpha for a rank under the policy."""
@@ -263,18 +283,40 @@ class TrainConfig:
     batch_size: int = opt(8, "Sequences per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step (gradient accumulation).")
     lr: float = opt(2e-4, "Peak learning rate (AdamW on the adapter parameters only).")
-    warmup_steps: int = opt(5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule).")
+    warmup_steps: int = opt(
+        5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule)."
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (HF's default).")
-    eval_every: int = opt(20, "Evaluate the validation loss every N optimizer steps (and at the end).")
+    eval_every: int = opt(
+        20, "Evaluate the validation loss every N optimizer steps (and at the end)."
+    )
     eval_batches: int | None = opt(None, "Cap validation at N batches (default: the whole set).")
-    seed: int = opt(0, "Seed for the data order and the adapter initialisation (same for every rank).")
+    seed: int = opt(
+        0, "Seed for the data order and the adapter initialisation (same for every rank)."
+    )
 
     def __post_init__(self):
-        _integer(self, "max_steps", "batch_size", "grad_accum", "warmup_steps", "eval_every",
-                 "eval_batches", "seed")
-        _positive(self, "max_steps", "batch_size", "grad_accum", "lr", "eval_every",
-                  "eval_batches", "max_grad_norm")
+        _integer(
+            self,
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "seed",
+        )
+        _positive(
+            self,
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "eval_every",
+            "eval_batches",
+            "max_grad_norm",
+        )
         _positive(self, "warmup_steps", "weight_decay", "seed", allow_zero=True)
 
 
@@ -311,7 +353,9 @@ class SearchConfig:
         if isinstance(self.ranks, str):
             self.ranks = [_int_item(s, "ranks") for s in self.ranks.split(",") if s.strip()]
         if not isinstance(self.ranks, list) or not self.ranks:
-            raise ConfigError(f"--ranks: expected a comma-separated list of ranks, got {self.ranks!r}")
+            raise ConfigError(
+                f"--ranks: expected a comma-separated list of ranks, got {self.ranks!r}"
+            )
         for r in self.ranks:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"--ranks: every rank must be a positive integer, got {r!r}")
@@ -345,8 +389,12 @@ class RunConfig:
 
     out: str | None = opt(None, "Run directory (default runs/<name>).", identity=False)
     name: str | None = opt(None, "Run name (default: derived from model and data).", identity=False)
-    force: bool = opt(False, "Reuse --out even if it holds a run with a different configuration "
-                      "(its trials are discarded).", identity=False)
+    force: bool = opt(
+        False,
+        "Reuse --out even if it holds a run with a different configuration "
+        "(its trials are discarded).",
+        identity=False,
+    )
     quiet: bool = opt(False, "No progress bars; one log line per trial.", identity=False)
     debug: bool = opt(False, "Show tracebacks on errors.", identity=False)
 

@@ -84,15 +84,18 @@ def recommend(scores: list[RankScore], tolerance: float, stop_reason: str = "") 
     """The smallest rank whose best val loss is within ``tolerance`` of the best observed."""
     ok = [s for s in scores if s.ok]
     if not ok:
-        return Recommendation(None, None, None, None, stop_reason,
-                              "no trial completed; nothing to recommend")
+        return Recommendation(
+            None, None, None, None, stop_reason, "no trial completed; nothing to recommend"
+        )
     best = min(ok, key=lambda s: (s.mean, s.rank))
     pick = min((s for s in ok if s.mean <= best.mean * (1 + tolerance)), key=lambda s: s.rank)
     if pick.rank == best.rank:
         why = f"r={pick.rank}: best val loss {pick.mean:.4f}"
     else:
-        why = (f"r={pick.rank}: val loss {pick.mean:.4f} (best {best.mean:.4f} at r={best.rank}, "
-               f"within {tolerance:.0%}); {best.rank / pick.rank:.1f}x fewer trainable params")
+        why = (
+            f"r={pick.rank}: val loss {pick.mean:.4f} (best {best.mean:.4f} at r={best.rank}, "
+            f"within {tolerance:.0%}); {best.rank / pick.rank:.1f}x fewer trainable params"
+        )
     if stop_reason:
         why += f"; stopped: {stop_reason}"
     return Recommendation(pick.rank, pick.mean, best.rank, best.mean, stop_reason, why)
@@ -185,7 +188,9 @@ class Ladder(_Base):
         if self._phase == "climb":
             if self._climb:
                 return self._climb.pop(0)
-            self._end_climb(f"reached the largest allowed rank r={self._last_tried()}", plateau=False)
+            self._end_climb(
+                f"reached the largest allowed rank r={self._last_tried()}", plateau=False
+            )
         if self._phase == "down" and self._down:
             return self._down.pop(0)
         if not self.stop_reason:
@@ -201,14 +206,19 @@ class Ladder(_Base):
             best = min(s.mean for s in self.scores() if s.ok)
             if not score.ok or score.mean > best * (1 + self.tolerance):
                 self._phase = "done"
-                self.stop_reason = (f"{self._climb_reason}; probed down to r={rank}, which is "
-                                    f"outside the {self.tolerance:.0%} tolerance")
+                self.stop_reason = (
+                    f"{self._climb_reason}; probed down to r={rank}, which is "
+                    f"outside the {self.tolerance:.0%} tolerance"
+                )
             elif not self._down:
-                self.stop_reason = f"{self._climb_reason}; probed down to the smallest rank r={rank}"
+                self.stop_reason = (
+                    f"{self._climb_reason}; probed down to the smallest rank r={rank}"
+                )
             return
         if not score.ok:
-            limit = any(r.status == SKIPPED or r.out_of_memory
-                        for r in self.results if r.rank == rank)
+            limit = any(
+                r.status == SKIPPED or r.out_of_memory for r in self.results if r.rank == rank
+            )
             if limit:
                 self._end_climb(f"resource limit at r={rank} ({score.reason})", plateau=False)
             return  # an ordinary failure: keep climbing from the last good rank
@@ -220,8 +230,10 @@ class Ladder(_Base):
         gain = (prev_score.mean - score.mean) / abs(prev_score.mean)
         self._flat = self._flat + 1 if gain < self.tolerance else 0
         if self._flat >= self.patience:
-            self._end_climb(f"plateau: r={rank} gained {gain:+.2%} over r={prev} "
-                            f"(< {self.tolerance:.0%})", plateau=True)
+            self._end_climb(
+                f"plateau: r={rank} gained {gain:+.2%} over r={prev} (< {self.tolerance:.0%})",
+                plateau=True,
+            )
 
     def _end_climb(self, reason: str, plateau: bool) -> None:
         self._climb_reason = reason

@@ -74,31 +74,54 @@ class RunStore:
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                            (key, json.dumps(value, sort_keys=True)))
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (key, json.dumps(value, sort_keys=True)),
+            )
 
-    def claim(self, identity: dict[str, Any], force: bool = False) -> None:
-        """Bind this directory to a configuration; refuse a different one unless ``force``."""
+    @staticmethod
+    def check_identity(run_dir, stored: dict[str, Any], identity: dict[str, Any]) -> None:
+        """Raise ConfigError listing what differs between a stored and a new configuration."""
+        new = _jsonable(identity)
+        if stored == new:
+            return
+        diffs = [
+            f"{k}: {stored.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(stored) | set(new))
+            if stored.get(k) != new.get(k)
+        ]
+        raise ConfigError(
+            f"{run_dir} holds a run with a different configuration ("
+            + "; ".join(diffs)
+            + "); use another --out, or --force to start it over"
+        )
+
+    def claim(self, identity: dict[str, Any], force: bool = False) -> bool:
+        """Bind this directory to a configuration; refuse a different one unless ``force``.
+
+        Returns True when a different run's trials were discarded (``force``).
+        """
         stored = self.get_meta("identity")
-        if stored is not None and stored != _jsonable(identity):
+        reset = stored is not None and stored != _jsonable(identity)
+        if reset:
             if not force:
-                diffs = [f"{k}: {stored.get(k)!r} -> {identity.get(k)!r}"
-                         for k in sorted(set(stored) | set(identity))
-                         if stored.get(k) != _jsonable(identity).get(k)]
-                raise ConfigError(
-                    f"{self.dir} holds a run with a different configuration ("
-                    + "; ".join(diffs) + "); use another --out, or --force to start it over"
-                )
+                self.check_identity(self.dir, stored, identity)
             with self.db:
                 self.db.execute("DELETE FROM trials")
         self.set_meta("identity", identity)
         self.discard_interrupted()
+        return reset
 
     # -- trials ---------------------------------------------------------------------------
     def discard_interrupted(self) -> int:
         """Remove rows of trials that started but never finished; they will be redone."""
         with self.db:
             return self.db.execute("DELETE FROM trials WHERE status = 'running'").rowcount
+
+    def forget(self, key: str) -> None:
+        """Drop a ``skipped`` record (a budget decision, re-made on resume). Results stay."""
+        with self.db:
+            self.db.execute("DELETE FROM trials WHERE key = ? AND status = 'skipped'", (key,))
 
     def start(self, spec: TrialSpec) -> None:
         with self.db:
@@ -111,15 +134,23 @@ class RunStore:
     def finish(self, result: TrialResult, spec: TrialSpec | None = None) -> None:
         """Record a result in one transaction (inserting the row if it never started)."""
         with self.db:
-            row = self.db.execute("SELECT status FROM trials WHERE key = ?", (result.key,)).fetchone()
+            row = self.db.execute(
+                "SELECT status FROM trials WHERE key = ?", (result.key,)
+            ).fetchone()
             if row is not None and row["status"] != "running":
                 raise RuntimeError(f"trial {result.key} is already recorded")
             if row is None:
                 self.db.execute(
                     "INSERT INTO trials (key, rank, seed, grp, status, started_at, spec) "
                     "VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                    (result.key, result.rank, result.seed, result.group, time.time(),
-                     spec.to_json() if spec else "{}"),
+                    (
+                        result.key,
+                        result.rank,
+                        result.seed,
+                        result.group,
+                        time.time(),
+                        spec.to_json() if spec else "{}",
+                    ),
                 )
             self.db.execute(
                 "UPDATE trials SET status = ?, finished_at = ?, best_val_loss = ?, result = ? "

@@ -29,15 +29,19 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer():
     """A fast character-level tokenizer (ids 0-3 special, then printable ASCII)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-        bos_token="<s>", eos_token="</s>",
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -50,15 +54,28 @@ def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int
 
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-            max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=TINY_VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
             tie_word_embeddings=False,
         )
     elif arch == "gpt2":
         config = GPT2Config(
-            vocab_size=TINY_VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
-            pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=TINY_VOCAB,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")

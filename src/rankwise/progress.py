@@ -1,0 +1,86 @@
+"""Terminal progress: a bar per trial (step, loss, ETA) and a line per finished trial.
+
+Written to stderr with rich; ``quiet`` keeps only the per-trial log lines, which is
+also what a non-interactive terminal (CI logs) gets.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+from .records import COMPLETE, TrialResult, TrialSpec
+
+__all__ = ["Progress", "trial_line"]
+
+
+def trial_line(r: TrialResult) -> str:
+    """One log line for a finished trial."""
+    head = f"r={r.rank:<4} seed={r.seed} {r.status:<8}"
+    if r.status != COMPLETE:
+        return f"{head} {r.reason}"
+    mem = f"{r.peak_memory_bytes / 2**20:.0f} MiB" if r.peak_memory_bytes else "-"
+    tps = f"{r.tokens_per_second:,.0f} tok/s" if r.tokens_per_second else "-"
+    flag = " (stopped at --max-trial-time)" if r.time_limited else ""
+    return (
+        f"{head} best val loss {r.best_val_loss:.4f} @ step {r.best_step}  "
+        f"params {r.trainable_params:,}  {r.wall_seconds:.1f}s  {tps}  peak {mem}{flag}"
+    )
+
+
+class Progress:
+    def __init__(self, quiet: bool = False, console=None):
+        from rich.console import Console
+
+        self.console = console or Console(file=sys.stderr, highlight=False)
+        self.quiet = quiet or not self.console.is_terminal
+        self.started = time.perf_counter()
+        self.count = 0
+
+    def log(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    @contextmanager
+    def trial(self, spec: TrialSpec):
+        """Yields the per-step callback ``(step, total, loss)`` for run_trial."""
+        self.count += 1
+        if self.quiet:
+            yield None
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        label = f"trial {self.count} r={spec.rank} seed={spec.seed}"
+        columns = [
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Bar(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task(label, total=spec.train["max_steps"], loss="-")
+
+            def update(step: int, total: int, loss: float) -> None:
+                bar.update(task, completed=step, loss=f"{loss:.4f}")
+
+            yield update
+
+    def trial_done(self, result: TrialResult) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.log(f"[{elapsed:6.0f}s] {trial_line(result)}")
+
+    def done(self, rec, run_dir) -> None:
+        self.log(f"recommendation: {rec.reason}")
+        if rec.rank is not None:
+            self.log(
+                f"adapter: {run_dir}/adapter   details: {run_dir}/summary.md, {run_dir}/report.html"
+            )

@@ -1,0 +1,809 @@
+"""Reports of a run, read from its directory alone: ``summary.md`` and ``report.html``.
+
+Nothing here loads the model or imports torch: the run folder (``trials.sqlite`` and,
+once the search has finished, ``recommendation.json``) is enough, so a report can be
+rebuilt on another machine, or while a search is still writing (SQLite WAL lets us
+read alongside it). Until ``recommendation.json`` exists the recommendation is
+provisional, recomputed from the trials finished so far.
+
+The HTML report is one self-contained file: figures are base64 PNGs, the CSS is
+inline, there is no script and no remote URL, so it opens offline and can be mailed.
+Every string that comes from the user (run name, model id, paths, reasons) is escaped.
+
+Example:
+    >>> view = load_run("runs/demo")               # doctest: +SKIP
+    >>> [row["status"] for row in trial_table_rows(view)]  # doctest: +SKIP
+    ['complete', 'complete', 'skipped']
+    >>> write_report("runs/demo")                   # doctest: +SKIP
+    PosixPath('runs/demo/report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_RANKS, ConfigError, format_bytes
+from .records import COMPLETE, FAILED, SKIPPED, TrialResult
+from .search import RankScore, rank_scores, recommend
+from .store import RunStore
+
+__all__ = [
+    "RunView",
+    "load_run",
+    "trial_table_rows",
+    "rank_table_rows",
+    "config_snippet",
+    "summary_markdown",
+    "write_summary",
+    "report_html",
+    "write_report",
+]
+
+RECOMMENDATION_FILE = "recommendation.json"
+SUMMARY_FILE = "summary.md"
+REPORT_FILE = "report.html"
+
+# Every key a recommendation has; recommendation.json may omit the optional ones.
+_REC_DEFAULTS: dict[str, Any] = {
+    "rank": None,
+    "loss": None,
+    "best_rank": None,
+    "best_loss": None,
+    "reason": "",
+    "stop_reason": "",
+    "tolerance": None,
+    "strategy": "",
+    "lora_config": {},
+    "adapter_dir": None,
+    "model": "",
+    "confidence": None,
+    "diagnosis": None,
+}
+
+
+@dataclass(frozen=True)
+class RunView:
+    """Everything a report shows, read from a run directory."""
+
+    run_dir: Path
+    name: str
+    options: dict[str, Any]
+    results: list[TrialResult]
+    running: list[dict[str, Any]]
+    scores: list[RankScore]
+    recommendation: dict[str, Any]
+    finished: bool
+    """True once ``recommendation.json`` exists (the search ended and wrote its verdict)."""
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the data loader recorded: format, record and block counts, seq_len."""
+
+    @property
+    def model(self) -> str:
+        return str(self.recommendation.get("model") or self.options.get("model") or "")
+
+    @property
+    def tolerance(self) -> float:
+        return float(self.recommendation["tolerance"])
+
+    @property
+    def status(self) -> str:
+        if self.finished:
+            return "complete"
+        if self.running:
+            return f"in progress ({len(self.running)} trial(s) running)"
+        return "in progress (or interrupted: no recommendation.json yet)"
+
+    def ranks(self) -> list[int]:
+        """Candidate and tried ranks, ascending: the x axis of every per-rank plot."""
+        tried = {r.rank for r in self.results} | {int(t["rank"]) for t in self.running}
+        return sorted(tried | set(self.options.get("ranks") or [])) or list(DEFAULT_RANKS)
+
+
+def load_run(run_dir: str | Path) -> RunView:
+    """Read a run directory: its trials, options and (final or provisional) recommendation."""
+    run_dir = Path(run_dir)
+    store = RunStore(run_dir, readonly=True)
+    try:
+        options = store.get_meta("options") or {}
+        name = store.get_meta("name") or options.get("name") or run_dir.name
+        results, running = store.results(), store.running()
+        data = store.get_meta("data") or {}
+        final = _read_recommendation(run_dir)
+        if final is None:
+            scores = rank_scores(results)
+            rec = _provisional(store, results, scores, options)
+        else:
+            scores = [_score_from_dict(s) for s in final.get("scores") or []] or rank_scores(
+                results
+            )
+            rec = final
+    finally:
+        store.close()
+    rec = {**_REC_DEFAULTS, **rec}
+    if rec["tolerance"] is None:
+        rec["tolerance"] = options.get("tolerance", 0.01)
+    finished = final is not None
+    return RunView(run_dir, str(name), options, results, running, scores, rec, finished, data)
+
+
+def _read_recommendation(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RECOMMENDATION_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _score_from_dict(d: dict[str, Any]) -> RankScore:
+    return RankScore(
+        int(d["rank"]),
+        d.get("mean"),
+        float(d.get("se") or 0.0),
+        int(d.get("n") or 0),
+        str(d.get("status", "")),
+        str(d.get("reason", "")),
+    )
+
+
+def _provisional(
+    store: RunStore, results: list[TrialResult], scores: list[RankScore], options: dict[str, Any]
+) -> dict[str, Any]:
+    """The recommendation the trials finished so far support; its LoraConfig is the one
+    the recommended rank's trial was built from."""
+    tolerance = float(options.get("tolerance", 0.01))
+    rec = dataclasses.asdict(recommend(scores, tolerance))
+    lora: dict[str, Any] = {}
+    key = next((r.key for r in results if r.ok and r.rank == rec["rank"]), None)
+    if key is not None and (spec := store.spec(key)) is not None:
+        lora = dict(spec.lora)
+    return {
+        **rec,
+        "tolerance": tolerance,
+        "strategy": options.get("strategy", ""),
+        "lora_config": lora,
+        "model": options.get("model", ""),
+    }
+
+
+def _view(run: str | Path | RunView) -> RunView:
+    return run if isinstance(run, RunView) else load_run(run)
+
+
+# -- tables ------------------------------------------------------------------------------
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _note(r: TrialResult) -> str:
+    """Why a trial ended as it did: its reason, its diagnosis and any special circumstance."""
+    parts = [r.reason] if r.reason else []
+    diagnosis = r.extra.get("diagnosis")
+    if isinstance(diagnosis, dict) and diagnosis.get("label"):
+        advice = diagnosis.get("advice")
+        parts.append(f"{diagnosis['label']}: {advice}" if advice else str(diagnosis["label"]))
+    elif isinstance(diagnosis, str) and diagnosis:
+        parts.append(diagnosis)
+    if r.time_limited:
+        parts.append("stopped by the time limit")
+    if r.extra.get("nested"):
+        parts.append("nested-rank training (one run, truncated)")
+    return "; ".join(parts)
+
+
+def _has_prediction(view: RunView, key: str) -> bool:
+    return any(r.predicted.get(key) is not None for r in view.results)
+
+
+def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
+    """One dict of display strings per trial (finished, then running); same keys in every row.
+
+    Predicted columns appear only when some trial carries that prediction.
+    """
+    view = _view(run)
+    pred_mem = _has_prediction(view, "peak_memory_bytes")
+    pred_wall = _has_prediction(view, "wall_seconds")
+    grouped = any(r.group for r in view.results)
+    rows = []
+    for r in sorted(view.results, key=lambda t: (t.rank, t.seed, t.group)):
+        row = {
+            "rank": str(r.rank),
+            "seed": str(r.seed),
+            "status": r.status,
+            "best val loss": _num(r.best_val_loss, ".4f"),
+            "best step": _num(r.best_step, "d"),
+            "trainable params": _num(r.trainable_params, ",d"),
+            "peak memory": format_bytes(r.peak_memory_bytes),
+        }
+        if pred_mem:
+            row["peak memory (pred.)"] = format_bytes(r.predicted.get("peak_memory_bytes"))
+        row["tokens/s"] = _num(r.tokens_per_second, ",.0f")
+        row["wall s"] = _num(r.wall_seconds or None, ".1f")  # 0: never ran (skipped)
+        if pred_wall:
+            row["wall s (pred.)"] = _num(r.predicted.get("wall_seconds"), ".1f")
+        if grouped:
+            row["group"] = r.group
+        row["diagnosis / reason"] = _note(r)
+        rows.append(row)
+    keys = list(rows[0]) if rows else None
+    for t in sorted(view.running, key=lambda t: (t["rank"], t["seed"])):
+        row = dict.fromkeys(keys or ["rank", "seed", "status", "diagnosis / reason"], "-")
+        started = t.get("started_at")
+        row.update(rank=str(t["rank"]), seed=str(t["seed"]), status="running")
+        row["diagnosis / reason"] = f"running for {time.time() - started:.0f} s" if started else ""
+        rows.append(row)
+    return rows
+
+
+def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
+    """One dict of display strings per rank: pooled val loss (mean ± SE over seeds) and verdict."""
+    view = _view(run)
+    rec, rows = view.recommendation, []
+    best = min((s.mean for s in view.scores if s.ok), default=None)
+    for s in view.scores:
+        params = [
+            r.trainable_params
+            for r in view.results
+            if r.rank == s.rank and r.trainable_params is not None
+        ]
+        loss = _num(s.mean, ".4f") + (f" ± {s.se:.4f}" if s.n > 1 else "")
+        verdict = ""
+        if s.rank == rec["rank"]:
+            verdict = "recommended" + ("" if view.finished else " (provisional)")
+        elif s.rank == rec["best_rank"]:
+            verdict = "lowest loss"
+        elif s.ok and best is not None and s.mean <= best * (1 + view.tolerance):
+            verdict = "within tolerance"
+        rows.append(
+            {
+                "rank": str(s.rank),
+                "status": s.status,
+                "val loss": loss,
+                "seeds": str(s.n),
+                "trainable params": _num(params[0] if params else None, ",d"),
+                "verdict": verdict,
+                "reason": s.reason,
+            }
+        )
+    return rows
+
+
+# -- the recommendation as code ----------------------------------------------------------
+def _py(value: Any) -> str:
+    """A Python literal for JSON-like data (strings double-quoted, as users write them)."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_py(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def config_snippet(run: str | Path | RunView) -> str:
+    """Copy-pasteable Python: the recommended ``LoraConfig`` and how to load the adapter."""
+    view = _view(run)
+    rec = view.recommendation
+    if not rec["lora_config"]:
+        return ""
+    lora = rec["lora_config"]
+    first = [k for k in ("r", "lora_alpha", "use_rslora", "target_modules") if k in lora]
+    args = "".join(f"    {k}={_py(lora[k])},\n" for k in first + sorted(set(lora) - set(first)))
+    adapter = (view.run_dir / (rec["adapter_dir"] or "adapter")).as_posix()
+    lines = [
+        "from peft import LoraConfig, PeftModel",
+        "",
+        f"config = LoraConfig(\n{args})",
+        "",
+        f"# base_model: the model the search trained on, {_py(view.model)}",
+    ]
+    if not rec["adapter_dir"]:
+        lines.append("# the adapter is written there when the search finishes")
+    lines.append(f"model = PeftModel.from_pretrained(base_model, {_py(adapter)})")
+    return "\n".join(lines)
+
+
+# -- summary.md --------------------------------------------------------------------------
+def _md(text: Any) -> str:
+    """A table cell / inline text: no line breaks, no pipes, no raw HTML."""
+    text = str(text).replace("\n", " ").replace("|", "\\|")
+    return text.replace("<", "\\<").replace(">", "\\>")
+
+
+def _md_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "_none yet_\n"
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    return head + "".join("| " + " | ".join(_md(v) for v in row.values()) + " |\n" for row in rows)
+
+
+def _data_fact(data: dict[str, Any]) -> str:
+    if "train_records" not in data:
+        return ""
+    return (
+        f"{data['train_records']:,} train / {data.get('val_records', 0):,} val "
+        f"({data.get('format', '?')}; {data.get('train_blocks', '?')} blocks of "
+        f"{data.get('seq_len', '?')} tokens)"
+    )
+
+
+def _facts(view: RunView) -> list[tuple[str, str]]:
+    """Key facts of the run, as (label, plain text) pairs, for both reports."""
+    counts: dict[str, int] = {}
+    for r in view.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    if view.running:
+        counts["running"] = len(view.running)
+    o, rec = view.options, view.recommendation
+    facts = [
+        ("status", view.status),
+        ("model", view.model),
+        ("train data", o.get("train")),
+        ("records", _data_fact(view.data)),
+        ("run directory", str(view.run_dir)),
+        ("strategy", rec["strategy"] or o.get("strategy")),
+        ("tolerance", f"{view.tolerance:.1%}"),
+        ("alpha policy", o.get("alpha_policy")),
+        ("target modules", o.get("target_modules")),
+        ("max steps", o.get("max_steps")),
+        ("seeds", o.get("seeds", 1)),
+        ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
+        ("stop reason", rec["stop_reason"]),
+    ]
+    return [
+        (k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+        for k, v in facts
+        if v not in (None, "")
+    ]
+
+
+def _rec_lines(view: RunView) -> list[str]:
+    """The recommendation as plain sentences."""
+    rec = view.recommendation
+    lines = (
+        []
+        if view.finished
+        else ["Provisional: the search has not finished; this is what the trials so far support."]
+    )
+    lines.append(rec["reason"] or "nothing to recommend yet")
+    if rec["confidence"]:
+        lines.append(f"confidence: {rec['confidence']}")
+    diagnosis = rec["diagnosis"]
+    if isinstance(diagnosis, dict):
+        lines += [f"{k}: {v}" for k, v in diagnosis.items()]
+    elif diagnosis:
+        lines.append(f"diagnosis: {diagnosis}")
+    return lines
+
+
+def summary_markdown(run: str | Path | RunView) -> str:
+    """The run in Markdown: facts, recommendation (with code), per-rank and per-trial tables."""
+    view = _view(run)
+    rank = view.recommendation["rank"]
+    out = [f"# rankwise: {_md(view.name)}\n"]
+    out += [f"- **{k}**: {_md(v)}" for k, v in _facts(view)]
+    out.append(f"\n## Recommendation: {'r = ' + str(rank) if rank is not None else 'none'}\n")
+    out += [_md(line) + "\n" for line in _rec_lines(view)]
+    if snippet := config_snippet(view):
+        out.append(f"```python\n{snippet}\n```\n")
+    out += [
+        "## Ranks\n",
+        _md_table(rank_table_rows(view)),
+        "## Trials\n",
+        _md_table(trial_table_rows(view)),
+    ]
+    return "\n".join(out)
+
+
+def write_summary(run: str | Path | RunView) -> Path:
+    """Write ``RUN_DIR/summary.md`` and return its path."""
+    view = _view(run)
+    path = view.run_dir / SUMMARY_FILE
+    path.write_text(summary_markdown(view), encoding="utf-8")
+    return path
+
+
+# -- figures (matplotlib is imported only when a report is drawn) ------------------------
+def _figure(ncols: int = 1, width: float = 10.0, height: float = 4.6) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
+
+
+def _rank_axis(ax: Any, ranks: list[int]) -> None:
+    """A log2 x axis with a tick at every rank: ranks are (usually) powers of two."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.minorticks_off()
+    ax.set_xlim(min(ranks) / 1.5, max(ranks) * 1.5)
+    ax.set_xlabel("LoRA rank r")
+    ax.grid(alpha=0.3)
+
+
+def _no_data(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="#777")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def loss_figure(view: RunView) -> Any:
+    """(a) Best val loss vs rank, tolerance band, recommended rank, unfinished ranks on top."""
+    fig, (ax,) = _figure()
+    ok = [s for s in view.scores if s.ok]
+    if ok:
+        _plot_losses(ax, view, ok)
+    else:
+        _no_data(ax, "no trial has completed yet")
+    _mark_unfinished(ax, view)
+    _rank_axis(ax, view.ranks())
+    ax.set_ylabel("best validation loss")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # off the data
+    return fig
+
+
+def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
+    several = any(s.n > 1 for s in ok)
+    ax.errorbar(
+        [s.rank for s in ok],
+        [s.mean for s in ok],
+        yerr=[s.se for s in ok] if several else None,
+        fmt="o-",
+        capsize=4,
+        color="tab:blue",
+        label="mean ± SE over seeds" if several else "best val loss",
+    )
+    done = [r for r in view.results if r.ok]
+    if several:
+        ax.plot(
+            [r.rank for r in done],
+            [r.best_val_loss for r in done],
+            ".",
+            color="tab:blue",
+            alpha=0.4,
+            label="one seed",
+        )
+    if nested := [r for r in done if r.extra.get("nested")]:
+        ax.plot(
+            [r.rank for r in nested],
+            [r.best_val_loss for r in nested],
+            "s",
+            mfc="none",
+            ms=10,
+            color="tab:purple",
+            label="nested-rank training",
+        )
+    best = min(s.mean for s in ok)
+    ax.axhspan(
+        best,
+        best * (1 + view.tolerance),
+        color="tab:green",
+        alpha=0.18,
+        label=f"within {view.tolerance:.1%} of the best",
+    )
+    if pick := next((s for s in ok if s.rank == view.recommendation["rank"]), None):
+        label = f"recommended r={pick.rank}" + ("" if view.finished else " (provisional)")
+        ax.plot([pick.rank], [pick.mean], "*", ms=20, color="tab:red", label=label, zorder=5)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.2 * (hi - lo))  # headroom for the markers of unfinished ranks
+
+
+_UNFINISHED = {FAILED: ("x", "tab:red"), SKIPPED: ("x", "tab:orange"), "running": ("o", "tab:gray")}
+
+
+def _mark_unfinished(ax: Any, view: RunView) -> None:
+    """Ranks without a loss (failed, skipped, running) as labelled markers along the top."""
+    oom = {r.rank for r in view.results if r.out_of_memory}
+    marks = [
+        (s.rank, s.status, "out of memory" if s.rank in oom else s.status)
+        for s in view.scores
+        if not s.ok
+    ]
+    scored = {s.rank for s in view.scores}
+    marks += [
+        (r, "running", "running")
+        for r in sorted({int(t["rank"]) for t in view.running})
+        if r not in scored
+    ]
+    top = ax.get_xaxis_transform()  # x in data units, y as a fraction of the axes
+    labelled = set()
+    for rank, status, text in marks:
+        kind = status if status in _UNFINISHED else FAILED
+        marker, color = _UNFINISHED[kind]
+        ax.plot(
+            [rank],
+            [0.94],
+            marker=marker,
+            ms=10,
+            mew=2.5,
+            mfc="none",
+            color=color,
+            ls="none",
+            transform=top,
+            label=None if kind in labelled else kind,
+        )
+        ax.annotate(
+            text,
+            (rank, 0.94),
+            xycoords=top,
+            xytext=(0, -15),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color=color,
+        )
+        labelled.add(kind)
+
+
+_COSTS = [
+    ("trainable_params", "trainable parameters", 1.0),
+    ("peak_memory_bytes", "peak memory (MiB)", 2.0**20),
+    ("wall_seconds", "wall time (s)", 1.0),
+]
+
+
+def cost_figure(view: RunView) -> Any:
+    """(b) Trainable params, peak memory and wall time per rank, predicted beside measured."""
+    fig, axes = _figure(3, 12.0, 3.8)
+    for ax, (key, title, unit) in zip(axes, _COSTS, strict=True):
+        measured = [
+            (r.rank, getattr(r, key) / unit)
+            for r in view.results
+            if r.status == COMPLETE and getattr(r, key)
+        ]
+        failed = [
+            (r.rank, getattr(r, key) / unit)
+            for r in view.results
+            if r.status == FAILED and getattr(r, key)
+        ]
+        predicted = [
+            (r.rank, r.predicted[key] / unit) for r in view.results if r.predicted.get(key)
+        ]
+        _mean_line(ax, measured, label="measured", color="tab:blue", marker="o")
+        _mean_line(ax, failed, label="failed trial", color="tab:red", marker="x", ls="none")
+        _mean_line(
+            ax, predicted, label="predicted", color="tab:orange", marker="o", mfc="none", ls="--"
+        )
+        if measured or predicted:
+            ax.legend(fontsize=8)
+            if key == "trainable_params":  # doubles with r: a straight line on log2-log2
+                _log2_counts(ax.yaxis)
+        else:
+            _no_data(ax, "nothing measured yet")
+        _rank_axis(ax, view.ranks())
+        ax.set_title(title, fontsize=11)
+    return fig
+
+
+def _log2_counts(axis: Any) -> None:
+    from matplotlib.ticker import EngFormatter, LogLocator, NullLocator
+
+    axis.axes.set_yscale("log", base=2)
+    axis.set_major_locator(LogLocator(base=2))
+    axis.set_major_formatter(EngFormatter(places=0, sep=""))
+    axis.set_minor_locator(NullLocator())
+
+
+def _mean_line(ax: Any, points: list[tuple[int, float]], **style: Any) -> None:
+    by_rank: dict[int, list[float]] = {}
+    for rank, value in points:
+        by_rank.setdefault(rank, []).append(value)
+    if by_rank:
+        ranks = sorted(by_rank)
+        ax.plot(ranks, [sum(by_rank[r]) / len(by_rank[r]) for r in ranks], **style)
+
+
+def _pareto(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Points (params, loss, rank) that no other point beats on both size and loss."""
+    front, best = [], float("inf")
+    for p in sorted(points):
+        if p[1] < best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def pareto_figure(view: RunView) -> Any:
+    """(c) Each rank's val loss against its trainable parameters, with the Pareto front."""
+    fig, (ax,) = _figure(height=4.2)
+    params = {r.rank: r.trainable_params for r in view.results if r.trainable_params}
+    points = [(params[s.rank], s.mean, s.rank) for s in view.scores if s.ok and s.rank in params]
+    if not points:
+        _no_data(ax, "no completed trial yet")
+        return fig
+    front = _pareto(points)
+    ax.step(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        where="post",
+        color="tab:green",
+        label="Pareto front",
+    )
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o", color="tab:blue", label="rank")
+    for x, y, rank in points:
+        ax.annotate(f"r={rank}", (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8)
+        if rank == view.recommendation["rank"]:
+            ax.plot([x], [y], "*", ms=18, color="tab:red", label="recommended", zorder=5)
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters", ylabel="best validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    return fig
+
+
+def curves_figure(view: RunView) -> Any:
+    """(d) Train and val loss curves of every trial, coloured by rank."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    fig, axes = _figure(2, 12.0, 4.2)
+    for ax, title in zip(axes, ("training loss", "validation loss"), strict=True):
+        ax.set(title=title, xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+    trials = sorted(
+        (r for r in view.results if r.train_curve or r.val_curve), key=lambda r: (r.rank, r.seed)
+    )
+    if not trials:
+        for ax in axes:
+            _no_data(ax, "no learning curve recorded yet")
+        return fig
+    ranks = sorted({r.rank for r in trials})
+    # vmax past the largest rank: viridis' last yellow is hard to see on white.
+    norm, cmap = LogNorm(min(ranks) / 1.5, max(ranks) * 2.5), colormaps["viridis"]
+    for r in trials:
+        style = {
+            "color": cmap(norm(r.rank)),
+            "lw": 1.3,
+            "alpha": 0.85,
+            "ls": "--" if r.extra.get("nested") else "-",
+        }
+        for ax, curve, marker in ((axes[0], r.train_curve, ""), (axes[1], r.val_curve, "o")):
+            if curve:
+                ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=marker, ms=3, **style)
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, label="rank r", pad=0.01)
+    bar.set_ticks(ranks, labels=[str(r) for r in ranks])
+    bar.minorticks_off()
+    return fig
+
+
+# -- report.html -------------------------------------------------------------------------
+_CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #1d1d1f; margin: 0; background: #f6f6f8; }
+main { max-width: 1120px; margin: 0 auto; padding: 24px 32px 48px; }
+h1 { font-size: 26px; margin: 0 0 4px; word-break: break-all; }
+h2 { font-size: 19px; margin: 0 0 10px; }
+section { background: #fff; border-radius: 8px; padding: 16px 20px; margin: 16px 0;
+          box-shadow: 0 1px 3px rgba(0,0,0,.08); }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 0; }
+dl.facts dt { color: #666; } dl.facts dd { margin: 0; word-break: break-all; }
+.rec .rank { font-size: 30px; font-weight: 700; color: #b3261e; margin: 4px 0; }
+.banner { background: #fff4ce; border-left: 4px solid #e0a800; padding: 8px 12px; }
+pre { background: #1e1e2e; color: #e6e6e6; padding: 12px 14px; border-radius: 6px;
+      overflow-x: auto; font-size: 13px; }
+img { width: 100%; height: auto; display: block; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { border-bottom: 1px solid #e4e4e7; padding: 4px 8px; text-align: left;
+         vertical-align: top; }
+th { background: #f0f0f3; }
+tr.failed td { background: #fdecea; } tr.skipped td { background: #fff8e1; }
+tr.running td { background: #e8f0fe; }
+"""
+
+_ROW_CLASS = {FAILED: "failed", SKIPPED: "skipped", "running": "running", COMPLETE: "complete"}
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _html_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "<p>None yet.</p>"
+    head = "".join(f"<th>{_e(k)}</th>" for k in rows[0])
+    body = "".join(
+        f'<tr class="{_ROW_CLASS.get(row.get("status", ""), "")}">'
+        + "".join(f"<td>{_e(v)}</td>" for v in row.values())
+        + "</tr>\n"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+
+
+def _header_html(view: RunView) -> str:
+    facts = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _facts(view))
+    return f'<h1>rankwise: {_e(view.name)}</h1>\n<section><dl class="facts">{facts}</dl></section>'
+
+
+def _recommendation_html(view: RunView) -> str:
+    rank = view.recommendation["rank"]
+    lines = _rec_lines(view)
+    banner = "" if view.finished else f'<p class="banner">{_e(lines.pop(0))}</p>'
+    big = f"r = {rank}" if rank is not None else "no recommendation yet"
+    paras = "".join(f"<p>{_e(line)}</p>" for line in lines)
+    snippet = config_snippet(view)
+    code = f"<pre><code>{_e(snippet)}</code></pre>" if snippet else ""
+    return (
+        f'<section class="rec"><h2>Recommendation</h2>{banner}'
+        f'<p class="rank">{_e(big)}</p>{paras}{code}</section>'
+    )
+
+
+def _figure_html(title: str, fig: Any, caption: str) -> str:
+    buf = io.BytesIO()
+    # No "Software" text chunk: keeps the file free of URLs, even encoded ones.
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (
+        f'<section><h2>{_e(title)}</h2><img alt="{_e(title)}" '
+        f'src="data:image/png;base64,{data}"><p>{_e(caption)}</p></section>'
+    )
+
+
+def report_html(run: str | Path | RunView) -> str:
+    """The whole report as one self-contained HTML page."""
+    view = _view(run)
+    figures = [
+        (
+            "Validation loss vs rank",
+            loss_figure(view),
+            "Best validation loss per rank (mean ± standard error over seeds); the band is the "
+            "tolerance above the best; x marks at the top are ranks that failed or were skipped.",
+        ),
+        (
+            "Cost vs rank",
+            cost_figure(view),
+            "Filled markers: measured; hollow markers and dashed lines: predicted before training.",
+        ),
+        (
+            "Loss vs trainable parameters",
+            pareto_figure(view),
+            "Each rank's loss against its adapter size; the line is the Pareto front.",
+        ),
+        (
+            "Learning curves",
+            curves_figure(view),
+            "Every trial's training and validation loss, coloured by rank.",
+        ),
+    ]
+    body = [_header_html(view), _recommendation_html(view)]
+    body += [_figure_html(*f) for f in figures]
+    body += [
+        f"<section><h2>Ranks</h2>{_html_table(rank_table_rows(view))}</section>",
+        f"<section><h2>Trials</h2>{_html_table(trial_table_rows(view))}</section>",
+        _options_html(view),
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f"<title>rankwise: {_e(view.name)}</title>\n<style>{_CSS}</style></head>\n"
+        "<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
+
+
+def _options_html(view: RunView) -> str:
+    rows = [
+        {"option": k, "value": json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}
+        for k, v in sorted(view.options.items())
+    ]
+    return (
+        f"<section><details><summary>All options ({len(rows)})</summary>"
+        f"{_html_table(rows)}</details></section>"
+    )
+
+
+def write_report(run: str | Path | RunView) -> Path:
+    """Write ``RUN_DIR/report.html`` (self-contained, offline) and return its path."""
+    view = _view(run)
+    path = view.run_dir / REPORT_FILE
+    path.write_text(report_html(view), encoding="utf-8")
+    return path

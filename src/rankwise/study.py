@@ -1,0 +1,331 @@
+"""The convenience loop: a strategy asks, a trial runs, the store records, until done.
+
+Example (a real, if tiny, search):
+    >>> import tempfile, json
+    >>> from rankwise.testing import save_tiny_model
+    >>> d = tempfile.mkdtemp()
+    >>> model = save_tiny_model(f"{d}/model")
+    >>> _ = open(f"{d}/train.txt", "w").write("\\n".join(f"line {i} of text" for i in range(40)))
+    >>> result = search(model=str(model), train=f"{d}/train.txt", out=f"{d}/run", ranks=[1, 2],
+    ...                 start_rank=1, max_steps=2, batch_size=2, seq_len=16, quiet=True)
+    >>> result.recommendation.rank in (1, 2)
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import DEFAULT_RANKS, ConfigError, Options
+from .records import SKIPPED, TrialResult, TrialSpec
+from .search import Grid, Ladder, RankScore, Recommendation, recommend
+
+__all__ = ["Study", "SearchResult", "search", "run_dir_for"]
+
+
+@dataclass
+class SearchResult:
+    """What a search returns: every trial, the per-rank scores, the recommendation."""
+
+    run_dir: Path
+    trials: list[TrialResult]
+    scores: list[RankScore]
+    recommendation: Recommendation
+    lora_config: dict | None
+
+    def to_lora_config(self):
+        """The recommended ``peft.LoraConfig``."""
+        from peft import LoraConfig
+
+        if self.lora_config is None:
+            raise ValueError("no rank was recommended")
+        return LoraConfig(**self.lora_config)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+
+def search(model: str | None = None, train: str | None = None, **options) -> SearchResult:
+    """Find the LoRA rank for ``model`` on ``train``. Options are the CLI's, as keywords."""
+    flat = dict(options)
+    if model is not None:
+        flat["model"] = model
+    if train is not None:
+        flat["train"] = train
+    return Study(Options.from_flat(flat, "search()")).run()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(text)).stem).strip("-")[:40] or "run"
+
+
+def run_dir_for(opts: Options) -> Path:
+    if opts.run.out:
+        return Path(opts.run.out)
+    return Path("runs") / (opts.run.name or f"{_slug(opts.model.model)}-{_slug(opts.data.train)}")
+
+
+class Study:
+    """Runs a search for one :class:`~rankwise.config.Options`, persisting every trial."""
+
+    def __init__(self, opts: Options, console=None):
+        from .progress import Progress
+
+        self.opts = opts
+        self.dir = run_dir_for(opts)
+        self.progress = Progress(quiet=opts.run.quiet, console=console)
+        self.elapsed_before = 0.0
+
+    # -- set-up --------------------------------------------------------------------------
+    def _check_out_dir(self) -> None:
+        d = self.dir
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"--out: {d} exists and is not a directory")
+        probe = d if d.exists() else next(p for p in d.absolute().parents if p.exists())
+        import os
+
+        if not probe.is_dir():
+            raise ConfigError(f"--out: cannot create {d}: {probe} is not a directory")
+        if not os.access(probe, os.W_OK):
+            raise ConfigError(f"--out: cannot write to {d} (permission denied on {probe})")
+        if (d / "trials.sqlite").exists():  # refuse a mismatch before touching anything
+            from .store import RunStore
+
+            ro = RunStore(d, readonly=True)
+            stored = ro.get_meta("identity")
+            ro.close()
+            if stored is not None and not self.opts.run.force:
+                RunStore.check_identity(d, stored, self.opts.identity())
+
+    def _setup(self):
+        from .data import prepare_data, save_tokens
+        from .models import check_targets, load_model
+        from .store import RunStore
+        from .trial import TrialContext
+
+        self._check_out_dir()
+        model, tokenizer, device = load_model(self.opts.model)
+        self.ranks = self._fit_ranks(model)
+        self.targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
+        data = prepare_data(self.opts.data, tokenizer, self.dir, self.opts.train.seed)
+        try:
+            self.store = RunStore(self.dir)
+        except OSError as exc:
+            raise ConfigError(f"--out: cannot write to {self.dir} ({exc})") from None
+        if self.store.claim(self.opts.identity(), force=self.opts.run.force):
+            for stale in ("adapter", "trials", "recommendation.json", "report.html", "summary.md"):
+                path = self.dir / stale
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.store.set_meta("options", self.opts.to_flat())
+        self.store.set_meta("name", self.opts.run.name or self.dir.name)
+        self.store.set_meta("data", data.info)
+        save_tokens(data, self.dir)
+        self.ctx = TrialContext(model, tokenizer, device, data)
+        self.device = device
+
+    def _fit_ranks(self, model) -> list[int]:
+        """Default rank list: drop ranks the model's layers cannot hold; explicit: check them."""
+        from .models import check_targets, linear_module_names
+
+        ranks = self.opts.search.ranks
+        if ranks == DEFAULT_RANKS:
+            matched = check_targets(model, self.opts.lora.target_modules, [1])
+            sizes = linear_module_names(model)
+            cap = min(min(sizes[n]) for n in matched)
+            ranks = [r for r in ranks if r <= cap]
+        return ranks
+
+    def _strategy(self):
+        s = self.opts.search
+        seeds = getattr(s, "seeds", 1)
+        if s.strategy == "grid":
+            return Grid(ranks=self.ranks, seeds=seeds)
+        return Ladder(
+            ranks=self.ranks,
+            start_rank=s.start_rank,
+            tolerance=s.tolerance,
+            patience=s.patience,
+            seeds=seeds,
+        )
+
+    # -- trials --------------------------------------------------------------------------
+    def lora_kwargs(self, rank: int) -> dict:
+        lo = self.opts.lora
+        targets = lo.target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        elif targets is None:
+            targets = sorted({n.rsplit(".", 1)[-1] for n in self.targets})
+        return {
+            "r": rank,
+            "lora_alpha": lo.alpha_for(rank),
+            "target_modules": targets,
+            "lora_dropout": lo.dropout,
+            "bias": lo.bias,
+            "use_rslora": lo.alpha_policy == "rslora",
+        }
+
+    def spec_for(self, rank: int, seed: int) -> TrialSpec:
+        key = f"r{rank}-s{seed}"
+        train = asdict(self.opts.train)
+        train["seed"] = self.opts.train.seed + seed
+        train["max_trial_time"] = getattr(self.opts.search, "max_trial_time", None)
+        return TrialSpec(
+            key=key,
+            rank=rank,
+            seed=seed,
+            lora=self.lora_kwargs(rank),
+            train=train,
+            model=asdict(self.opts.model),
+            data_dir=str(self.dir / "data"),
+            adapter_dir=str(self.dir / "trials" / key / "adapter"),
+        )
+
+    def trainable_params(self, rank: int) -> int:
+        """Exact LoRA parameter count for the matched modules (PEFT: r·(in+out) each)."""
+        from .models import linear_module_names
+
+        sizes = linear_module_names(self.ctx.model)
+        return sum(rank * (sizes[n][0] + sizes[n][1]) for n in self.targets)
+
+    def budget_check(self, rank: int) -> tuple[str | None, dict]:
+        """Why a rank must be skipped before training (or None), and the predicted figures."""
+        s = self.opts.search
+        predicted = {"trainable_params": self.trainable_params(rank)}
+        done = [r for r in self.store.results() if r.ok]
+        if done:
+            predicted["wall_seconds"] = sum(r.wall_seconds for r in done) / len(done)
+        if s.max_rank is not None and rank > s.max_rank:
+            return f"r={rank} > --max-rank {s.max_rank}", predicted
+        if (
+            s.max_trainable_params is not None
+            and predicted["trainable_params"] > s.max_trainable_params
+        ):
+            return (
+                f"{predicted['trainable_params']:,} trainable params > "
+                f"--max-trainable-params {s.max_trainable_params:,}"
+            ), predicted
+        if s.max_time is not None and "wall_seconds" in predicted:
+            spent = self.elapsed()
+            if spent + predicted["wall_seconds"] > s.max_time:
+                return (
+                    f"time budget: {spent:.0f}s spent + ~{predicted['wall_seconds']:.0f}s "
+                    f"for this trial > --max-time {s.max_time:.0f}s"
+                ), predicted
+        return None, predicted
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def run_one(self, rank: int, seed: int) -> TrialResult:
+        from .trial import run_trial
+
+        spec = self.spec_for(rank, seed)
+        stored = self.store.result(spec.key)
+        if stored is not None and stored.status != SKIPPED:
+            return stored
+        if stored is not None:
+            self.store.forget(spec.key)  # budgets may have changed: decide again
+        skip, predicted = self.budget_check(rank)
+        if skip:
+            result = TrialResult(
+                key=spec.key,
+                rank=rank,
+                seed=seed,
+                status=SKIPPED,
+                reason=skip,
+                lora_alpha=spec.lora["lora_alpha"],
+                predicted=predicted,
+                trainable_params=predicted["trainable_params"],
+            )
+            self.store.finish(result, spec)
+            self.progress.trial_done(result)
+            return result
+        self.store.start(spec)
+        with self.progress.trial(spec) as bar:
+            result = run_trial(spec, self.ctx, progress=bar)
+        result = result.replace(predicted=predicted)
+        self.store.finish(result)
+        self.progress.trial_done(result)
+        return result
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        self._setup()
+        self.t0 = time.perf_counter()
+        self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
+        strategy = self._strategy()
+        while (p := strategy.ask()) is not None:
+            result = self.run_one(p.rank, p.seed)
+            strategy.tell(result)
+            self._refresh()
+        return self._finish(strategy)
+
+    def _finish(self, strategy) -> SearchResult:
+        scores = strategy.scores()
+        stop = strategy.stop_reason
+        rec = recommend(scores, self.opts.search.tolerance, stop)
+        lora = None
+        if rec.rank is not None:
+            lora = {**self.lora_kwargs(rec.rank), "task_type": "CAUSAL_LM"}
+            self._deliver_adapter(rec.rank, strategy.results)
+        trials = strategy.results
+        self._write_recommendation(rec, lora, trials, scores)
+        self._refresh()
+        self.progress.done(rec, self.dir)
+        return SearchResult(self.dir, trials, scores, rec, lora)
+
+    def _deliver_adapter(self, rank: int, results: list[TrialResult]) -> None:
+        best = min((r for r in results if r.rank == rank and r.ok), key=lambda r: r.best_val_loss)
+        src = self.dir / "trials" / best.key / "adapter"
+        dst = self.dir / "adapter"
+        tmp = self.dir / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+
+    def _write_recommendation(self, rec, lora, trials, scores) -> None:
+        keys = (
+            "rank",
+            "seed",
+            "status",
+            "reason",
+            "best_val_loss",
+            "best_step",
+            "lora_alpha",
+            "trainable_params",
+            "peak_memory_bytes",
+            "tokens_per_second",
+            "wall_seconds",
+            "time_limited",
+            "extra",
+            "predicted",
+        )
+        doc = {
+            **asdict(rec),
+            "tolerance": self.opts.search.tolerance,
+            "strategy": self.opts.search.strategy,
+            "lora_config": lora,
+            "adapter_dir": "adapter" if lora else None,
+            "model": self.opts.model.model,
+            "name": self.opts.run.name or self.dir.name,
+            "trials": [{k: getattr(t, k) for k in keys} for t in trials],
+            "scores": [asdict(s) for s in scores],
+        }
+        tmp = self.dir / "recommendation.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2))
+        tmp.replace(self.dir / "recommendation.json")
+
+    def _refresh(self) -> None:
+        """Rewrite summary.md and report.html so a running search can be watched."""
+        from . import report
+
+        report.write_summary(self.dir)
+        report.write_report(self.dir)

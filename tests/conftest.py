@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny models written once per session, small data files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path_factory.getbasetemp() / "rw-cache"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    from rankwise.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    from rankwise.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "gpt2", "gpt2")
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(n)]
+
+
+@pytest.fixture
+def text_jsonl(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"text": s}) for s in sentences(120)))
+    return path
+
+
+@pytest.fixture
+def pc_jsonl(tmp_path):
+    path = tmp_path / "pc.jsonl"
+    rows = [{"prompt": f"Q: {s}\nA:", "completion": " " + s.split()[0]} for s in sentences(120)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture
+def chat_jsonl(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": s},
+                {"role": "assistant", "content": s.split()[-1]},
+            ]
+        }
+        for s in sentences(120)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def fast_args(**over) -> dict:
+    """Tiny training settings for end-to-end tests (seconds per search)."""
+    args = {
+        "max_steps": 6,
+        "batch_size": 4,
+        "seq_len": 32,
+        "eval_every": 3,
+        "lr": 3e-3,
+        "warmup_steps": 0,
+        "quiet": True,
+    }
+    args.update(over)
+    return args

@@ -1,0 +1,223 @@
+"""The command line end to end on a tiny model: formats, run folder, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rankwise.cli import main
+
+from .conftest import fast_args, sentences
+
+
+def argv(model, train, out, **over):
+    args = [
+        "search",
+        "--model",
+        str(model),
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--ranks",
+        "1,2,4",
+        "--start-rank",
+        "1",
+    ]
+    for k, v in fast_args(**over).items():
+        if v is True:
+            args.append("--" + k.replace("_", "-"))
+        else:
+            args += ["--" + k.replace("_", "-"), str(v)]
+    return args
+
+
+def make_data(tmp_path, kind):
+    rows = sentences(120)
+    if kind == "csv":
+        path = tmp_path / "train.csv"
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text"])
+            w.writerows([[r] for r in rows])
+    elif kind == "txt":
+        path = tmp_path / "train.txt"
+        path.write_text("\n".join(rows))
+    else:
+        path = tmp_path / f"{kind}.jsonl"
+        recs = {
+            "text": [{"text": r} for r in rows],
+            "prompt_completion": [
+                {"prompt": f"Q: {r}\nA:", "completion": " " + r.split()[0]} for r in rows
+            ],
+            "messages": [
+                {
+                    "messages": [
+                        {"role": "user", "content": r},
+                        {"role": "assistant", "content": r.split()[-1]},
+                    ]
+                }
+                for r in rows
+            ],
+        }[kind]
+        path.write_text("\n".join(json.dumps(x) for x in recs))
+    return path
+
+
+def assert_run_folder(out):
+    for name in (
+        "trials.sqlite",
+        "recommendation.json",
+        "summary.md",
+        "report.html",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "data/tokens.safetensors",
+    ):
+        assert (out / name).exists(), name
+    rec = json.loads((out / "recommendation.json").read_text())
+    for key in ("rank", "lora_config", "stop_reason", "trials", "reason"):
+        assert key in rec
+    for t in rec["trials"]:
+        assert {
+            "rank",
+            "status",
+            "best_val_loss",
+            "trainable_params",
+            "peak_memory_bytes",
+            "tokens_per_second",
+            "wall_seconds",
+        } <= set(t)
+    from peft import LoraConfig
+
+    assert LoraConfig(**rec["lora_config"]).r == rec["rank"]
+    return rec
+
+
+@pytest.mark.parametrize("kind", ["text", "csv", "txt", "prompt_completion", "messages"])
+def test_search_end_to_end_formats(tmp_path, llama_dir, kind):
+    out = tmp_path / "run"
+    assert main(argv(llama_dir, make_data(tmp_path, kind), out)) == 0
+    rec = assert_run_folder(out)
+    assert {t["status"] for t in rec["trials"]} == {"complete"}
+    fmt = json.loads(
+        sqlite3.connect(out / "trials.sqlite")
+        .execute("SELECT value FROM meta WHERE key = 'data'")
+        .fetchone()[0]
+    )["format"]
+    assert fmt == {"csv": "text", "txt": "text"}.get(kind, kind)
+
+
+def test_saved_adapter_reproduces_recorded_val_loss(tmp_path, gpt2_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.trial import evaluate
+
+    out = tmp_path / "run"
+    assert main(argv(gpt2_dir, make_data(tmp_path, "text"), out, strategy="grid")) == 0
+    rec = assert_run_folder(out)
+    base = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    tokens = load_file(str(out / "data" / "tokens.safetensors"))
+    loss = evaluate(model, tokens["val_ids"], tokens["val_labels"], 4, "cpu")
+    assert loss == pytest.approx(rec["loss"], abs=1e-4)
+
+
+def test_show_prints_table_and_recommendation(tmp_path, llama_dir, capsys):
+    out = tmp_path / "run"
+    main(argv(llama_dir, make_data(tmp_path, "text"), out))
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "r=" in shown and "complete" in shown
+
+
+def test_yaml_config_with_flag_override(tmp_path, llama_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {llama_dir}\ntrain: {make_data(tmp_path, 'text')}\nranks: [1, 2]\n"
+        "start_rank: 1\nmax_steps: 4\nbatch_size: 4\nseq_len: 32\neval_every: 2\n"
+        "quiet: true\nlora:\n  alpha: 8\n"
+    )
+    out = tmp_path / "run"
+    assert main(["search", "--config", str(cfg), "--out", str(out), "--max-steps", "2"]) == 0
+    conn = sqlite3.connect(out / "trials.sqlite")
+    opts = json.loads(conn.execute("SELECT value FROM meta WHERE key='options'").fetchone()[0])
+    assert opts["max_steps"] == 2 and opts["alpha"] == 8 and opts["ranks"] == [1, 2]
+
+
+def test_rerun_resumes_without_retraining(tmp_path, llama_dir):
+    out, data = tmp_path / "run", make_data(tmp_path, "text")
+    main(argv(llama_dir, data, out))
+    conn = sqlite3.connect(out / "trials.sqlite")
+    before = conn.execute("SELECT key, finished_at FROM trials ORDER BY key").fetchall()
+    main(argv(llama_dir, data, out))
+    after = (
+        sqlite3.connect(out / "trials.sqlite")
+        .execute("SELECT key, finished_at FROM trials ORDER BY key")
+        .fetchall()
+    )
+    assert before == after
+
+
+def test_config_mismatch_is_refused_and_nothing_changes(tmp_path, llama_dir, capsys):
+    out, data = tmp_path / "run", make_data(tmp_path, "text")
+    main(argv(llama_dir, data, out))
+    before = (out / "trials.sqlite").read_bytes(), (out / "recommendation.json").read_text()
+    capsys.readouterr()
+    assert main(argv(llama_dir, data, out, lr=1e-4)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different configuration" in err and "lr: 0.003 -> 0.0001" in err and "\n" not in err
+    assert (out / "recommendation.json").read_text() == before[1]
+    assert main(argv(llama_dir, data, out, lr=1e-4, force=True)) == 0
+
+
+def test_kill_9_mid_trial_then_resume(tmp_path, llama_dir):
+    """Finished trials are kept, the interrupted one is redone, none is duplicated."""
+    out, data = tmp_path / "run", make_data(tmp_path, "text")
+    args = argv(llama_dir, data, out, max_steps=400, eval_every=200)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rankwise.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    db = out / "trials.sqlite"
+    deadline = time.time() + 240
+    state = []
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                state = (
+                    sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                    .execute("SELECT key, status, finished_at FROM trials ORDER BY seq")
+                    .fetchall()
+                )
+            except sqlite3.OperationalError:
+                state = []
+            if len(state) >= 2 and state[-1][1] == "running":
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "search ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [(k, f) for k, s, f in state if s != "running"]
+    interrupted = [k for k, s, _ in state if s == "running"]
+    assert finished and interrupted
+    assert main(argv(llama_dir, data, out, max_steps=400, eval_every=200)) == 0
+    rows = sqlite3.connect(db).execute("SELECT key, status, finished_at FROM trials").fetchall()
+    keys = [k for k, _, _ in rows]
+    assert len(keys) == len(set(keys))
+    assert all((k, f) in [(r[0], r[2]) for r in rows] for k, f in finished)  # kept as they were
+    assert all(s != "running" for _, s, _ in rows) and interrupted[0] in keys

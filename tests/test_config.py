@@ -1,0 +1,85 @@
+"""Options: parsing, validation with the flag's name, YAML, and the shipped examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rankwise.cli import load_yaml
+from rankwise.config import ConfigError, Options, parse_duration, parse_size
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("20GiB", 20 * 2**30),
+        ("512MB", 512 * 10**6),
+        ("1.5g", int(1.5 * 2**30)),
+        (1000, 1000),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text, "max_memory") == expected
+
+
+@pytest.mark.parametrize("bad", ["20XB", "-1GiB", "lots", "0", True])
+def test_parse_size_rejects_with_flag_name(bad):
+    with pytest.raises(ConfigError, match="--max-memory"):
+        parse_size(bad, "max_memory")
+
+
+def test_parse_duration():
+    assert parse_duration("30m", "max_time") == 1800
+    assert parse_duration("2h", "max_time") == 7200
+    assert parse_duration(90, "max_time") == 90
+    with pytest.raises(ConfigError, match="--max-time"):
+        parse_duration("soon", "max_time")
+
+
+@pytest.mark.parametrize(
+    "flat,flag",
+    [
+        ({"ranks": "4,0"}, "--ranks"),
+        ({"ranks": "4,x"}, "--ranks"),
+        ({"ranks": [2.5]}, "--ranks"),
+        ({"start_rank": 3}, "--start-rank"),
+        ({"max_steps": 0}, "--max-steps"),
+        ({"lr": -1.0}, "--lr"),
+        ({"val_fraction": 1.5}, "--val-fraction"),
+        ({"dropout": 1.0}, "--dropout"),
+        ({"alpha_policy": "magic"}, "--alpha-policy"),
+        ({"strategy": "random"}, "--strategy"),
+        ({"max_time": "-3m"}, "--max-time"),
+    ],
+)
+def test_invalid_options_name_the_flag(flat, flag):
+    with pytest.raises(ConfigError, match=flag):
+        Options.from_flat(flat)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ConfigError, match="unknown option 'rnak'"):
+        Options.from_flat({"rnak": 4}, "x.yaml")
+
+
+def test_identity_ignores_runtime_options():
+    a = Options.from_flat({"out": "a", "quiet": True, "max_rank": 8})
+    b = Options.from_flat({"out": "b", "quiet": False})
+    assert a.identity() == b.identity()
+    assert a.identity() != Options.from_flat({"lr": 1e-3}).identity()
+
+
+def test_alpha_policies_scaling():
+    fixed = Options.from_flat({"alpha": 16}).lora
+    assert fixed.alpha_for(8) == 16 and fixed.scaling(8) == 2.0
+    rs = Options.from_flat({"alpha_policy": "rslora", "alpha": 16}).lora
+    assert rs.scaling(16) == pytest.approx(4.0)
+    ratio = Options.from_flat({"alpha_policy": "ratio", "alpha_ratio": 2}).lora
+    assert ratio.alpha_for(8) == 16 and ratio.scaling(32) == 2.0
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("examples/*.yaml")))
+def test_every_shipped_config_parses(path):
+    opts = Options.from_flat(load_yaml(str(path)), str(path))
+    assert opts.search.ranks == sorted(opts.search.ranks)
