@@ -152,3 +152,39 @@ def test_search_core_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def seeded(losses_by_rank: dict[int, list[float]]):
+    return [result(r, v, seed=i) for r, vs in losses_by_rank.items() for i, v in enumerate(vs)]
+
+
+def test_gain_inside_the_noise_is_not_a_gain():
+    # r=8 is 2% better on average, but the seeds scatter by ±5%: not a real gain.
+    noisy = {4: [2.0, 2.2, 1.8], 8: [1.96, 2.16, 1.76]}
+    ladder = Ladder(ranks=[4, 8, 16], start_rank=4, tolerance=0.01, seeds=3)
+    while (p := ladder.ask()) is not None:
+        ladder.tell(result(p.rank, noisy.get(p.rank, [1.9] * 3)[p.seed], seed=p.seed))
+    assert "within the noise" in ladder.stop_reason
+    rec = recommend(ladder.scores(), 0.01)
+    assert rec.rank == 4 and rec.confidence.startswith("high for the upper side")
+
+
+def test_clear_gap_beyond_the_noise_is_a_gain():
+    clear = {4: [2.0, 2.01, 1.99], 8: [1.80, 1.81, 1.79], 16: [1.799, 1.80, 1.801]}
+    ladder = Ladder(ranks=[4, 8, 16], start_rank=4, tolerance=0.01, seeds=3)
+    while (p := ladder.ask()) is not None:
+        ladder.tell(result(p.rank, clear[p.rank][p.seed], seed=p.seed))
+    rec = recommend(ladder.scores(), 0.01)
+    assert rec.rank == 8 and rec.confidence.startswith("high: r=4 is worse by 0.2000")
+    assert "±" in rec.reason
+
+
+def test_confidence_low_when_the_decision_is_inside_the_noise():
+    scores = rank_scores(seeded({2: [2.3, 2.5], 4: [2.0, 2.4], 8: [2.0, 2.01]}))
+    rec = recommend(scores, 0.01)
+    assert rec.rank == 4 and rec.confidence.startswith("low: r=2")
+
+
+def test_single_seed_confidence_is_unmeasured():
+    rec = recommend(rank_scores([result(4, 2.0), result(8, 1.5)]), 0.01)
+    assert rec.confidence.startswith("unmeasured")

@@ -8,9 +8,9 @@ Each field carries its help text in ``metadata["help"]``. Validation happens in
 ``__post_init__`` and raises :class:`ConfigError` naming the flag.
 
 Example:
-    >>> cfg = SearchConfig(ranks=[1, 4, 16], start_rank=4)
-    >>> cfg.climb_ranks()
-    [4, 16]
+    >>> cfg = SearchConfig(ranks=[1, 4, 16])
+    >>> cfg.start_rank_for(n_params=135_000_000), cfg.start_rank_for(n_params=70_000_000_000)
+    (4, 16)
 """
 
 from __future__ import annotations
@@ -282,7 +282,19 @@ class TrainConfig:
     max_steps: int = opt(100, "Optimizer steps per trial.")
     batch_size: int = opt(8, "Sequences per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step (gradient accumulation).")
-    lr: float = opt(2e-4, "Peak learning rate (AdamW on the adapter parameters only).")
+    lr: float | None = opt(
+        None,
+        "Peak learning rate (AdamW on the adapter parameters only). If not given, a short "
+        "sweep of --lr-candidates at the start rank picks it (a rank curve is only meaningful "
+        "at a good rate: too low and every rank looks the same, too high and large ranks "
+        "diverge).",
+    )
+    lr_candidates: list[float] = opt(
+        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "Learning rates tried by the calibration sweep."
+    )
+    lr_calibration_fraction: float = opt(
+        0.25, "Share of --max-steps each calibration run trains (0.25 = a quarter)."
+    )
     warmup_steps: int = opt(
         5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule)."
     )
@@ -297,6 +309,16 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        if isinstance(self.lr_candidates, str):
+            self.lr_candidates = [_float_item(x, "lr_candidates") for x in self.lr_candidates.split(",")]
+        if not self.lr_candidates or not all(
+            isinstance(x, (int, float)) and x > 0 for x in self.lr_candidates
+        ):
+            raise ConfigError(f"--lr-candidates: expected positive numbers, got {self.lr_candidates!r}")
+        if not 0 < self.lr_calibration_fraction <= 1:
+            raise ConfigError(
+                f"--lr-calibration-fraction: expected a number in (0, 1], got {self.lr_calibration_fraction!r}"
+            )
         _integer(
             self,
             "max_steps",
@@ -328,10 +350,14 @@ class SearchConfig:
         "ladder",
         "ladder: start small and climb --ranks until the gain drops below --tolerance; "
         "grid: train every rank in --ranks.",
-        choices=["ladder", "grid"],
+        choices=["ladder", "grid", "nested"],
     )
     ranks: list[int] = opt(DEFAULT_RANKS, "Candidate ranks, ascending.")
-    start_rank: int = opt(4, "First rank the ladder trains.")
+    start_rank: int | None = opt(
+        None,
+        "First rank the ladder trains. Default by base-model size (larger models often "
+        "benefit from higher ranks): < 1B params: 4; < 10B: 8; else 16.",
+    )
     tolerance: float = opt(
         0.01, "Relative gain in best val loss below which a step up counts as a plateau (0.01=1%)."
     )
@@ -347,6 +373,35 @@ class SearchConfig:
     max_time: Any = opt(
         None, "Wall-time budget of the whole search (e.g. 30m, 2h, or seconds).", identity=False
     )
+    max_trial_time: Any = opt(
+        None,
+        "Stop a trial after this long and score it on what it reached (flagged).",
+        identity=False,
+    )
+    max_memory: Any = opt(
+        None,
+        "Skip ranks whose predicted peak training memory exceeds this (e.g. 20GiB).",
+        identity=False,
+    )
+    max_adapter_size: Any = opt(
+        None, "Skip ranks whose adapter file would exceed this (e.g. 50MB).", identity=False
+    )
+    seeds: int = opt(
+        1,
+        "Train each rank with N seeds (adapter init and data order); scores become "
+        "mean ± standard error and a gain must beat the noise (2 SE).",
+    )
+    final: bool = opt(
+        True,
+        "nested strategy: train one ordinary adapter at the recommended rank at the end "
+        "(--no-final delivers the truncated nested adapter).",
+    )
+    nested_distribution: str = opt(
+        "uniform-list",
+        "nested strategy: how each step draws its rank (uniform over --ranks, i.e. log-uniform "
+        "in r; or uniform-r).",
+        choices=["uniform-list", "uniform-r"],
+    )
 
     def __post_init__(self):
         _choice(self, "strategy")
@@ -360,11 +415,15 @@ class SearchConfig:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"--ranks: every rank must be a positive integer, got {r!r}")
         self.ranks = sorted(set(self.ranks))
-        _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params")
-        _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params")
+        _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
+        _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "tolerance", allow_zero=True)
+        _choice(self, "nested_distribution")
         self.max_time = parse_duration(self.max_time, "max_time")
-        if self.strategy == "ladder" and self.start_rank not in self.ranks:
+        self.max_trial_time = parse_duration(self.max_trial_time, "max_trial_time")
+        self.max_memory = parse_size(self.max_memory, "max_memory")
+        self.max_adapter_size = parse_size(self.max_adapter_size, "max_adapter_size")
+        if self.start_rank is not None and self.start_rank not in self.ranks:
             raise ConfigError(
                 f"--start-rank: {self.start_rank} is not in --ranks {','.join(map(str, self.ranks))}"
             )
@@ -372,8 +431,19 @@ class SearchConfig:
     def allowed_ranks(self) -> list[int]:
         return [r for r in self.ranks if self.max_rank is None or r <= self.max_rank]
 
-    def climb_ranks(self) -> list[int]:
-        return [r for r in self.allowed_ranks() if r >= self.start_rank]
+    def start_rank_for(self, n_params: int) -> int:
+        """--start-rank, or the rule by model size, snapped to the nearest rank in --ranks."""
+        if self.start_rank is not None:
+            return self.start_rank
+        target = 4 if n_params < 1e9 else 8 if n_params < 1e10 else 16
+        return min(self.ranks, key=lambda r: (abs(math.log2(r / target)), r))
+
+
+def _float_item(text: str, name: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{flag(name)}: expected numbers, got {text.strip()!r}") from None
 
 
 def _int_item(text: str, name: str) -> int:

@@ -84,6 +84,9 @@ class RunView:
     """True once ``recommendation.json`` exists (the search ended and wrote its verdict)."""
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the data loader recorded: format, record and block counts, seq_len."""
+    side: list[TrialResult] = dataclasses.field(default_factory=list)
+    """Trials outside the rank curve (a group: learning-rate calibration, co-tuning, the
+    final trial of a nested search, other target sets): listed, not pooled into scores."""
 
     @property
     def model(self) -> str:
@@ -114,7 +117,9 @@ def load_run(run_dir: str | Path) -> RunView:
     try:
         options = store.get_meta("options") or {}
         name = store.get_meta("name") or options.get("name") or run_dir.name
-        results, running = store.results(), store.running()
+        everything, running = store.results(), store.running()
+        results = [r for r in everything if not r.group]
+        side = [r for r in everything if r.group]
         data = store.get_meta("data") or {}
         final = _read_recommendation(run_dir)
         if final is None:
@@ -131,7 +136,9 @@ def load_run(run_dir: str | Path) -> RunView:
     if rec["tolerance"] is None:
         rec["tolerance"] = options.get("tolerance", 0.01)
     finished = final is not None
-    return RunView(run_dir, str(name), options, results, running, scores, rec, finished, data)
+    return RunView(
+        run_dir, str(name), options, results, running, scores, rec, finished, data, side
+    )
 
 
 def _read_recommendation(run_dir: Path) -> dict[str, Any] | None:
@@ -212,9 +219,9 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     view = _view(run)
     pred_mem = _has_prediction(view, "peak_memory_bytes")
     pred_wall = _has_prediction(view, "wall_seconds")
-    grouped = any(r.group for r in view.results)
+    grouped = bool(view.side)
     rows = []
-    for r in sorted(view.results, key=lambda t: (t.rank, t.seed, t.group)):
+    for r in sorted(view.results + view.side, key=lambda t: (t.group, t.rank, t.seed)):
         row = {
             "rank": str(r.rank),
             "seed": str(r.seed),

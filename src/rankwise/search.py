@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 from .records import COMPLETE, SKIPPED, TrialResult
 
-__all__ = ["Proposal", "RankScore", "Recommendation", "Ladder", "Grid", "recommend", "rank_scores"]
+__all__ = [
+    "beats",
+    "noise","Proposal", "RankScore", "Recommendation", "Ladder", "Grid", "recommend", "rank_scores"]
 
 
 @dataclass(frozen=True)
@@ -78,27 +80,70 @@ class Recommendation:
     best_loss: float | None
     stop_reason: str
     reason: str
+    confidence: str = ""
+
+
+# A difference counts as real only beyond Z standard errors of the difference (~95% for a
+# normal error); with one seed per rank the noise is unknown and only the tolerance applies.
+Z = 2.0
+
+
+def noise(a: RankScore, b: RankScore) -> float | None:
+    """Standard error of the difference of two rank means (None if either has one seed)."""
+    if a.n < 2 or b.n < 2:
+        return None
+    return math.sqrt(a.se**2 + b.se**2)
+
+
+def beats(better: RankScore, worse: RankScore, tolerance: float) -> bool:
+    """True if ``better`` improves on ``worse`` by more than the tolerance and the noise."""
+    diff = worse.mean - better.mean
+    se = noise(better, worse)
+    return diff > tolerance * abs(worse.mean) and (se is None or diff > Z * se)
 
 
 def recommend(scores: list[RankScore], tolerance: float, stop_reason: str = "") -> Recommendation:
-    """The smallest rank whose best val loss is within ``tolerance`` of the best observed."""
+    """The smallest rank that the best rank does not beat (by tolerance and noise)."""
     ok = [s for s in scores if s.ok]
     if not ok:
         return Recommendation(
             None, None, None, None, stop_reason, "no trial completed; nothing to recommend"
         )
     best = min(ok, key=lambda s: (s.mean, s.rank))
-    pick = min((s for s in ok if s.mean <= best.mean * (1 + tolerance)), key=lambda s: s.rank)
+    pick = min((s for s in ok if not beats(best, s, tolerance)), key=lambda s: s.rank)
     if pick.rank == best.rank:
-        why = f"r={pick.rank}: best val loss {pick.mean:.4f}"
+        why = f"r={pick.rank}: best val loss {_fmt(pick)}"
     else:
         why = (
-            f"r={pick.rank}: val loss {pick.mean:.4f} (best {best.mean:.4f} at r={best.rank}, "
-            f"within {tolerance:.0%}); {best.rank / pick.rank:.1f}x fewer trainable params"
+            f"r={pick.rank}: val loss {_fmt(pick)} (best {_fmt(best)} at r={best.rank}, "
+            f"within {tolerance:.0%}{' or the noise' if noise(pick, best) else ''}); "
+            f"{best.rank / pick.rank:.1f}x fewer trainable params"
         )
     if stop_reason:
         why += f"; stopped: {stop_reason}"
-    return Recommendation(pick.rank, pick.mean, best.rank, best.mean, stop_reason, why)
+    return Recommendation(
+        pick.rank, pick.mean, best.rank, best.mean, stop_reason, why, _confidence(pick, ok, tolerance)
+    )
+
+
+def _fmt(s: RankScore) -> str:
+    return f"{s.mean:.4f} ± {s.se:.4f}" if s.n > 1 else f"{s.mean:.4f}"
+
+
+def _confidence(pick: RankScore, ok: list[RankScore], tolerance: float) -> str:
+    below = [s for s in ok if s.rank < pick.rank]
+    if all(s.n < 2 for s in ok):
+        return "unmeasured: one seed per rank, so seed-to-seed noise is unknown (use --seeds 2+)"
+    if not below:
+        return f"high for the upper side; r={pick.rank} is the smallest rank tried"
+    nxt = max(below, key=lambda s: s.rank)
+    se = noise(pick, nxt)
+    diff = nxt.mean - pick.mean
+    if beats(pick, nxt, tolerance):
+        return (f"high: r={nxt.rank} is worse by {diff:.4f} "
+                f"(> {tolerance:.0%} and > {Z:g} SE = {Z * (se or 0):.4f})")
+    return (f"low: r={nxt.rank} is worse by only {diff:.4f}, within the noise "
+            f"({Z:g} SE = {Z * (se or 0):.4f}); more seeds would settle it")
 
 
 @dataclass
@@ -203,8 +248,8 @@ class Ladder(_Base):
     def _rank_done(self, rank: int) -> None:
         score = self.score(rank)
         if self._phase == "down":
-            best = min(s.mean for s in self.scores() if s.ok)
-            if not score.ok or score.mean > best * (1 + self.tolerance):
+            best = min((s for s in self.scores() if s.ok), key=lambda s: s.mean)
+            if not score.ok or beats(best, score, self.tolerance):
                 self._phase = "done"
                 self.stop_reason = (
                     f"{self._climb_reason}; probed down to r={rank}, which is "
@@ -228,20 +273,25 @@ class Ladder(_Base):
             return
         prev_score = self.score(prev)
         gain = (prev_score.mean - score.mean) / abs(prev_score.mean)
-        self._flat = self._flat + 1 if gain < self.tolerance else 0
+        self._flat = 0 if beats(score, prev_score, self.tolerance) else self._flat + 1
         if self._flat >= self.patience:
             self._end_climb(
-                f"plateau: r={rank} gained {gain:+.2%} over r={prev} (< {self.tolerance:.0%})",
+                f"plateau: r={rank} gained {gain:+.2%} over r={prev} "
+                f"(< {self.tolerance:.0%}{self._noise_note(score, prev_score)})",
                 plateau=True,
             )
+
+    @staticmethod
+    def _noise_note(a: RankScore, b: RankScore) -> str:
+        return " or within the noise" if noise(a, b) else ""
 
     def _end_climb(self, reason: str, plateau: bool) -> None:
         self._climb_reason = reason
         self._phase = "done"
         if plateau and self._down:
             ok = [s for s in self.scores() if s.ok]
-            best = min(s.mean for s in ok)
-            smallest_good = min(s.rank for s in ok if s.mean <= best * (1 + self.tolerance))
+            best = min(ok, key=lambda s: s.mean)
+            smallest_good = min(s.rank for s in ok if not beats(best, s, self.tolerance))
             if smallest_good == min(s.rank for s in ok):
                 self._phase = "down"  # the start is on the plateau: look below it
                 return

@@ -15,6 +15,7 @@ Example (a real, if tiny, search):
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -25,7 +26,24 @@ from .config import DEFAULT_RANKS, ConfigError, Options
 from .records import SKIPPED, TrialResult, TrialSpec
 from .search import Grid, Ladder, RankScore, Recommendation, recommend
 
-__all__ = ["Study", "SearchResult", "search", "run_dir_for"]
+__all__ = ["Study", "SearchResult", "Variant", "search", "run_dir_for"]
+
+CALIBRATION = "lr"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A departure from the run's settings for some trials: learning-rate calibration,
+    co-tuning, another target set. Trials of a variant are stored under its ``group``;
+    the rank curve is made of group "" only."""
+
+    group: str = ""
+    lr: float | None = None
+    max_steps: int | None = None
+    lora: tuple = ()
+
+
+MAIN = Variant()
 
 
 @dataclass
@@ -112,6 +130,9 @@ class Study:
         self._check_out_dir()
         model, tokenizer, device = load_model(self.opts.model)
         self.ranks = self._fit_ranks(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        start = self.opts.search.start_rank_for(n_params)
+        self.start_rank = start if start in self.ranks else min(self.ranks, key=lambda r: abs(r - start))
         self.targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
         data = prepare_data(self.opts.data, tokenizer, self.dir, self.opts.train.seed)
         try:
@@ -143,12 +164,12 @@ class Study:
 
     def _strategy(self):
         s = self.opts.search
-        seeds = getattr(s, "seeds", 1)
+        seeds = s.seeds
         if s.strategy == "grid":
             return Grid(ranks=self.ranks, seeds=seeds)
         return Ladder(
             ranks=self.ranks,
-            start_rank=s.start_rank,
+            start_rank=self.start_rank,
             tolerance=s.tolerance,
             patience=s.patience,
             seeds=seeds,
@@ -171,20 +192,25 @@ class Study:
             "use_rslora": lo.alpha_policy == "rslora",
         }
 
-    def spec_for(self, rank: int, seed: int) -> TrialSpec:
-        key = f"r{rank}-s{seed}"
+    def spec_for(self, rank: int, seed: int, variant: Variant | None = None) -> TrialSpec:
+        v = variant or MAIN
+        key = f"{v.group}/r{rank}-s{seed}" if v.group else f"r{rank}-s{seed}"
         train = asdict(self.opts.train)
         train["seed"] = self.opts.train.seed + seed
-        train["max_trial_time"] = getattr(self.opts.search, "max_trial_time", None)
+        train["max_trial_time"] = self.opts.search.max_trial_time
+        train["lr"] = v.lr or self.lr
+        if v.max_steps:
+            train["max_steps"] = v.max_steps
         return TrialSpec(
             key=key,
             rank=rank,
             seed=seed,
-            lora=self.lora_kwargs(rank),
+            lora={**self.lora_kwargs(rank), **dict(v.lora)},
             train=train,
             model=asdict(self.opts.model),
             data_dir=str(self.dir / "data"),
-            adapter_dir=str(self.dir / "trials" / key / "adapter"),
+            group=v.group,
+            adapter_dir=str(self.dir / "trials" / key.replace("/", "_") / "adapter"),
         )
 
     def trainable_params(self, rank: int) -> int:
@@ -198,7 +224,7 @@ class Study:
         """Why a rank must be skipped before training (or None), and the predicted figures."""
         s = self.opts.search
         predicted = {"trainable_params": self.trainable_params(rank)}
-        done = [r for r in self.store.results() if r.ok]
+        done = [r for r in self.store.results() if r.ok and not r.group]
         if done:
             predicted["wall_seconds"] = sum(r.wall_seconds for r in done) / len(done)
         if s.max_rank is not None and rank > s.max_rank:
@@ -223,10 +249,10 @@ class Study:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
-    def run_one(self, rank: int, seed: int) -> TrialResult:
+    def run_one(self, rank: int, seed: int, variant: Variant | None = None) -> TrialResult:
         from .trial import run_trial
 
-        spec = self.spec_for(rank, seed)
+        spec = self.spec_for(rank, seed, variant)
         stored = self.store.result(spec.key)
         if stored is not None and stored.status != SKIPPED:
             return stored
@@ -238,6 +264,7 @@ class Study:
                 key=spec.key,
                 rank=rank,
                 seed=seed,
+                group=spec.group,
                 status=SKIPPED,
                 reason=skip,
                 lora_alpha=spec.lora["lora_alpha"],
@@ -255,11 +282,38 @@ class Study:
         self.progress.trial_done(result)
         return result
 
+    def calibrate_lr(self, rank: int) -> float:
+        """Short runs at each candidate rate at ``rank``; the lowest best val loss wins."""
+        tc = self.opts.train
+        steps = max(1, math.ceil(tc.max_steps * tc.lr_calibration_fraction))
+        self.progress.log(
+            f"calibrating the learning rate at r={rank}: {len(tc.lr_candidates)} runs of "
+            f"{steps} steps ({', '.join(f'{lr:g}' for lr in tc.lr_candidates)})"
+        )
+        tried = []
+        for lr in tc.lr_candidates:
+            variant = Variant(group=f"{CALIBRATION}-{lr:g}", lr=lr, max_steps=steps)
+            tried.append((lr, self.run_one(rank, 0, variant)))
+        ok = [(r.best_val_loss, lr) for lr, r in tried if r.ok]
+        if not ok:
+            raise ConfigError(
+                "--lr-candidates: every calibration run failed ("
+                + "; ".join(f"{lr:g}: {r.reason}" for lr, r in tried)
+                + "); give --lr or other candidates"
+            )
+        best = min(ok)[1]
+        table = {f"{lr:g}": r.best_val_loss for lr, r in tried}
+        self.store.set_meta("lr_calibration", {"rank": rank, "steps": steps, "lr": best,
+                                               "losses": table})
+        self.progress.log(f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps)")
+        return best
+
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> SearchResult:
         self._setup()
         self.t0 = time.perf_counter()
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
+        self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
         strategy = self._strategy()
         while (p := strategy.ask()) is not None:
             result = self.run_one(p.rank, p.seed)
