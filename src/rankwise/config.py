@@ -310,11 +310,15 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.lr_candidates, str):
-            self.lr_candidates = [_float_item(x, "lr_candidates") for x in self.lr_candidates.split(",")]
+            self.lr_candidates = [
+                _float_item(x, "lr_candidates") for x in self.lr_candidates.split(",")
+            ]
         if not self.lr_candidates or not all(
             isinstance(x, (int, float)) and x > 0 for x in self.lr_candidates
         ):
-            raise ConfigError(f"--lr-candidates: expected positive numbers, got {self.lr_candidates!r}")
+            raise ConfigError(
+                f"--lr-candidates: expected positive numbers, got {self.lr_candidates!r}"
+            )
         if not 0 < self.lr_calibration_fraction <= 1:
             raise ConfigError(
                 f"--lr-calibration-fraction: expected a number in (0, 1], got {self.lr_calibration_fraction!r}"
@@ -391,6 +395,18 @@ class SearchConfig:
         "Train each rank with N seeds (adapter init and data order); scores become "
         "mean ± standard error and a gain must beat the noise (2 SE).",
     )
+    tune: list[str] | None = opt(
+        None,
+        "After the rank is chosen, co-tune these around it (dropout: 0/0.05/0.1; alpha: "
+        "lora_alpha = 1r/2r/4r and rsLoRA) at the chosen and the next rank; reports whether "
+        "that changes the choice.",
+    )
+    compare_targets: list[str] | None = opt(
+        None,
+        "Also run the ladder for these target sets (attention, mlp, all-linear, or "
+        "module names joined by '+', e.g. q_proj+v_proj) and pick the best (targets, rank) "
+        "per trainable parameter (LoRA paper, Table 5: more matrices at lower rank can win).",
+    )
     final: bool = opt(
         True,
         "nested strategy: train one ordinary adapter at the recommended rank at the end "
@@ -419,6 +435,16 @@ class SearchConfig:
         _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "tolerance", allow_zero=True)
         _choice(self, "nested_distribution")
+        for name in ("tune", "compare_targets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+                setattr(self, name, value)
+            if value is not None and not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{flag(name)}: expected a comma-separated list, got {value!r}")
+        bad = [t for t in self.tune or [] if t not in ("dropout", "alpha")]
+        if bad:
+            raise ConfigError(f"--tune: expected dropout and/or alpha, got {bad[0]!r}")
         self.max_time = parse_duration(self.max_time, "max_time")
         self.max_trial_time = parse_duration(self.max_trial_time, "max_trial_time")
         self.max_memory = parse_size(self.max_memory, "max_memory")

@@ -41,6 +41,7 @@ class Variant:
     lr: float | None = None
     max_steps: int | None = None
     lora: tuple = ()
+    targets: tuple = ()  # full module names a target-set variant adapts (for its budget)
 
 
 MAIN = Variant()
@@ -132,7 +133,9 @@ class Study:
         self.ranks = self._fit_ranks(model)
         n_params = sum(p.numel() for p in model.parameters())
         start = self.opts.search.start_rank_for(n_params)
-        self.start_rank = start if start in self.ranks else min(self.ranks, key=lambda r: abs(r - start))
+        self.start_rank = (
+            start if start in self.ranks else min(self.ranks, key=lambda r: abs(r - start))
+        )
         self.targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
         data = prepare_data(self.opts.data, tokenizer, self.dir, self.opts.train.seed)
         try:
@@ -176,9 +179,9 @@ class Study:
         )
 
     # -- trials --------------------------------------------------------------------------
-    def lora_kwargs(self, rank: int) -> dict:
+    def lora_kwargs(self, rank: int, target_modules: list[str] | None = None) -> dict:
         lo = self.opts.lora
-        targets = lo.target_modules
+        targets = target_modules or lo.target_modules
         if targets == ["all-linear"]:
             targets = "all-linear"
         elif targets is None:
@@ -213,17 +216,18 @@ class Study:
             adapter_dir=str(self.dir / "trials" / key.replace("/", "_") / "adapter"),
         )
 
-    def trainable_params(self, rank: int) -> int:
+    def trainable_params(self, rank: int, matched: list[str] | None = None) -> int:
         """Exact LoRA parameter count for the matched modules (PEFT: r·(in+out) each)."""
         from .models import linear_module_names
 
         sizes = linear_module_names(self.ctx.model)
-        return sum(rank * (sizes[n][0] + sizes[n][1]) for n in self.targets)
+        return sum(rank * (sizes[n][0] + sizes[n][1]) for n in matched or self.targets)
 
-    def budget_check(self, rank: int) -> tuple[str | None, dict]:
+    def budget_check(self, rank: int, variant: Variant | None = None) -> tuple[str | None, dict]:
         """Why a rank must be skipped before training (or None), and the predicted figures."""
         s = self.opts.search
-        predicted = {"trainable_params": self.trainable_params(rank)}
+        matched = list(variant.targets) if variant and variant.targets else None
+        predicted = {"trainable_params": self.trainable_params(rank, matched)}
         done = [r for r in self.store.results() if r.ok and not r.group]
         if done:
             predicted["wall_seconds"] = sum(r.wall_seconds for r in done) / len(done)
@@ -258,7 +262,7 @@ class Study:
             return stored
         if stored is not None:
             self.store.forget(spec.key)  # budgets may have changed: decide again
-        skip, predicted = self.budget_check(rank)
+        skip, predicted = self.budget_check(rank, variant)
         if skip:
             result = TrialResult(
                 key=spec.key,
@@ -303,8 +307,9 @@ class Study:
             )
         best = min(ok)[1]
         table = {f"{lr:g}": r.best_val_loss for lr, r in tried}
-        self.store.set_meta("lr_calibration", {"rank": rank, "steps": steps, "lr": best,
-                                               "losses": table})
+        self.store.set_meta(
+            "lr_calibration", {"rank": rank, "steps": steps, "lr": best, "losses": table}
+        )
         self.progress.log(f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps)")
         return best
 
@@ -315,29 +320,39 @@ class Study:
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
         self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
         strategy = self._strategy()
-        while (p := strategy.ask()) is not None:
-            result = self.run_one(p.rank, p.seed)
-            strategy.tell(result)
-            self._refresh()
+        self.drive(strategy)
         return self._finish(strategy)
 
+    def drive(self, strategy, variant: Variant | None = None):
+        """Ask/run/tell until the strategy is done; the report is refreshed after each trial."""
+        while (p := strategy.ask()) is not None:
+            strategy.tell(self.run_one(p.rank, p.seed, variant))
+            self._refresh()
+        return strategy
+
     def _finish(self, strategy) -> SearchResult:
+        from . import compare
+
         scores = strategy.scores()
-        stop = strategy.stop_reason
-        rec = recommend(scores, self.opts.search.tolerance, stop)
-        lora = None
+        rec = recommend(scores, self.opts.search.tolerance, strategy.stop_reason)
+        extras: dict = {}
+        lora, source = None, strategy.results
         if rec.rank is not None:
             lora = {**self.lora_kwargs(rec.rank), "task_type": "CAUSAL_LM"}
-            self._deliver_adapter(rec.rank, strategy.results)
-        trials = strategy.results
-        self._write_recommendation(rec, lora, trials, scores)
+        if self.opts.search.compare_targets and rec.rank is not None:
+            extras["targets"], rec, lora, source = compare.compare_targets(self, rec, lora, source)
+        if self.opts.search.tune and rec.rank is not None:
+            extras["tuning"], rec, lora, source = compare.cotune(self, rec, lora, source)
+        if rec.rank is not None:
+            self._deliver_adapter(rec.rank, source)
+        self._write_recommendation(rec, lora, strategy.results, scores, extras)
         self._refresh()
         self.progress.done(rec, self.dir)
-        return SearchResult(self.dir, trials, scores, rec, lora)
+        return SearchResult(self.dir, strategy.results, scores, rec, lora)
 
     def _deliver_adapter(self, rank: int, results: list[TrialResult]) -> None:
         best = min((r for r in results if r.rank == rank and r.ok), key=lambda r: r.best_val_loss)
-        src = self.dir / "trials" / best.key / "adapter"
+        src = self.dir / "trials" / best.key.replace("/", "_") / "adapter"
         dst = self.dir / "adapter"
         tmp = self.dir / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +360,7 @@ class Study:
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
 
-    def _write_recommendation(self, rec, lora, trials, scores) -> None:
+    def _write_recommendation(self, rec, lora, trials, scores, extras=None) -> None:
         keys = (
             "rank",
             "seed",
@@ -372,6 +387,7 @@ class Study:
             "name": self.opts.run.name or self.dir.name,
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
             "scores": [asdict(s) for s in scores],
+            **(extras or {}),
         }
         tmp = self.dir / "recommendation.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2))

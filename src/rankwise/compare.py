@@ -1,0 +1,192 @@
+"""After the rank curve: co-tuning dropout/alpha around the choice, and comparing target sets.
+
+Both run ordinary trials under a group (see :class:`~rankwise.study.Variant`), so they are
+stored, resumable and listed like any other trial, and both may change the answer — which
+they then say in words, with the numbers.
+"""
+
+from __future__ import annotations
+
+from .config import ConfigError
+from .records import TrialResult
+from .search import Ladder, Recommendation, beats, rank_scores, recommend
+
+__all__ = ["cotune", "compare_targets", "target_set"]
+
+DROPOUTS = (0.0, 0.05, 0.1)
+ALPHA_RATIOS = (1, 2, 4)
+
+
+# -- co-tuning --------------------------------------------------------------------------------
+def _tune_variants(study, rank: int):
+    """(label, lora overrides) for the one-factor-at-a-time grid at ``rank``."""
+    from .study import Variant
+
+    lo, out = study.opts.lora, []
+    if "dropout" in study.opts.search.tune:
+        out += [(f"dropout={d:g}", (("lora_dropout", d),)) for d in DROPOUTS if d != lo.dropout]
+    if "alpha" in study.opts.search.tune:
+        out += [
+            (f"alpha={k}r", (("lora_alpha", float(k * rank)), ("use_rslora", False)))
+            for k in ALPHA_RATIOS
+        ]
+        out.append((f"rslora alpha={lo.alpha:g}", (("lora_alpha", lo.alpha), ("use_rslora", True))))
+    return [(label, Variant(group=f"tune:{label}", lora=lora)) for label, lora in out]
+
+
+def cotune(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
+    """A small grid around the chosen rank (and the next one up). Returns
+    (section, recommendation, lora_config, results holding the delivered adapter)."""
+    tried = sorted({r.rank for r in source if r.ok})
+    ranks = [rec.rank] + [r for r in tried if r > rec.rank][:1]
+    rows, results = [], list(source)
+    for rank in ranks:
+        base = min((r for r in source if r.rank == rank and r.ok), key=lambda r: r.best_val_loss)
+        rows.append(
+            {
+                "rank": rank,
+                "variant": "as searched",
+                "best_val_loss": base.best_val_loss,
+                "key": base.key,
+            }
+        )
+        for label, variant in _tune_variants(study, rank):
+            r = study.run_one(rank, 0, variant)
+            results.append(r)
+            rows.append(
+                {
+                    "rank": rank,
+                    "variant": label,
+                    "best_val_loss": r.best_val_loss,
+                    "status": r.status,
+                    "key": r.key,
+                }
+            )
+    ok = [row for row in rows if row["best_val_loss"] is not None]
+    best = min(ok, key=lambda row: row["best_val_loss"])
+    current = next(
+        row for row in rows if row["rank"] == rec.rank and row["variant"] == "as searched"
+    )
+    tol = study.opts.search.tolerance
+    gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
+    if best is current or gain < tol:
+        verdict = (
+            f"co-tuning does not change the choice: best variant {best['variant']} at "
+            f"r={best['rank']} ({best['best_val_loss']:.4f}) is within {tol:.0%} of "
+            f"r={rec.rank} as searched ({current['best_val_loss']:.4f})"
+        )
+        return {"rows": rows, "verdict": verdict, "changed": False}, rec, lora, source
+    overrides = dict(
+        next(v for lab, v in _tune_variants(study, best["rank"]) if lab == best["variant"]).lora
+    )
+    lora = {**study.lora_kwargs(best["rank"]), **overrides, "task_type": "CAUSAL_LM"}
+    verdict = (
+        f"co-tuning changes the choice: r={best['rank']} with {best['variant']} reaches "
+        f"{best['best_val_loss']:.4f}, {gain:.1%} below r={rec.rank} as searched "
+        f"({current['best_val_loss']:.4f})"
+    )
+    picked = [r for r in results if r.key == best["key"]]
+    rec = Recommendation(
+        best["rank"],
+        best["best_val_loss"],
+        rec.best_rank,
+        rec.best_loss,
+        rec.stop_reason,
+        f"{rec.reason}; {verdict}",
+        rec.confidence,
+    )
+    return {"rows": rows, "verdict": verdict, "changed": True}, rec, lora, picked
+
+
+# -- target sets ------------------------------------------------------------------------------
+_ATTENTION = ("attn", "attention")
+_MLP = ("mlp", "feed_forward", "ffn")
+
+
+def target_set(study, name: str) -> tuple[list[str], list[str]]:
+    """(target_modules for PEFT, matched full module names) of a named or explicit set."""
+    from .models import check_targets, linear_module_names
+
+    model = study.ctx.model
+    if name == "all-linear":
+        return ["all-linear"], check_targets(model, ["all-linear"], study.ranks)
+    if name in ("attention", "mlp"):
+        keys = _ATTENTION if name == "attention" else _MLP
+        names = [
+            n
+            for n in linear_module_names(model)
+            if any(k in part for part in n.split(".")[:-1] for k in keys)
+        ]
+        if not names:
+            raise ConfigError(f"--compare-targets: the model has no {name} linear modules")
+        short = sorted({n.rsplit(".", 1)[-1] for n in names})
+        return short, check_targets(model, short, study.ranks)
+    short = [t for t in name.split("+") if t]
+    return short, check_targets(model, short, study.ranks)
+
+
+def _ladder_for(study, name: str):
+    from .study import Variant
+
+    targets, matched = target_set(study, name)
+    s = study.opts.search
+    peft_targets = "all-linear" if targets == ["all-linear"] else targets
+    variant = Variant(
+        group=f"targets={name}", lora=(("target_modules", peft_targets),), targets=tuple(matched)
+    )
+    ladder = Ladder(
+        ranks=study.ranks,
+        start_rank=study.start_rank,
+        tolerance=s.tolerance,
+        patience=s.patience,
+        seeds=s.seeds,
+    )
+    study.drive(ladder, variant)
+    return targets, matched, ladder
+
+
+def compare_targets(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
+    """A ladder per target set; the answer is the fewest trainable parameters whose loss the
+    overall best does not beat (by tolerance and noise)."""
+    tol = study.opts.search.tolerance
+    sets = {"as searched": (lora["target_modules"], study.targets, source, rec)}
+    for name in study.opts.search.compare_targets:
+        targets, matched, ladder = _ladder_for(study, name)
+        sets[name] = (
+            targets,
+            matched,
+            ladder.results,
+            recommend(ladder.scores(), tol, ladder.stop_reason),
+        )
+    points = []  # (params, score, set name)
+    for name, (_, matched, results, _) in sets.items():
+        for score in rank_scores(results):
+            if score.ok:
+                points.append((study.trainable_params(score.rank, matched), score, name))
+    best = min(points, key=lambda p: p[1].mean)
+    good = [p for p in points if not beats(best[1], p[1], tol)]
+    params, score, name = min(good, key=lambda p: (p[0], p[1].mean))
+    rows = [
+        {"targets": n, "rank": s.rank, "trainable_params": p, "mean": s.mean, "se": s.se, "n": s.n}
+        for p, s, n in sorted(points, key=lambda p: (p[2], p[1].rank))
+    ]
+    verdict = (
+        f"best per trainable parameter: {name} at r={score.rank} ({params:,} params, "
+        f"val loss {score.mean:.4f}; lowest overall {best[1].mean:.4f} with {best[2]} "
+        f"at r={best[1].rank})"
+    )
+    section = {"rows": rows, "verdict": verdict, "pick": {"targets": name, "rank": score.rank}}
+    if name == "as searched":
+        return section, rec, lora, source
+    targets, _, results, _ = sets[name]
+    lora = {**study.lora_kwargs(score.rank, targets), "task_type": "CAUSAL_LM"}
+    rec = Recommendation(
+        score.rank,
+        score.mean,
+        best[1].rank,
+        best[1].mean,
+        rec.stop_reason,
+        f"{verdict}; the rank curve of {rec.reason}",
+        rec.confidence,
+    )
+    return section, rec, lora, results

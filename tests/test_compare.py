@@ -1,0 +1,88 @@
+"""Co-tuning and target-set comparison end to end on a tiny model; stored and resumable."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import rankwise
+
+from .conftest import fast_args
+
+
+def run(llama_dir, text_jsonl, out, **over):
+    return rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        ranks=[1, 2, 4],
+        start_rank=1,
+        **fast_args(**over),
+    )
+
+
+def test_cotune_and_compare_targets(tmp_path, llama_dir, text_jsonl):
+    out = tmp_path / "run"
+    result = run(
+        llama_dir, text_jsonl, out, tune=["dropout", "alpha"], compare_targets=["mlp", "all-linear"]
+    )
+    rec = json.loads((out / "recommendation.json").read_text())
+    groups = {
+        g
+        for (g,) in sqlite3.connect(out / "trials.sqlite").execute(
+            "SELECT DISTINCT grp FROM trials"
+        )
+    }
+    assert {"", "targets=mlp", "targets=all-linear"} <= groups
+    assert {
+        "tune:dropout=0.05",
+        "tune:dropout=0.1",
+        "tune:alpha=2r",
+        "tune:rslora alpha=16",
+    } <= groups
+    assert rec["targets"]["verdict"].startswith("best per trainable parameter")
+    names = {row["targets"] for row in rec["targets"]["rows"]}
+    assert names == {"as searched", "mlp", "all-linear"}
+    assert rec["tuning"]["verdict"].startswith("co-tuning")
+    assert result.to_lora_config().r == rec["rank"]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == rec["rank"]
+    # resumable: nothing is trained again
+    before = (
+        sqlite3.connect(out / "trials.sqlite")
+        .execute("SELECT key, finished_at FROM trials ORDER BY key")
+        .fetchall()
+    )
+    run(
+        llama_dir, text_jsonl, out, tune=["dropout", "alpha"], compare_targets=["mlp", "all-linear"]
+    )
+    after = (
+        sqlite3.connect(out / "trials.sqlite")
+        .execute("SELECT key, finished_at FROM trials ORDER BY key")
+        .fetchall()
+    )
+    assert before == after
+
+
+def test_lr_calibration_picks_and_records_a_rate(tmp_path, llama_dir, text_jsonl):
+    out = tmp_path / "run"
+    args = fast_args()
+    args.pop("lr")
+    rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        ranks=[1, 2],
+        start_rank=1,
+        lr_candidates=[1e-6, 3e-3, 30.0],
+        **args,
+    )
+    conn = sqlite3.connect(out / "trials.sqlite")
+    cal = json.loads(
+        conn.execute("SELECT value FROM meta WHERE key='lr_calibration'").fetchone()[0]
+    )
+    assert cal["lr"] == 3e-3 and set(cal["losses"]) == {"1e-06", "0.003", "30"}
+    assert cal["losses"]["0.003"] < cal["losses"]["1e-06"]
+    specs = [json.loads(s) for (s,) in conn.execute("SELECT spec FROM trials WHERE grp = ''")]
+    assert {s["train"]["lr"] for s in specs} == {3e-3}
