@@ -136,9 +136,7 @@ def load_run(run_dir: str | Path) -> RunView:
     if rec["tolerance"] is None:
         rec["tolerance"] = options.get("tolerance", 0.01)
     finished = final is not None
-    return RunView(
-        run_dir, str(name), options, results, running, scores, rec, finished, data, side
-    )
+    return RunView(run_dir, str(name), options, results, running, scores, rec, finished, data, side)
 
 
 def _read_recommendation(run_dir: Path) -> dict[str, Any] | None:
@@ -389,6 +387,10 @@ def _rec_lines(view: RunView) -> list[str]:
         lines += [f"{k}: {v}" for k, v in diagnosis.items()]
     elif diagnosis:
         lines.append(f"diagnosis: {diagnosis}")
+    for key, label in (("targets", "target sets"), ("tuning", "co-tuning")):
+        section = rec.get(key)
+        if isinstance(section, dict) and section.get("verdict"):
+            lines.append(f"{label}: {section['verdict']}")
     return lines
 
 

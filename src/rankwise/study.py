@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import DEFAULT_RANKS, ConfigError, Options
+from .diagnose import diagnose, diagnose_search
 from .records import SKIPPED, TrialResult, TrialSpec
 from .search import Grid, Ladder, RankScore, Recommendation, recommend
 
@@ -281,7 +282,8 @@ class Study:
         self.store.start(spec)
         with self.progress.trial(spec) as bar:
             result = run_trial(spec, self.ctx, progress=bar)
-        result = result.replace(predicted=predicted)
+        diagnosis = diagnose(result).to_dict()
+        result = result.replace(predicted=predicted, extra={**result.extra, "diagnosis": diagnosis})
         self.store.finish(result)
         self.progress.trial_done(result)
         return result
@@ -345,6 +347,8 @@ class Study:
             extras["tuning"], rec, lora, source = compare.cotune(self, rec, lora, source)
         if rec.rank is not None:
             self._deliver_adapter(rec.rank, source)
+        summary = diagnose_search(strategy.results)
+        extras["diagnosis"] = {"advice": summary["advice"], "counts": summary["counts"]}
         self._write_recommendation(rec, lora, strategy.results, scores, extras)
         self._refresh()
         self.progress.done(rec, self.dir)
