@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import GROUPS, ConfigError, Options, flag
+from .config import GROUPS, ConfigError, EstimateConfig, ModelConfig, Options, flag
 
 __all__ = ["main", "build_parser"]
 
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file of options (flat keys as the flags, with _)")
     _add_group_flags(p)
+    p = sub.add_parser(
+        "estimate", help="predict parameters, adapter size, memory (and time) per rank"
+    )
+    _add_group_flags(p, {"estimate": EstimateConfig})
+    p.add_argument("--debug", action="store_true")
     p = sub.add_parser("show", help="print a run's trial table and recommendation")
     p.add_argument("dir")
     p.add_argument("--debug", action="store_true")
@@ -154,7 +159,68 @@ def _cmd_report(ns) -> int:
     return 0
 
 
-COMMANDS = {"search": _cmd_search, "show": _cmd_show, "report": _cmd_report}
+def _cmd_estimate(ns) -> int:
+    import json
+
+    import peft  # noqa: F401  (loaded as a search would: part of the CPU memory baseline)
+    import transformers  # noqa: F401
+
+    from .estimate import calibrate, estimate, format_table
+    from .resources import current_rss
+
+    fields = [f.name for f in dataclasses.fields(EstimateConfig)]
+    cfg = EstimateConfig(**{k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
+    kw = dict(
+        ranks=cfg.ranks,
+        target_modules=cfg.target_modules,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        dtype=cfg.dtype,
+        bias=cfg.bias,
+        device=cfg.device,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        trust_remote_code=cfg.trust_remote_code,
+        baseline_bytes=current_rss(),
+    )
+    try:
+        if cfg.calibrate:
+            from .models import load_model
+
+            model, _, _ = load_model(
+                ModelConfig(
+                    model=cfg.model,
+                    device=cfg.device,
+                    dtype=cfg.dtype,
+                    trust_remote_code=cfg.trust_remote_code,
+                )
+            )
+            timing = calibrate(
+                model,
+                ranks=(cfg.ranks[0], cfg.ranks[-1]),
+                target_modules=cfg.target_modules,
+                batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len,
+            )
+            rows = estimate(model, timing=timing, max_steps=cfg.max_steps, **kw)
+        else:
+            rows = estimate(cfg.model, **kw)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--target-modules: {exc}" if "target_modules" in str(exc) else str(exc)
+        ) from None
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model: cannot load the config of {cfg.model!r} ({first})") from None
+    print(json.dumps([r.to_dict() for r in rows], indent=2) if cfg.json else format_table(rows))
+    return 0
+
+
+COMMANDS = {
+    "search": _cmd_search,
+    "estimate": _cmd_estimate,
+    "show": _cmd_show,
+    "report": _cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

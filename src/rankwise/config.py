@@ -23,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError",
+    "EstimateConfig",
     "ModelConfig",
     "DataConfig",
     "LoraSettings",
@@ -493,6 +494,42 @@ class RunConfig:
     )
     quiet: bool = opt(False, "No progress bars; one log line per trial.", identity=False)
     debug: bool = opt(False, "Show tracebacks on errors.", identity=False)
+
+
+@dataclass
+class EstimateConfig:
+    """Options of ``rankwise estimate``: what each rank would cost, before training."""
+
+    model: str = opt(
+        "smollm2", "Base model (as for search); only its config is read unless --calibrate."
+    )
+    ranks: list[int] = opt(DEFAULT_RANKS, "Ranks to estimate.")
+    target_modules: list[str] | None = opt(None, "As for search (default: PEFT's default).")
+    bias: str = opt(
+        "none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"]
+    )
+    batch_size: int = opt(8, "Sequences per micro-batch.")
+    seq_len: int = opt(256, "Tokens per sequence.")
+    dtype: str = opt("float32", "Base weights dtype.", choices=["float32", "bfloat16", "float16"])
+    device: str = opt("cpu", "Device the memory is predicted for (cpu adds the process baseline).")
+    gradient_checkpointing: bool = opt(False, "Predict activations with gradient checkpointing.")
+    calibrate: bool = opt(
+        False,
+        "Load the model and time a few real steps at the smallest and "
+        "largest rank to predict time per step and per trial.",
+    )
+    max_steps: int = opt(100, "Steps per trial, for the predicted trial time.")
+    json: bool = opt(False, "Print a JSON list, one object per rank.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub/directory to run.")
+
+    def __post_init__(self):
+        SearchConfig(ranks=self.ranks, strategy="grid")  # the same rank validation
+        if isinstance(self.ranks, str):
+            self.ranks = SearchConfig(ranks=self.ranks, strategy="grid").ranks
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        _integer(self, "batch_size", "seq_len", "max_steps")
+        _positive(self, "batch_size", "seq_len", "max_steps")
 
 
 GROUPS: dict[str, type] = {

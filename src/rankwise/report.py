@@ -209,6 +209,13 @@ def _has_prediction(view: RunView, key: str) -> bool:
     return any(r.predicted.get(key) is not None for r in view.results)
 
 
+def _error(predicted: float | None, measured: float | None) -> str:
+    """Signed relative error of a prediction, (predicted - measured) / measured."""
+    if not predicted or not measured:
+        return "-"
+    return f"{(predicted - measured) / measured:+.0%}"
+
+
 def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     """One dict of display strings per trial (finished, then running); same keys in every row.
 
@@ -231,10 +238,12 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
         }
         if pred_mem:
             row["peak memory (pred.)"] = format_bytes(r.predicted.get("peak_memory_bytes"))
+            row["pred. error"] = _error(r.predicted.get("peak_memory_bytes"), r.peak_memory_bytes)
         row["tokens/s"] = _num(r.tokens_per_second, ",.0f")
         row["wall s"] = _num(r.wall_seconds or None, ".1f")  # 0: never ran (skipped)
         if pred_wall:
             row["wall s (pred.)"] = _num(r.predicted.get("wall_seconds"), ".1f")
+            row["wall error"] = _error(r.predicted.get("wall_seconds"), r.wall_seconds or None)
         if grouped:
             row["group"] = r.group
         row["diagnosis / reason"] = _note(r)

@@ -25,7 +25,15 @@ from .records import COMPLETE, SKIPPED, TrialResult
 
 __all__ = [
     "beats",
-    "noise","Proposal", "RankScore", "Recommendation", "Ladder", "Grid", "recommend", "rank_scores"]
+    "noise",
+    "Proposal",
+    "RankScore",
+    "Recommendation",
+    "Ladder",
+    "Grid",
+    "recommend",
+    "rank_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,13 @@ def recommend(scores: list[RankScore], tolerance: float, stop_reason: str = "") 
     if stop_reason:
         why += f"; stopped: {stop_reason}"
     return Recommendation(
-        pick.rank, pick.mean, best.rank, best.mean, stop_reason, why, _confidence(pick, ok, tolerance)
+        pick.rank,
+        pick.mean,
+        best.rank,
+        best.mean,
+        stop_reason,
+        why,
+        _confidence(pick, ok, tolerance),
     )
 
 
@@ -140,10 +154,14 @@ def _confidence(pick: RankScore, ok: list[RankScore], tolerance: float) -> str:
     se = noise(pick, nxt)
     diff = nxt.mean - pick.mean
     if beats(pick, nxt, tolerance):
-        return (f"high: r={nxt.rank} is worse by {diff:.4f} "
-                f"(> {tolerance:.0%} and > {Z:g} SE = {Z * (se or 0):.4f})")
-    return (f"low: r={nxt.rank} is worse by only {diff:.4f}, within the noise "
-            f"({Z:g} SE = {Z * (se or 0):.4f}); more seeds would settle it")
+        return (
+            f"high: r={nxt.rank} is worse by {diff:.4f} "
+            f"(> {tolerance:.0%} and > {Z:g} SE = {Z * (se or 0):.4f})"
+        )
+    return (
+        f"low: r={nxt.rank} is worse by only {diff:.4f}, within the noise "
+        f"({Z:g} SE = {Z * (se or 0):.4f}); more seeds would settle it"
+    )
 
 
 @dataclass

@@ -22,9 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import DEFAULT_RANKS, ConfigError, Options
+from .config import DEFAULT_RANKS, ConfigError, Options, format_bytes
 from .diagnose import diagnose, diagnose_search
 from .records import SKIPPED, TrialResult, TrialSpec
+from .resources import current_rss
 from .search import Grid, Ladder, RankScore, Recommendation, recommend
 
 __all__ = ["Study", "SearchResult", "Variant", "search", "run_dir_for"]
@@ -101,6 +102,8 @@ class Study:
         self.dir = run_dir_for(opts)
         self.progress = Progress(quiet=opts.run.quiet, console=console)
         self.elapsed_before = 0.0
+        # Process memory before the model is loaded: the baseline of CPU memory predictions.
+        self.baseline_bytes = current_rss()
 
     # -- set-up --------------------------------------------------------------------------
     def _check_out_dir(self) -> None:
@@ -227,8 +230,7 @@ class Study:
     def budget_check(self, rank: int, variant: Variant | None = None) -> tuple[str | None, dict]:
         """Why a rank must be skipped before training (or None), and the predicted figures."""
         s = self.opts.search
-        matched = list(variant.targets) if variant and variant.targets else None
-        predicted = {"trainable_params": self.trainable_params(rank, matched)}
+        predicted = self.predict(rank, variant)
         done = [r for r in self.store.results() if r.ok and not r.group]
         if done:
             predicted["wall_seconds"] = sum(r.wall_seconds for r in done) / len(done)
@@ -242,6 +244,16 @@ class Study:
                 f"{predicted['trainable_params']:,} trainable params > "
                 f"--max-trainable-params {s.max_trainable_params:,}"
             ), predicted
+        if s.max_memory is not None and predicted["peak_memory_bytes"] > s.max_memory:
+            return (
+                f"predicted peak memory {format_bytes(predicted['peak_memory_bytes'])} > "
+                f"--max-memory {format_bytes(s.max_memory)}"
+            ), predicted
+        if s.max_adapter_size is not None and predicted["adapter_bytes"] > s.max_adapter_size:
+            return (
+                f"adapter size {format_bytes(predicted['adapter_bytes'])} > "
+                f"--max-adapter-size {format_bytes(s.max_adapter_size)}"
+            ), predicted
         if s.max_time is not None and "wall_seconds" in predicted:
             spent = self.elapsed()
             if spent + predicted["wall_seconds"] > s.max_time:
@@ -250,6 +262,28 @@ class Study:
                     f"for this trial > --max-time {s.max_time:.0f}s"
                 ), predicted
         return None, predicted
+
+    def predict(self, rank: int, variant: Variant | None = None) -> dict:
+        """What a trial at ``rank`` will cost, before it runs (rankwise.estimate)."""
+        from .estimate import estimate
+
+        lora = {**self.lora_kwargs(rank), **dict(variant.lora if variant else ())}
+        e = estimate(
+            self.ctx.model,
+            ranks=[rank],
+            target_modules=lora["target_modules"],
+            batch_size=self.opts.train.batch_size,
+            seq_len=self.opts.data.seq_len,
+            dtype=str(self.ctx.model.dtype).rsplit(".", 1)[-1],
+            bias=self.opts.lora.bias,
+            device=self.device,
+            baseline_bytes=self.baseline_bytes,
+        )[0]
+        return {
+            "trainable_params": e.trainable_params,
+            "adapter_bytes": e.adapter_bytes,
+            "peak_memory_bytes": e.peak_memory_bytes,
+        }
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -275,6 +309,7 @@ class Study:
                 lora_alpha=spec.lora["lora_alpha"],
                 predicted=predicted,
                 trainable_params=predicted["trainable_params"],
+                extra={"diagnosis": {"label": "n/a", "advice": "", "evidence": skip}},
             )
             self.store.finish(result, spec)
             self.progress.trial_done(result)

@@ -1,0 +1,99 @@
+"""Budgets cut the ladder with a recorded reason; out of memory ends the climb cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rankwise
+from rankwise.cli import main
+
+from .conftest import fast_args
+
+RANKS = [1, 2, 4, 8, 16]
+
+
+def run(llama_dir, text_jsonl, out, **over):
+    return rankwise.search(model=str(llama_dir), train=str(text_jsonl), out=str(out),
+                           ranks=RANKS, start_rank=1, patience=10, **fast_args(**over))
+
+
+@pytest.mark.parametrize("budget,value,reason", [
+    ("max_rank", 4, "r=8 > --max-rank 4"),
+    # q_proj + v_proj, 2 layers, 64 -> 64: r * 512 params; r=8 is 4,096
+    ("max_trainable_params", 3000, "4,096 trainable params > --max-trainable-params 3,000"),
+    ("max_adapter_size", "12KB", "adapter size"),
+])
+def test_budget_skips_the_next_rank_and_says_why(tmp_path, llama_dir, text_jsonl, budget,
+                                                 value, reason):
+    # patience 10 never sees a plateau: only the budget can stop the climb
+    result = run(llama_dir, text_jsonl, tmp_path / "run", **{budget: value})
+    statuses = {t.rank: t.status for t in result.trials}
+    assert statuses == {1: "complete", 2: "complete", 4: "complete", 8: "skipped"}
+    skipped = next(t for t in result.trials if t.rank == 8)
+    assert reason in skipped.reason and skipped.predicted["trainable_params"] == 4096
+    assert result.recommendation.rank <= 4
+    assert "resource limit at r=8" in result.recommendation.stop_reason
+    rec = json.loads((tmp_path / "run" / "recommendation.json").read_text())
+    assert [t["status"] for t in rec["trials"]].count("skipped") == 1
+
+
+def test_max_memory_uses_the_prediction(tmp_path, llama_dir, text_jsonl):
+    from rankwise.estimate import estimate
+    from rankwise.testing import tiny_model
+
+    result = run(llama_dir, text_jsonl, tmp_path / "run", max_memory="1MiB")
+    first = result.trials[0]
+    assert first.status == "skipped" and "--max-memory 1.00 MiB" in first.reason
+    predicted = estimate(tiny_model("llama"), ranks=[1], target_modules=["q_proj", "v_proj"],
+                         batch_size=4, seq_len=32)[0]
+    assert first.predicted["trainable_params"] == predicted.trainable_params
+    assert result.recommendation.rank is None
+
+
+def test_trials_record_prediction_beside_measurement(tmp_path, llama_dir, text_jsonl):
+    result = run(llama_dir, text_jsonl, tmp_path / "run", max_rank=2)
+    t = result.trials[0]
+    assert t.predicted["peak_memory_bytes"] > 0 and t.peak_memory_bytes > 0
+    assert t.step_seconds > 0 and t.tokens_per_second > 0
+
+
+def test_out_of_memory_stops_the_climb_and_keeps_the_run(tmp_path, llama_dir, text_jsonl,
+                                                        monkeypatch):
+    from rankwise import trial
+
+    real = trial._train_step
+
+    def oom_at_rank_4(model, *a, **k):
+        if any(getattr(m, "r", {}).get("default") == 4 for m in model.modules()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(trial, "_train_step", oom_at_rank_4)
+    result = run(llama_dir, text_jsonl, tmp_path / "run")
+    assert [t.rank for t in result.trials] == [1, 2, 4]
+    oom = result.trials[-1]
+    assert oom.status == "failed" and oom.reason.startswith("out of memory")
+    assert "resource limit at r=4" in result.recommendation.reason
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    # the run directory is consistent: a rerun redoes nothing and recommends the same
+    monkeypatch.undo()
+    again = run(llama_dir, text_jsonl, tmp_path / "run")
+    assert again.recommendation == result.recommendation
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-memory", "20XB", "--max-memory: expected a size like 20GiB"),
+    ("--max-memory", "-1GiB", "--max-memory"),
+    ("--max-trainable-params", "-5", "--max-trainable-params: must be > 0"),
+    ("--max-time", "-3m", "--max-time"),
+    ("--max-rank", "0", "--max-rank: must be > 0"),
+])
+def test_bad_budget_is_a_one_line_error(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "run"
+    assert main(["search", "--out", str(out), f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
