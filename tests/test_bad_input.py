@@ -1,0 +1,161 @@
+"""Bad input: one clear line on stderr naming the file/flag/field, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rankwise.cli import main
+
+from .conftest import fast_args
+
+
+def search_argv(model, train, out, *extra):
+    args = [
+        "search",
+        "--model",
+        str(model),
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--ranks",
+        "1,2",
+        "--start-rank",
+        "1",
+    ]
+    for k, v in fast_args().items():
+        args += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
+    return args + list(extra)
+
+
+def check_error(capsys, argv, *fragments):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+CASES = {
+    "missing file": (lambda p: p / "nope.jsonl", [], ["--train", "does not exist"]),
+    "empty file": (
+        lambda p: (p / "e.jsonl", (p / "e.jsonl").write_text(""))[0],
+        [],
+        ["e.jsonl holds no records"],
+    ),
+    "unreadable file": (
+        lambda p: (p / "b.txt", (p / "b.txt").write_bytes(b"\xff\xfe"))[0],
+        [],
+        ["b.txt is not UTF-8"],
+    ),
+    "malformed jsonl": (
+        lambda p: (
+            p / "m.jsonl",
+            (p / "m.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{oops}\n'),
+        )[0],
+        [],
+        ["m.jsonl, line 3: malformed JSON"],
+    ),
+    "missing field": (
+        lambda p: (
+            p / "f.jsonl",
+            (p / "f.jsonl").write_text(json.dumps({"body": "x", "title": "y"}) + "\n"),
+        )[0],
+        [],
+        ["fields body, title", "'text'"],
+    ),
+    "unknown target": (
+        None,
+        ["--target-modules", "wq,wv"],
+        ["--target-modules", "no linear module named wq, wv", "q_proj", "v_proj"],
+    ),
+    "rank zero": (None, ["--ranks", "0,2"], ["--ranks: every rank must be a positive integer"]),
+    "rank not integer": (None, ["--ranks", "1,2.5"], ["--ranks: expected integers, got '2.5'"]),
+    "rank above layer size": (
+        None,
+        ["--ranks", "1,128"],
+        ["rank 128 exceeds", "min(in, out) = 64"],
+    ),
+    "empty validation": (
+        lambda p: (
+            p / "s.jsonl",
+            (p / "s.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}"}) for i in range(5))),
+        )[0],
+        [],
+        ["validation set would be empty"],
+    ),
+    "malformed size": (None, ["--max-memory", "20XB"], ["--max-memory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_nothing_written(
+    tmp_path, llama_dir, text_jsonl, capsys, case
+):
+    make, extra, fragments = CASES[case]
+    train = make(tmp_path) if make else text_jsonl
+    out = tmp_path / "run"
+    check_error(capsys, search_argv(llama_dir, train, out, *extra), *fragments)
+    assert not out.exists()
+
+
+def test_model_that_cannot_be_loaded_offline(tmp_path, text_jsonl, capsys):
+    out = tmp_path / "run"
+    check_error(
+        capsys,
+        search_argv("nobody/no-such-model", text_jsonl, out),
+        "--model: cannot load 'nobody/no-such-model'",
+    )
+    assert not out.exists()
+
+
+def test_model_directory_without_config(tmp_path, text_jsonl, capsys):
+    (tmp_path / "m").mkdir()
+    check_error(
+        capsys, search_argv(tmp_path / "m", text_jsonl, tmp_path / "run"), "has no config.json"
+    )
+
+
+def test_output_directory_that_cannot_be_written(tmp_path, llama_dir, text_jsonl, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    check_error(
+        capsys,
+        search_argv(llama_dir, text_jsonl, blocker / "run"),
+        "--out: cannot create",
+        "is not a directory",
+    )
+    assert blocker.read_text() == "x"
+
+
+def test_unknown_yaml_key_and_malformed_yaml(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("rnak: 4\n")
+    check_error(capsys, ["search", "--config", str(bad)], "unknown option 'rnak'")
+    bad.write_text("ranks: [1, 2\n")
+    check_error(capsys, ["search", "--config", str(bad)], "c.yaml", "malformed YAML")
+
+
+def test_real_process_exit_code_and_debug_traceback(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "rankwise.cli",
+        "search",
+        "--train",
+        str(tmp_path / "x.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        str(tmp_path),
+    ]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True)
+    assert "Traceback" in debug.stderr

