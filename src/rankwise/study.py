@@ -231,7 +231,9 @@ class Study:
         """Why a rank must be skipped before training (or None), and the predicted figures."""
         s = self.opts.search
         predicted = self.predict(rank, variant)
-        done = [r for r in self.store.results() if r.ok and not r.group]
+        done = [
+            r for r in self.store.results() if r.ok and not r.group and not r.extra.get("nested")
+        ]
         if done:
             predicted["wall_seconds"] = sum(r.wall_seconds for r in done) / len(done)
         if s.max_rank is not None and rank > s.max_rank:
@@ -285,6 +287,22 @@ class Study:
             "peak_memory_bytes": e.peak_memory_bytes,
         }
 
+    def _skipped(self, spec: TrialSpec, reason: str, predicted: dict) -> TrialResult:
+        return TrialResult(
+            key=spec.key
+            if not self.opts.search.strategy == "nested" or spec.group
+            else f"nested-{spec.key}",
+            rank=spec.rank,
+            seed=spec.seed,
+            group=spec.group,
+            status=SKIPPED,
+            reason=reason,
+            lora_alpha=spec.lora["lora_alpha"],
+            predicted=predicted,
+            trainable_params=predicted["trainable_params"],
+            extra={"diagnosis": {"label": "n/a", "advice": "", "evidence": reason}},
+        )
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
@@ -299,18 +317,7 @@ class Study:
             self.store.forget(spec.key)  # budgets may have changed: decide again
         skip, predicted = self.budget_check(rank, variant)
         if skip:
-            result = TrialResult(
-                key=spec.key,
-                rank=rank,
-                seed=seed,
-                group=spec.group,
-                status=SKIPPED,
-                reason=skip,
-                lora_alpha=spec.lora["lora_alpha"],
-                predicted=predicted,
-                trainable_params=predicted["trainable_params"],
-                extra={"diagnosis": {"label": "n/a", "advice": "", "evidence": skip}},
-            )
+            result = self._skipped(spec, skip, predicted)
             self.store.finish(result, spec)
             self.progress.trial_done(result)
             return result
@@ -356,9 +363,88 @@ class Study:
         self.t0 = time.perf_counter()
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
         self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
+        if self.opts.search.strategy == "nested":
+            return self._finish(self.nested_curve())
         strategy = self._strategy()
         self.drive(strategy)
         return self._finish(strategy)
+
+    def nested_curve(self) -> Grid:
+        """The whole rank curve from one nested-rank run per seed (rankwise.nested)."""
+        from .nested import nested_key, run_nested
+
+        s = self.opts.search
+        curve = Grid(ranks=self.ranks, seeds=s.seeds)
+        allowed = []
+        for rank in self.ranks:
+            skip, predicted = self.budget_check(rank)
+            if not skip:
+                allowed.append(rank)
+                continue
+            for seed in range(s.seeds):
+                key = nested_key(rank, seed)
+                if self.store.result(key) is None:
+                    self.store.finish(self._skipped(self.spec_for(rank, seed), skip, predicted))
+        if not allowed:
+            curve.stop_reason = "no rank fits the budgets"
+            curve.results = self.store.results()
+            return curve
+        r_max = allowed[-1]
+        for seed in range(s.seeds):
+            stored = [self.store.result(nested_key(r, seed)) for r in allowed]
+            if any(r is None for r in stored):
+                spec = self.spec_for(r_max, seed)
+                spec = TrialSpec(**{**asdict(spec), "key": nested_key(r_max, seed)})
+                self.store.start(spec)
+                with self.progress.trial(spec) as bar:
+                    stored = run_nested(
+                        spec,
+                        allowed,
+                        self.ctx,
+                        self.opts.lora.scaling,
+                        s.nested_distribution,
+                        progress=bar,
+                    )
+                stored = [self._record(r, spec) for r in stored]
+            for r in stored:
+                curve.tell(r)
+        for r in self.store.results():
+            if r.status == SKIPPED and not r.group:
+                curve.tell(r)
+        curve.stop_reason = (
+            f"one nested run per seed at r_max={r_max}, ranks {','.join(map(str, allowed))} "
+            f"drawn {s.nested_distribution}"
+            + (
+                f"; r={self.ranks[len(allowed)]} and above over budget"
+                if len(allowed) < len(self.ranks)
+                else ""
+            )
+        )
+        self._refresh()
+        return curve
+
+    def _record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
+        diagnosis = diagnose(result).to_dict()
+        result = result.replace(extra={**result.extra, "diagnosis": diagnosis})
+        self.store.finish(result, spec)
+        self.progress.trial_done(result)
+        return result
+
+    def final_trial(self, rec: Recommendation, curve) -> tuple[dict, list[TrialResult]]:
+        """An ordinary trial at the nested curve's choice, compared with the curve's point."""
+        final = self.run_one(rec.rank, 0, Variant(group="final"))
+        point = next(
+            (r for r in curve.results if r.rank == rec.rank and r.ok and r.seed == 0), None
+        )
+        section = {
+            "rank": rec.rank,
+            "status": final.status,
+            "final_val_loss": final.best_val_loss,
+            "nested_val_loss": point.best_val_loss if point else None,
+        }
+        if final.ok and point:
+            section["difference"] = final.best_val_loss - point.best_val_loss
+        return section, [final] if final.ok else curve.results
 
     def drive(self, strategy, variant: Variant | None = None):
         """Ask/run/tell until the strategy is done; the report is refreshed after each trial."""
@@ -380,6 +466,12 @@ class Study:
             extras["targets"], rec, lora, source = compare.compare_targets(self, rec, lora, source)
         if self.opts.search.tune and rec.rank is not None:
             extras["tuning"], rec, lora, source = compare.cotune(self, rec, lora, source)
+        if (
+            self.opts.search.strategy == "nested"
+            and self.opts.search.final
+            and rec.rank is not None
+        ):
+            extras["final"], source = self.final_trial(rec, strategy)
         if rec.rank is not None:
             self._deliver_adapter(rec.rank, source)
         summary = diagnose_search(strategy.results)
