@@ -221,3 +221,23 @@ def test_kill_9_mid_trial_then_resume(tmp_path, llama_dir):
     assert len(keys) == len(set(keys))
     assert all((k, f) in [(r[0], r[2]) for r in rows] for k, f in finished)  # kept as they were
     assert all(s != "running" for _, s, _ in rows) and interrupted[0] in keys
+
+
+def test_report_to_tensorboard_logs_each_trial(tmp_path, llama_dir):
+    out = tmp_path / "run"
+    assert main(argv(llama_dir, make_data(tmp_path, "text"), out, report_to="tensorboard")) == 0
+    runs = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert runs and all(
+        any(f.name.startswith("events.") for f in (out / "tensorboard" / r).iterdir()) for r in runs
+    )
+
+
+def test_report_to_missing_tracker_is_an_input_error(tmp_path, llama_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "run"
+    assert main(argv(llama_dir, make_data(tmp_path, "text"), out, report_to="wandb")) == 2
+    err = capsys.readouterr().err
+    assert "--report-to wandb" in err and err.count("\n") == 1 and not out.exists()

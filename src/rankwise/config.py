@@ -494,6 +494,16 @@ class RunConfig:
     )
     quiet: bool = opt(False, "No progress bars; one log line per trial.", identity=False)
     debug: bool = opt(False, "Show tracebacks on errors.", identity=False)
+    report_to: str = opt(
+        "none",
+        "Log each trial as a run (rank, curves) to a tracker, as HF Trainer's report_to does: "
+        "tensorboard (DIR/tensorboard), wandb, mlflow, or none.",
+        identity=False,
+        choices=["none", "tensorboard", "wandb", "mlflow"],
+    )
+
+    def __post_init__(self):
+        _choice(self, "report_to")
 
 
 @dataclass

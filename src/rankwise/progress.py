@@ -37,6 +37,22 @@ class Progress:
         self.quiet = quiet or not self.console.is_terminal
         self.started = time.perf_counter()
         self.count = 0
+        self.total: int | None = None
+        self.budget: float | None = None
+        self.before = 0.0
+
+    def plan(self, total: int, budget: float | None, elapsed_before: float = 0.0) -> None:
+        """At most ``total`` rank trials; ``budget`` seconds for the whole search (--max-time)."""
+        self.total, self.budget, self.before = total, budget, elapsed_before
+
+    def status(self) -> str:
+        """'trial k of at most n, elapsed, budget left' for the bar and the log lines."""
+        elapsed = self.before + time.perf_counter() - self.started
+        text = f"trial {self.count}" + (f" of at most {self.total}" if self.total else "")
+        text += f", {elapsed:.0f}s elapsed"
+        if self.budget:
+            text += f", {max(0.0, self.budget - elapsed):.0f}s of --max-time left"
+        return text
 
     def log(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -57,7 +73,7 @@ class Progress:
         )
         from rich.progress import Progress as Bar
 
-        label = f"trial {self.count} r={spec.rank} seed={spec.seed}"
+        label = f"r={spec.rank} seed={spec.seed} ({self.status()})"
         columns = [
             TextColumn(label),
             BarColumn(),
@@ -75,8 +91,8 @@ class Progress:
             yield update
 
     def trial_done(self, result: TrialResult) -> None:
-        elapsed = time.perf_counter() - self.started
-        self.log(f"[{elapsed:6.0f}s] {trial_line(result)}")
+        group = f"[{result.group}] " if result.group else ""
+        self.log(f"{group}{trial_line(result)}  ({self.status()})")
 
     def done(self, rec, run_dir) -> None:
         self.log(f"recommendation: {rec.reason}")

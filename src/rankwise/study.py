@@ -133,6 +133,9 @@ class Study:
         from .trial import TrialContext
 
         self._check_out_dir()
+        from .tracking import make_tracker
+
+        self.tracker = make_tracker(self.opts.run.report_to, self.dir)
         model, tokenizer, device = load_model(self.opts.model)
         self.ranks = self._fit_ranks(model)
         n_params = sum(p.numel() for p in model.parameters())
@@ -327,6 +330,7 @@ class Study:
         diagnosis = diagnose(result).to_dict()
         result = result.replace(predicted=predicted, extra={**result.extra, "diagnosis": diagnosis})
         self.store.finish(result)
+        self.tracker.log_trial(result, spec)
         self.progress.trial_done(result)
         return result
 
@@ -362,6 +366,8 @@ class Study:
         self._setup()
         self.t0 = time.perf_counter()
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
+        s = self.opts.search
+        self.progress.plan(len(self.ranks) * s.seeds, s.max_time, self.elapsed_before)
         self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
         if self.opts.search.strategy == "nested":
             return self._finish(self.nested_curve())
@@ -427,6 +433,7 @@ class Study:
         diagnosis = diagnose(result).to_dict()
         result = result.replace(extra={**result.extra, "diagnosis": diagnosis})
         self.store.finish(result, spec)
+        self.tracker.log_trial(result, spec)
         self.progress.trial_done(result)
         return result
 
@@ -478,6 +485,7 @@ class Study:
         extras["diagnosis"] = {"advice": summary["advice"], "counts": summary["counts"]}
         self._write_recommendation(rec, lora, strategy.results, scores, extras)
         self._refresh()
+        self.tracker.close()
         self.progress.done(rec, self.dir)
         return SearchResult(self.dir, strategy.results, scores, rec, lora)
 
