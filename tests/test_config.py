@@ -83,3 +83,20 @@ def test_alpha_policies_scaling():
 def test_every_shipped_config_parses(path):
     opts = Options.from_flat(load_yaml(str(path)), str(path))
     assert opts.search.ranks == sorted(opts.search.ranks)
+
+
+@pytest.mark.parametrize("command", ["search", "estimate", "show", "report"])
+def test_help_documents_every_option(command, capsys):
+    import dataclasses
+
+    from rankwise.cli import main
+    from rankwise.config import GROUPS, EstimateConfig
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    groups = {"search": GROUPS.values(), "estimate": [EstimateConfig]}.get(command, [])
+    for klass in groups:
+        for f in dataclasses.fields(klass):
+            assert "--" + f.name.replace("_", "-") in text

@@ -48,7 +48,8 @@ def _add_group_flags(parser: argparse.ArgumentParser, groups=GROUPS) -> None:
         hints = typing.get_type_hints(klass)
         for f in dataclasses.fields(klass):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            # argparse %-formats help strings: a literal % must be doubled
+            help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
             if hints[f.name] is bool:
                 group.add_argument(
                     flag(f.name),

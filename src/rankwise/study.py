@@ -484,7 +484,7 @@ class Study:
         summary = diagnose_search(strategy.results)
         extras["diagnosis"] = {"advice": summary["advice"], "counts": summary["counts"]}
         self._write_recommendation(rec, lora, strategy.results, scores, extras)
-        self._refresh()
+        self._refresh(final=True)
         self.tracker.close()
         self.progress.done(rec, self.dir)
         return SearchResult(self.dir, strategy.results, scores, rec, lora)
@@ -532,9 +532,18 @@ class Study:
         tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(self.dir / "recommendation.json")
 
-    def _refresh(self) -> None:
-        """Rewrite summary.md and report.html so a running search can be watched."""
+    def _refresh(self, final: bool = False) -> None:
+        """Rewrite summary.md and report.html so a running search can be watched.
+
+        summary.md after every trial; report.html too unless trials are so short that drawing
+        it would dominate (then at most every 5 s and 5x its own drawing time), and at the end.
+        """
         from . import report
 
-        report.write_summary(self.dir)
-        report.write_report(self.dir)
+        view = report.load_run(self.dir)
+        report.write_summary(view)
+        now = time.perf_counter()
+        last, cost = getattr(self, "_drawn", (None, 0.0))
+        if final or last is None or now - last >= max(5.0, 5 * cost):
+            report.write_report(view)
+            self._drawn = (time.perf_counter(), time.perf_counter() - now)
