@@ -86,3 +86,28 @@ def test_lr_calibration_picks_and_records_a_rate(tmp_path, llama_dir, text_jsonl
     assert cal["losses"]["0.003"] < cal["losses"]["1e-06"]
     specs = [json.loads(s) for (s,) in conn.execute("SELECT spec FROM trials WHERE grp = ''")]
     assert {s["train"]["lr"] for s in specs} == {3e-3}
+
+
+def test_lr_calibration_at_both_ends_reports_both(tmp_path, llama_dir, text_jsonl):
+    """Fixed alpha: the rate picked at the start rank and at the largest rank, both recorded."""
+    out = tmp_path / "run"
+    args = fast_args()
+    args.pop("lr")
+    rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        ranks=[1, 8],
+        start_rank=1,
+        lr_candidates=[1e-6, 3e-3, 30.0],
+        lr_check_largest_rank=True,
+        **args,
+    )
+    conn = sqlite3.connect(out / "trials.sqlite")
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    start, largest = (
+        json.loads(meta["lr_calibration"]),
+        json.loads(meta["lr_calibration_largest_rank"]),
+    )
+    assert (start["rank"], largest["rank"]) == (1, 8)
+    assert start["lr"] == largest["lr"] == 3e-3

@@ -293,6 +293,11 @@ class TrainConfig:
     lr_candidates: list[float] = opt(
         [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "Learning rates tried by the calibration sweep."
     )
+    lr_check_largest_rank: bool = opt(
+        False,
+        "Also calibrate the learning rate at the largest rank and report both (a check that "
+        "one rate serves every rank under the alpha policy; the start rank's rate is used).",
+    )
     lr_calibration_fraction: float = opt(
         0.25, "Share of --max-steps each calibration run trains (0.25 = a quarter)."
     )
@@ -585,10 +590,16 @@ class Options:
         return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
 
     def identity(self) -> dict[str, Any]:
-        """The options that determine results; a resumed run must match them."""
+        """The options that determine results; a resumed run must match them.
+
+        Only values that differ from the defaults are listed, so a run directory stays
+        resumable when a later version adds an option (with a default that keeps behaviour).
+        """
+        defaults = {g: klass() for g, klass in GROUPS.items()}
         out = {}
         for g, klass in GROUPS.items():
             for f in dataclasses.fields(klass):
-                if f.metadata.get("identity", True):
-                    out[f.name] = getattr(getattr(self, g), f.name)
+                value = getattr(getattr(self, g), f.name)
+                if f.metadata.get("identity", True) and value != getattr(defaults[g], f.name):
+                    out[f.name] = value
         return out

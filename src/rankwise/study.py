@@ -334,7 +334,7 @@ class Study:
         self.progress.trial_done(result)
         return result
 
-    def calibrate_lr(self, rank: int) -> float:
+    def calibrate_lr(self, rank: int, meta_key: str = "lr_calibration") -> float:
         """Short runs at each candidate rate at ``rank``; the lowest best val loss wins."""
         tc = self.opts.train
         steps = max(1, math.ceil(tc.max_steps * tc.lr_calibration_fraction))
@@ -345,6 +345,8 @@ class Study:
         tried = []
         for lr in tc.lr_candidates:
             variant = Variant(group=f"{CALIBRATION}-{lr:g}", lr=lr, max_steps=steps)
+            if meta_key != "lr_calibration":
+                variant = Variant(group=f"{CALIBRATION}-{lr:g}-at-r{rank}", lr=lr, max_steps=steps)
             tried.append((lr, self.run_one(rank, 0, variant)))
         ok = [(r.best_val_loss, lr) for lr, r in tried if r.ok]
         if not ok:
@@ -355,9 +357,7 @@ class Study:
             )
         best = min(ok)[1]
         table = {f"{lr:g}": r.best_val_loss for lr, r in tried}
-        self.store.set_meta(
-            "lr_calibration", {"rank": rank, "steps": steps, "lr": best, "losses": table}
-        )
+        self.store.set_meta(meta_key, {"rank": rank, "steps": steps, "lr": best, "losses": table})
         self.progress.log(f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps)")
         return best
 
@@ -369,6 +369,15 @@ class Study:
         s = self.opts.search
         self.progress.plan(len(self.ranks) * s.seeds, s.max_time, self.elapsed_before)
         self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
+        if self.opts.train.lr is None and self.opts.train.lr_check_largest_rank:
+            # Under a fixed alpha one rate should serve every rank ("LoRA Without Regret"):
+            # calibrate again at the largest rank and report both.
+            other = self.calibrate_lr(self.ranks[-1], "lr_calibration_largest_rank")
+            same = "the same rate" if other == self.lr else "a different rate"
+            self.progress.log(
+                f"calibration at r={self.ranks[-1]} picked {other:g}: {same} "
+                f"as at r={self.start_rank} ({self.lr:g}), which the search uses"
+            )
         if self.opts.search.strategy == "nested":
             return self._finish(self.nested_curve())
         strategy = self._strategy()
