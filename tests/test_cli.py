@@ -185,7 +185,7 @@ def test_config_mismatch_is_refused_and_nothing_changes(tmp_path, llama_dir, cap
 def test_kill_9_mid_trial_then_resume(tmp_path, llama_dir):
     """Finished trials are kept, the interrupted one is redone, none is duplicated."""
     out, data = tmp_path / "run", make_data(tmp_path, "text")
-    args = argv(llama_dir, data, out, max_steps=400, eval_every=200)
+    args = argv(llama_dir, data, out, max_steps=200, eval_every=100)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rankwise.cli", *args],
@@ -215,7 +215,7 @@ def test_kill_9_mid_trial_then_resume(tmp_path, llama_dir):
     finished = [(k, f) for k, s, f in state if s != "running"]
     interrupted = [k for k, s, _ in state if s == "running"]
     assert finished and interrupted
-    assert main(argv(llama_dir, data, out, max_steps=400, eval_every=200)) == 0
+    assert main(argv(llama_dir, data, out, max_steps=200, eval_every=100)) == 0
     rows = sqlite3.connect(db).execute("SELECT key, status, finished_at FROM trials").fetchall()
     keys = [k for k, _, _ in rows]
     assert len(keys) == len(set(keys))

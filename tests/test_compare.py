@@ -67,7 +67,7 @@ def test_cotune_and_compare_targets(tmp_path, llama_dir, text_jsonl):
 
 def test_lr_calibration_picks_and_records_a_rate(tmp_path, llama_dir, text_jsonl):
     out = tmp_path / "run"
-    args = fast_args()
+    args = fast_args(max_steps=20, eval_every=5)  # 5-step calibration runs
     args.pop("lr")
     rankwise.search(
         model=str(llama_dir),
@@ -75,23 +75,23 @@ def test_lr_calibration_picks_and_records_a_rate(tmp_path, llama_dir, text_jsonl
         out=str(out),
         ranks=[1, 2],
         start_rank=1,
-        lr_candidates=[1e-6, 3e-3, 30.0],
+        lr_candidates=[1e-6, 3e-2, 30.0],
         **args,
     )
     conn = sqlite3.connect(out / "trials.sqlite")
     cal = json.loads(
         conn.execute("SELECT value FROM meta WHERE key='lr_calibration'").fetchone()[0]
     )
-    assert cal["lr"] == 3e-3 and set(cal["losses"]) == {"1e-06", "0.003", "30"}
-    assert cal["losses"]["0.003"] < cal["losses"]["1e-06"]
+    assert cal["lr"] == 3e-2 and set(cal["losses"]) == {"1e-06", "0.03", "30"}
+    assert cal["losses"]["0.03"] < min(cal["losses"]["1e-06"], cal["losses"]["30"])
     specs = [json.loads(s) for (s,) in conn.execute("SELECT spec FROM trials WHERE grp = ''")]
-    assert {s["train"]["lr"] for s in specs} == {3e-3}
+    assert {s["train"]["lr"] for s in specs} == {3e-2}
 
 
 def test_lr_calibration_at_both_ends_reports_both(tmp_path, llama_dir, text_jsonl):
     """Fixed alpha: the rate picked at the start rank and at the largest rank, both recorded."""
     out = tmp_path / "run"
-    args = fast_args()
+    args = fast_args(max_steps=20, eval_every=5)  # 5-step calibration runs
     args.pop("lr")
     rankwise.search(
         model=str(llama_dir),
@@ -99,7 +99,7 @@ def test_lr_calibration_at_both_ends_reports_both(tmp_path, llama_dir, text_json
         out=str(out),
         ranks=[1, 8],
         start_rank=1,
-        lr_candidates=[1e-6, 3e-3, 30.0],
+        lr_candidates=[1e-6, 3e-2, 30.0],
         lr_check_largest_rank=True,
         **args,
     )
@@ -110,4 +110,4 @@ def test_lr_calibration_at_both_ends_reports_both(tmp_path, llama_dir, text_json
         json.loads(meta["lr_calibration_largest_rank"]),
     )
     assert (start["rank"], largest["rank"]) == (1, 8)
-    assert start["lr"] == largest["lr"] == 3e-3
+    assert start["lr"] == largest["lr"] == 3e-2
