@@ -16,18 +16,29 @@ RANKS = [1, 2, 4, 8, 16]
 
 
 def run(llama_dir, text_jsonl, out, **over):
-    return rankwise.search(model=str(llama_dir), train=str(text_jsonl), out=str(out),
-                           ranks=RANKS, start_rank=1, patience=10, **fast_args(**over))
+    return rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        ranks=RANKS,
+        start_rank=1,
+        patience=10,
+        **fast_args(**over),
+    )
 
 
-@pytest.mark.parametrize("budget,value,reason", [
-    ("max_rank", 4, "r=8 > --max-rank 4"),
-    # q_proj + v_proj, 2 layers, 64 -> 64: r * 512 params; r=8 is 4,096
-    ("max_trainable_params", 3000, "4,096 trainable params > --max-trainable-params 3,000"),
-    ("max_adapter_size", "12KB", "adapter size"),
-])
-def test_budget_skips_the_next_rank_and_says_why(tmp_path, llama_dir, text_jsonl, budget,
-                                                 value, reason):
+@pytest.mark.parametrize(
+    "budget,value,reason",
+    [
+        ("max_rank", 4, "r=8 > --max-rank 4"),
+        # q_proj + v_proj, 2 layers, 64 -> 64: r * 512 params; r=8 is 4,096
+        ("max_trainable_params", 3000, "4,096 trainable params > --max-trainable-params 3,000"),
+        ("max_adapter_size", "12KB", "adapter size"),
+    ],
+)
+def test_budget_skips_the_next_rank_and_says_why(
+    tmp_path, llama_dir, text_jsonl, budget, value, reason
+):
     # patience 10 never sees a plateau: only the budget can stop the climb
     result = run(llama_dir, text_jsonl, tmp_path / "run", **{budget: value})
     statuses = {t.rank: t.status for t in result.trials}
@@ -47,8 +58,13 @@ def test_max_memory_uses_the_prediction(tmp_path, llama_dir, text_jsonl):
     result = run(llama_dir, text_jsonl, tmp_path / "run", max_memory="1MiB")
     first = result.trials[0]
     assert first.status == "skipped" and "--max-memory 1.00 MiB" in first.reason
-    predicted = estimate(tiny_model("llama"), ranks=[1], target_modules=["q_proj", "v_proj"],
-                         batch_size=4, seq_len=32)[0]
+    predicted = estimate(
+        tiny_model("llama"),
+        ranks=[1],
+        target_modules=["q_proj", "v_proj"],
+        batch_size=4,
+        seq_len=32,
+    )[0]
     assert first.predicted["trainable_params"] == predicted.trainable_params
     assert result.recommendation.rank is None
 
@@ -60,8 +76,9 @@ def test_trials_record_prediction_beside_measurement(tmp_path, llama_dir, text_j
     assert t.step_seconds > 0 and t.tokens_per_second > 0
 
 
-def test_out_of_memory_stops_the_climb_and_keeps_the_run(tmp_path, llama_dir, text_jsonl,
-                                                        monkeypatch):
+def test_out_of_memory_stops_the_climb_and_keeps_the_run(
+    tmp_path, llama_dir, text_jsonl, monkeypatch
+):
     from rankwise import trial
 
     real = trial._train_step
@@ -84,13 +101,16 @@ def test_out_of_memory_stops_the_climb_and_keeps_the_run(tmp_path, llama_dir, te
     assert again.recommendation == result.recommendation
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--max-memory", "20XB", "--max-memory: expected a size like 20GiB"),
-    ("--max-memory", "-1GiB", "--max-memory"),
-    ("--max-trainable-params", "-5", "--max-trainable-params: must be > 0"),
-    ("--max-time", "-3m", "--max-time"),
-    ("--max-rank", "0", "--max-rank: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--max-memory", "20XB", "--max-memory: expected a size like 20GiB"),
+        ("--max-memory", "-1GiB", "--max-memory"),
+        ("--max-trainable-params", "-5", "--max-trainable-params: must be > 0"),
+        ("--max-time", "-3m", "--max-time"),
+        ("--max-rank", "0", "--max-rank: must be > 0"),
+    ],
+)
 def test_bad_budget_is_a_one_line_error(tmp_path, capsys, flag, value, message):
     out = tmp_path / "run"
     assert main(["search", "--out", str(out), f"{flag}={value}"]) == 2
