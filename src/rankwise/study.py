@@ -14,6 +14,7 @@ Example (a real, if tiny, search):
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -158,6 +159,7 @@ class Study:
         self.store.set_meta("data", data.info)
         save_tokens(data, self.dir)
         self.ctx = TrialContext(model, tokenizer, device, data)
+        gc.freeze()  # the model's objects are permanent: keep them out of every collection
         self.device = device
 
     def _fit_ranks(self, model) -> list[int]:
