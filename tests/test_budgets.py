@@ -117,3 +117,27 @@ def test_bad_budget_is_a_one_line_error(tmp_path, capsys, flag, value, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_estimate_cli_table_json_and_calibration(llama_dir, capsys):
+    assert main(["estimate", "--model", str(llama_dir), "--ranks", "1,4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [1, 4] and rows[1]["trainable_params"] == 4 * 512
+    assert {"adapter_bytes", "peak_memory_bytes"} <= set(rows[0])
+    argv = [
+        "estimate",
+        "--model",
+        str(llama_dir),
+        "--ranks",
+        "1,8",
+        "--calibrate",
+        "--max-steps",
+        "50",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+    ]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and "trainable" in table and "step" in table

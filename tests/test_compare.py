@@ -111,3 +111,21 @@ def test_lr_calibration_at_both_ends_reports_both(tmp_path, llama_dir, text_json
     )
     assert (start["rank"], largest["rank"]) == (1, 8)
     assert start["lr"] == largest["lr"] == 3e-2
+
+
+def test_ratio_policy_warns_and_is_carried_into_the_config(tmp_path, llama_dir, text_jsonl):
+    out = tmp_path / "run"
+    result = rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        ranks=[1, 2],
+        start_rank=1,
+        alpha_policy="ratio",
+        alpha_ratio=2,
+        **fast_args(),
+    )
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["alpha_policy"] == "ratio" and "larger learning rate" in rec["warnings"][0]
+    assert rec["lora_config"]["lora_alpha"] == 2 * rec["rank"]
+    assert {t.lora_alpha for t in result.trials} == {2.0, 4.0}

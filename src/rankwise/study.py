@@ -107,6 +107,17 @@ class Study:
         self.baseline_bytes = current_rss()
 
     # -- set-up --------------------------------------------------------------------------
+    def warnings(self) -> list[str]:
+        """Settings that make the rank comparison unfair, said before the search spends time."""
+        out = []
+        if self.opts.lora.alpha_policy == "ratio":
+            out.append(
+                f"--alpha-policy ratio: lora_alpha = {self.opts.lora.alpha_ratio:g}*r, so under "
+                "Adam a higher rank also acts like a larger learning rate; gains on the curve mix "
+                "capacity with step size (--alpha-policy fixed compares capacity)"
+            )
+        return out
+
     def _check_out_dir(self) -> None:
         d = self.dir
         if d.exists() and not d.is_dir():
@@ -370,6 +381,8 @@ class Study:
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
         s = self.opts.search
         self.progress.plan(len(self.ranks) * s.seeds, s.max_time, self.elapsed_before)
+        for warning in self.warnings():
+            self.progress.log(f"warning: {warning}")
         self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
         if self.opts.train.lr is None and self.opts.train.lr_check_largest_rank:
             # Under a fixed alpha one rate should serve every rank ("LoRA Without Regret"):
@@ -537,6 +550,8 @@ class Study:
             "name": self.opts.run.name or self.dir.name,
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
             "scores": [asdict(s) for s in scores],
+            "alpha_policy": self.opts.lora.alpha_policy,
+            "warnings": self.warnings(),
             **(extras or {}),
         }
         tmp = self.dir / "recommendation.json.tmp"
