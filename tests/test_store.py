@@ -81,3 +81,14 @@ def test_different_configuration_is_refused_with_diff(tmp_path):
 def test_readonly_missing_run(tmp_path):
     with pytest.raises(ConfigError, match="no rankwise run"):
         RunStore(tmp_path / "nope", readonly=True)
+
+
+def test_identity_defaults_fill_missing_keys(tmp_path):
+    """A run made when every option was listed resumes under a version listing non-defaults."""
+    store = RunStore(tmp_path)
+    store.claim({"lr": 1, "alpha_policy": "fixed"})
+    store.finish(result(4), spec(4))
+    assert store.claim({"lr": 1}, defaults={"alpha_policy": "fixed"}) is False
+    assert len(store.results()) == 1
+    with pytest.raises(ConfigError, match="alpha_policy: 'fixed' -> 'ratio'"):
+        store.claim({"lr": 1, "alpha_policy": "ratio"}, defaults={"alpha_policy": "fixed"})

@@ -589,6 +589,16 @@ class Options:
     def to_flat(self) -> dict[str, Any]:
         return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
 
+    @staticmethod
+    def identity_defaults() -> dict[str, Any]:
+        """Every option that determines results, at its default."""
+        return {
+            f.name: getattr(klass(), f.name)
+            for klass in GROUPS.values()
+            for f in dataclasses.fields(klass)
+            if f.metadata.get("identity", True)
+        }
+
     def identity(self) -> dict[str, Any]:
         """The options that determine results; a resumed run must match them.
 

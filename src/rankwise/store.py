@@ -80,9 +80,13 @@ class RunStore:
             )
 
     @staticmethod
-    def check_identity(run_dir, stored: dict[str, Any], identity: dict[str, Any]) -> None:
-        """Raise ConfigError listing what differs between a stored and a new configuration."""
-        new = _jsonable(identity)
+    def check_identity(
+        run_dir, stored: dict[str, Any], identity: dict[str, Any], defaults: dict | None = None
+    ) -> None:
+        """Raise ConfigError listing what differs between a stored and a new configuration.
+
+        ``defaults`` fill keys missing on either side (an option one side did not list)."""
+        stored, new = _filled(stored, identity, defaults)
         if stored == new:
             return
         diffs = [
@@ -96,16 +100,21 @@ class RunStore:
             + "); use another --out, or --force to start it over"
         )
 
-    def claim(self, identity: dict[str, Any], force: bool = False) -> bool:
+    def claim(
+        self, identity: dict[str, Any], force: bool = False, defaults: dict | None = None
+    ) -> bool:
         """Bind this directory to a configuration; refuse a different one unless ``force``.
 
         Returns True when a different run's trials were discarded (``force``).
         """
         stored = self.get_meta("identity")
-        reset = stored is not None and stored != _jsonable(identity)
+        reset = (
+            stored is not None
+            and _filled(stored, identity, defaults)[0] != _filled(stored, identity, defaults)[1]
+        )
         if reset:
             if not force:
-                self.check_identity(self.dir, stored, identity)
+                self.check_identity(self.dir, stored, identity, defaults)
             with self.db:
                 self.db.execute("DELETE FROM trials")
         self.set_meta("identity", identity)
@@ -180,6 +189,11 @@ class RunStore:
     def spec(self, key: str) -> TrialSpec | None:
         row = self.db.execute("SELECT spec FROM trials WHERE key = ?", (key,)).fetchone()
         return TrialSpec.from_json(row["spec"]) if row and row["spec"] != "{}" else None
+
+
+def _filled(stored: dict, identity: dict, defaults: dict | None) -> tuple[dict, dict]:
+    base = _jsonable(defaults or {})
+    return {**base, **stored}, {**base, **_jsonable(identity)}
 
 
 def _jsonable(value: Any) -> Any:

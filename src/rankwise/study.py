@@ -136,7 +136,9 @@ class Study:
             stored = ro.get_meta("identity")
             ro.close()
             if stored is not None and not self.opts.run.force:
-                RunStore.check_identity(d, stored, self.opts.identity())
+                RunStore.check_identity(
+                    d, stored, self.opts.identity(), Options.identity_defaults()
+                )
 
     def _setup(self):
         from .data import prepare_data, save_tokens
@@ -161,7 +163,9 @@ class Study:
             self.store = RunStore(self.dir)
         except OSError as exc:
             raise ConfigError(f"--out: cannot write to {self.dir} ({exc})") from None
-        if self.store.claim(self.opts.identity(), force=self.opts.run.force):
+        if self.store.claim(
+            self.opts.identity(), force=self.opts.run.force, defaults=Options.identity_defaults()
+        ):
             for stale in ("adapter", "trials", "recommendation.json", "report.html", "summary.md"):
                 path = self.dir / stale
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
