@@ -107,6 +107,17 @@ class Study:
         self.baseline_bytes = current_rss()
 
     # -- set-up --------------------------------------------------------------------------
+    def max_trials(self) -> int:
+        """An upper bound on the trials this search may train (for progress)."""
+        s, tc = self.opts.search, self.opts.train
+        curves = 1 + len(s.compare_targets or [])
+        n = len(self.ranks) * s.seeds * curves
+        if tc.lr is None:
+            n += len(tc.lr_candidates) * (2 if tc.lr_check_largest_rank else 1)
+        if s.tune:
+            n += 2 * (2 * ("dropout" in s.tune) + 4 * ("alpha" in s.tune))
+        return n + (s.strategy == "nested" and s.final)
+
     def warnings(self) -> list[str]:
         """Settings that make the rank comparison unfair, said before the search spends time."""
         out = []
@@ -384,7 +395,7 @@ class Study:
         self.t0 = time.perf_counter()
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
         s = self.opts.search
-        self.progress.plan(len(self.ranks) * s.seeds, s.max_time, self.elapsed_before)
+        self.progress.plan(self.max_trials(), s.max_time, self.elapsed_before)
         for warning in self.warnings():
             self.progress.log(f"warning: {warning}")
         self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
