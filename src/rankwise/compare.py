@@ -186,7 +186,7 @@ def compare_targets(study, rec: Recommendation, lora: dict, source: list[TrialRe
         best[1].rank,
         best[1].mean,
         rec.stop_reason,
-        f"{verdict}; the rank curve of {rec.reason}",
+        f"{verdict}; with the searched targets: {rec.reason}",
         rec.confidence,
     )
     return section, rec, lora, results

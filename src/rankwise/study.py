@@ -103,7 +103,12 @@ class Study:
         self.dir = run_dir_for(opts)
         self.progress = Progress(quiet=opts.run.quiet, console=console)
         self.elapsed_before = 0.0
-        # Process memory before the model is loaded: the baseline of CPU memory predictions.
+        # Process memory before the model is loaded, with the libraries a trial needs already
+        # imported: the baseline of CPU memory predictions.
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
         self.baseline_bytes = current_rss()
 
     # -- set-up --------------------------------------------------------------------------
