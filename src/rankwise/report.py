@@ -394,7 +394,12 @@ def _rec_lines(view: RunView) -> list[str]:
         lines.append(f"confidence: {rec['confidence']}")
     diagnosis = rec["diagnosis"]
     if isinstance(diagnosis, dict):
-        lines += [f"{k}: {v}" for k, v in diagnosis.items()]
+        if diagnosis.get("advice"):
+            lines.append(f"advice: {diagnosis['advice']}")
+        counts = diagnosis.get("counts") or {}
+        if counts:
+            lines.append("diagnoses: " + ", ".join(f"{k} x{n}" for k, n in counts.items()))
+        lines += [f"{k}: {v}" for k, v in diagnosis.items() if k not in ("advice", "counts")]
     elif diagnosis:
         lines.append(f"diagnosis: {diagnosis}")
     for key, label in (("targets", "target sets"), ("tuning", "co-tuning")):
