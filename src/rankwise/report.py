@@ -402,6 +402,13 @@ def _rec_lines(view: RunView) -> list[str]:
         lines += [f"{k}: {v}" for k, v in diagnosis.items() if k not in ("advice", "counts")]
     elif diagnosis:
         lines.append(f"diagnosis: {diagnosis}")
+    final = rec.get("final")
+    if isinstance(final, dict) and final.get("final_val_loss") is not None:
+        nested = final.get("nested_val_loss")
+        lines.append(
+            f"final ordinary trial at r={final['rank']}: val loss {final['final_val_loss']:.4f}"
+            + (f" (nested curve at r={final['rank']}: {nested:.4f})" if nested is not None else "")
+        )
     for key, label in (("targets", "target sets"), ("tuning", "co-tuning")):
         section = rec.get(key)
         if isinstance(section, dict) and section.get("verdict"):
