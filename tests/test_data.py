@@ -152,3 +152,11 @@ def test_empty_validation_split_is_refused(tmp_path, tok):
     path = write(tmp_path, "a.jsonl", [{"text": s} for s in sentences(5)])
     with pytest.raises(ConfigError, match="validation set would be empty"):
         prepare_data(DataConfig(train=str(path), val_fraction=0.1), tok, tmp_path / "run")
+
+
+def test_explicit_validation_file_is_used_whole(tmp_path, tok):
+    train = write(tmp_path, "train.jsonl", [{"text": s} for s in sentences(40)])
+    val = write(tmp_path, "val.csv", [{"text": "zeta zeta zeta"}] * 3)
+    data = prepare_data(DataConfig(train=str(train), val=str(val), seq_len=16), tok, tmp_path / "r")
+    assert data.info["train_records"] == 40 and data.info["val_records"] == 3
+    assert "zeta zeta zeta" in tok.decode(data.val_ids[0].tolist())
