@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import tempfile
 import sys
 from pathlib import Path
 
@@ -39,12 +40,12 @@ CANDIDATES = [1e-3, 3e-3, 1e-2, 3e-2]
 
 def run(task: str, policy: str, args) -> dict:
     k = int(task.split("-k")[1])
-    options = se.planted_options(k, args)
+    options = se.planted_options(k, args, args.smoke)
     options.pop("lr")
-    out = OUT / f"{task}-{policy}"
+    out = (args.tmp if args.smoke else OUT) / f"{task}-{policy}"
     result = rankwise.search(
         strategy="grid",
-        ranks=se.RANKS[task],
+        ranks=[1, 2, 4] if args.smoke else se.RANKS[task],
         out=str(out),
         quiet=True,
         lr_candidates=CANDIDATES,
@@ -65,7 +66,8 @@ def run(task: str, policy: str, args) -> dict:
         "curve": curve,
         "rank": {str(t): recommend(scores, t).rank for t in (0.01, 0.005, 0.0025)},
     }
-    (OUT / f"{task}-{policy}.json").write_text(json.dumps(row, indent=2))
+    if not args.smoke:
+        (OUT / f"{task}-{policy}.json").write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -96,7 +98,12 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny planted task, seconds (for tests)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.tasks, args.policies = ["planted-k2"], ["fixed", "ratio"]
+        args.steps, args.batch, args.eval_every = 10, 4, 5
+        args.tmp = Path(tempfile.mkdtemp(prefix="rankwise-alpha-"))
     OUT.mkdir(parents=True, exist_ok=True)
     if args.report:
         rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
