@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
