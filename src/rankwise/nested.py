@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from .records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
+from .records import COMPLETE, FAILED, TrialResult, TrialSpec
 from .resources import PeakMemory
 from .trial import (
     Progress,
@@ -61,6 +61,7 @@ from .trial import (
     _schedule,
     _train_step,
     attach_adapter,
+    failure_reason,
     lora_config,
 )
 
@@ -436,12 +437,8 @@ def run_nested(
             _fit_nested(peft_model, state, ctx, scale_for, draw, t0, progress)
             if spec.adapter_dir:
                 _save_all(peft_model, state, scale_for)
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        status, reason = FAILED, f"{OUT_OF_MEMORY} (peak {peak.poll()} bytes)"
-    except FloatingPointError as exc:
-        status, reason = FAILED, f"unstable: {exc}"
     except Exception as exc:  # a failed run is a record, not the end of the search
-        status, reason = FAILED, f"{type(exc).__name__}: {exc}"
+        status, reason = FAILED, failure_reason(exc, peak)
     finally:
         if peft_model is not None:
             peft_model.unload()

@@ -24,7 +24,14 @@ import torch
 from .records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
 from .resources import PeakMemory
 
-__all__ = ["TrialContext", "run_trial", "evaluate", "attach_adapter", "lora_config"]
+__all__ = [
+    "TrialContext",
+    "run_trial",
+    "evaluate",
+    "attach_adapter",
+    "lora_config",
+    "failure_reason",
+]
 
 Progress = Callable[[int, int, float], None]
 
@@ -224,12 +231,8 @@ def run_trial(
             _fit(peft_model, run, ctx, t0, progress)
             if spec.adapter_dir and run.best_state is not None:
                 _save_best(peft_model, run, spec.adapter_dir)
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        status, reason = FAILED, f"{OUT_OF_MEMORY} (peak {peak.poll()} bytes)"
-    except FloatingPointError as exc:
-        status, reason = FAILED, f"unstable: {exc}"
     except Exception as exc:  # a failed trial is a record, not the end of the search
-        status, reason = FAILED, f"{type(exc).__name__}: {exc}"
+        status, reason = FAILED, failure_reason(exc, peak)
     finally:
         if peft_model is not None:
             peft_model.unload()
@@ -241,6 +244,15 @@ def run_trial(
         if ctx.device.startswith("cuda"):
             torch.cuda.empty_cache()
     return _result(spec, run, status, reason, trainable, peak.bytes, t0)
+
+
+def failure_reason(exc: BaseException, peak: PeakMemory) -> str:
+    """The recorded reason of a failed trial: out of memory, unstable, or the error."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return f"{OUT_OF_MEMORY} (peak {peak.poll()} bytes)"
+    if isinstance(exc, FloatingPointError):
+        return f"unstable: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _save_best(peft_model, run: _Run, adapter_dir: str) -> None:
