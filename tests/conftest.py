@@ -79,3 +79,23 @@ def fast_args(**over) -> dict:
     }
     args.update(over)
     return args
+
+
+def search_argv(model, train, out, ranks: str = "1,2,4", **over) -> list[str]:
+    """``rankwise search`` arguments for a tiny end-to-end run (flags from :func:`fast_args`)."""
+    args = [
+        "search",
+        "--model",
+        str(model),
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        "--ranks",
+        ranks,
+        "--start-rank",
+        "1",
+    ]
+    for k, v in fast_args(**over).items():
+        args += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
+    return args

@@ -10,26 +10,11 @@ import pytest
 
 from rankwise.cli import main
 
-from .conftest import fast_args
+from .conftest import search_argv as cli_args
 
 
 def search_argv(model, train, out, *extra):
-    args = [
-        "search",
-        "--model",
-        str(model),
-        "--train",
-        str(train),
-        "--out",
-        str(out),
-        "--ranks",
-        "1,2",
-        "--start-rank",
-        "1",
-    ]
-    for k, v in fast_args().items():
-        args += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
-    return args + list(extra)
+    return cli_args(model, train, out, ranks="1,2") + list(extra)
 
 
 def check_error(capsys, argv, *fragments):

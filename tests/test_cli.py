@@ -15,29 +15,11 @@ import pytest
 
 from rankwise.cli import main
 
-from .conftest import fast_args, sentences
+from .conftest import search_argv, sentences
 
 
 def argv(model, train, out, **over):
-    args = [
-        "search",
-        "--model",
-        str(model),
-        "--train",
-        str(train),
-        "--out",
-        str(out),
-        "--ranks",
-        "1,2,4",
-        "--start-rank",
-        "1",
-    ]
-    for k, v in fast_args(**over).items():
-        if v is True:
-            args.append("--" + k.replace("_", "-"))
-        else:
-            args += ["--" + k.replace("_", "-"), str(v)]
-    return args
+    return search_argv(model, train, out, **over)
 
 
 def make_data(tmp_path, kind):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import ConfigError
 from .records import TrialResult
-from .search import Ladder, Recommendation, beats, rank_scores, recommend
+from .search import Ladder, Recommendation, beats, rank_scores
 
 __all__ = ["cotune", "compare_targets", "target_set"]
 
@@ -103,13 +103,11 @@ _ATTENTION = ("attn", "attention")
 _MLP = ("mlp", "feed_forward", "ffn")
 
 
-def target_set(study, name: str) -> tuple[list[str], list[str]]:
-    """(target_modules for PEFT, matched full module names) of a named or explicit set."""
+def target_set(study, name: str) -> list[str]:
+    """``target_modules`` of a named or explicit set, checked against the model."""
     from .models import check_targets, linear_module_names
 
     model = study.ctx.model
-    if name == "all-linear":
-        return ["all-linear"], check_targets(model, ["all-linear"], study.ranks)
     if name in ("attention", "mlp"):
         keys = _ATTENTION if name == "attention" else _MLP
         names = [
@@ -119,21 +117,20 @@ def target_set(study, name: str) -> tuple[list[str], list[str]]:
         ]
         if not names:
             raise ConfigError(f"--compare-targets: the model has no {name} linear modules")
-        short = sorted({n.rsplit(".", 1)[-1] for n in names})
-        return short, check_targets(model, short, study.ranks)
-    short = [t for t in name.split("+") if t]
-    return short, check_targets(model, short, study.ranks)
+        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    else:
+        targets = [t for t in name.split("+") if t]
+    check_targets(model, targets, study.ranks)
+    return targets
 
 
 def _ladder_for(study, name: str):
     from .study import Variant
 
-    targets, matched = target_set(study, name)
+    targets = target_set(study, name)
     s = study.opts.search
     peft_targets = "all-linear" if targets == ["all-linear"] else targets
-    variant = Variant(
-        group=f"targets={name}", lora=(("target_modules", peft_targets),), targets=tuple(matched)
-    )
+    variant = Variant(group=f"targets={name}", lora=(("target_modules", peft_targets),))
     ladder = Ladder(
         ranks=study.ranks,
         start_rank=study.start_rank,
@@ -142,27 +139,27 @@ def _ladder_for(study, name: str):
         seeds=s.seeds,
     )
     study.drive(ladder, variant)
-    return targets, matched, ladder
+    return targets, ladder
+
+
+def _params(results: list[TrialResult], rank: int) -> int:
+    """What PEFT counted for a trial at ``rank`` (recorded with every trial)."""
+    return next(t.trainable_params for t in results if t.rank == rank and t.ok)
 
 
 def compare_targets(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
     """A ladder per target set; the answer is the fewest trainable parameters whose loss the
     overall best does not beat (by tolerance and noise)."""
     tol = study.opts.search.tolerance
-    sets = {"as searched": (lora["target_modules"], study.targets, source, rec)}
+    sets = {"as searched": (lora["target_modules"], source)}
     for name in study.opts.search.compare_targets:
-        targets, matched, ladder = _ladder_for(study, name)
-        sets[name] = (
-            targets,
-            matched,
-            ladder.results,
-            recommend(ladder.scores(), tol, ladder.stop_reason),
-        )
+        targets, ladder = _ladder_for(study, name)
+        sets[name] = (targets, ladder.results)
     points = []  # (params, score, set name)
-    for name, (_, matched, results, _) in sets.items():
+    for name, (_, results) in sets.items():
         for score in rank_scores(results):
             if score.ok:
-                points.append((study.trainable_params(score.rank, matched), score, name))
+                points.append((_params(results, score.rank), score, name))
     best = min(points, key=lambda p: p[1].mean)
     good = [p for p in points if not beats(best[1], p[1], tol)]
     params, score, name = min(good, key=lambda p: (p[0], p[1].mean))
@@ -178,7 +175,7 @@ def compare_targets(study, rec: Recommendation, lora: dict, source: list[TrialRe
     section = {"rows": rows, "verdict": verdict, "pick": {"targets": name, "rank": score.rank}}
     if name == "as searched":
         return section, rec, lora, source
-    targets, _, results, _ = sets[name]
+    targets, results = sets[name]
     lora = {**study.lora_kwargs(score.rank, targets), "task_type": "CAUSAL_LM"}
     rec = Recommendation(
         score.rank,

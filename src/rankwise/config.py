@@ -460,9 +460,6 @@ class SearchConfig:
                 f"--start-rank: {self.start_rank} is not in --ranks {','.join(map(str, self.ranks))}"
             )
 
-    def allowed_ranks(self) -> list[int]:
-        return [r for r in self.ranks if self.max_rank is None or r <= self.max_rank]
-
     def start_rank_for(self, n_params: int) -> int:
         """--start-rank, or the rule by model size, snapped to the nearest rank in --ranks."""
         if self.start_rank is not None:

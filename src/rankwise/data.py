@@ -281,10 +281,6 @@ class TokenData:
     val_labels: Any
     info: dict
 
-    @property
-    def train_tokens_per_block(self) -> int:
-        return int(self.train_ids.shape[1])
-
 
 def _fingerprint(cfg: DataConfig, tokenizer, seed: int) -> str:
     parts = [

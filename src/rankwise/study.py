@@ -44,7 +44,6 @@ class Variant:
     lr: float | None = None
     max_steps: int | None = None
     lora: tuple = ()
-    targets: tuple = ()  # full module names a target-set variant adapts (for its budget)
 
 
 MAIN = Variant()
@@ -256,13 +255,6 @@ class Study:
             adapter_dir=str(self.dir / "trials" / key.replace("/", "_") / "adapter"),
         )
 
-    def trainable_params(self, rank: int, matched: list[str] | None = None) -> int:
-        """Exact LoRA parameter count for the matched modules (PEFT: r·(in+out) each)."""
-        from .models import linear_module_names
-
-        sizes = linear_module_names(self.ctx.model)
-        return sum(rank * (sizes[n][0] + sizes[n][1]) for n in matched or self.targets)
-
     def budget_check(self, rank: int, variant: Variant | None = None) -> tuple[str | None, dict]:
         """Why a rank must be skipped before training (or None), and the predicted figures."""
         s = self.opts.search
@@ -323,11 +315,11 @@ class Study:
             "peak_memory_bytes": e.peak_memory_bytes,
         }
 
-    def _skipped(self, spec: TrialSpec, reason: str, predicted: dict) -> TrialResult:
+    def _skipped(
+        self, spec: TrialSpec, reason: str, predicted: dict, key: str | None = None
+    ) -> TrialResult:
         return TrialResult(
-            key=spec.key
-            if not self.opts.search.strategy == "nested" or spec.group
-            else f"nested-{spec.key}",
+            key=key or spec.key,
             rank=spec.rank,
             seed=spec.seed,
             group=spec.group,
@@ -378,8 +370,6 @@ class Study:
         tried = []
         for lr in tc.lr_candidates:
             variant = Variant(group=f"{CALIBRATION}-{lr:g}", lr=lr, max_steps=steps)
-            if meta_key != "lr_calibration":
-                variant = Variant(group=f"{CALIBRATION}-{lr:g}-at-r{rank}", lr=lr, max_steps=steps)
             tried.append((lr, self.run_one(rank, 0, variant)))
         ok = [(r.best_val_loss, lr) for lr, r in tried if r.ok]
         if not ok:
@@ -434,7 +424,8 @@ class Study:
             for seed in range(s.seeds):
                 key = nested_key(rank, seed)
                 if self.store.result(key) is None:
-                    self.store.finish(self._skipped(self.spec_for(rank, seed), skip, predicted))
+                    spec = self.spec_for(rank, seed)
+                    self.store.finish(self._skipped(spec, skip, predicted, key), spec)
         if not allowed:
             curve.stop_reason = "no rank fits the budgets"
             curve.results = self.store.results()

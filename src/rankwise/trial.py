@@ -45,8 +45,6 @@ class TrialContext:
     device: str
     data: object  # rankwise.data.TokenData
 
-    _cache: dict | None = None
-
     @classmethod
     def for_spec(cls, spec: TrialSpec) -> TrialContext:
         """Load (once per process) the model and cached tokens a spec names."""
