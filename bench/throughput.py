@@ -145,8 +145,8 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     tc = spec.train
-    batches = _Batches(ctx.data.train_ids.shape[0], tc["batch_size"], spec.seed)
-    order = torch.cat([batches.next() for _ in range(tc["max_steps"])])  # rankwise's draws
+    batches = _Batches(ctx.data.train_ids.shape[0], tc.batch_size, tc.seed)
+    order = torch.cat([batches.next() for _ in range(tc.max_steps)])  # rankwise's draws
     data = [{"input_ids": ctx.data.train_ids[i], "labels": ctx.data.train_labels[i]} for i in order]
     stamps: dict[str, list[float]] = {"end": []}
 
@@ -160,14 +160,14 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path) -> dict:
 
     forwards, hook = _forward_stamps(ctx.model)
     t0 = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    peft_model = get_peft_model(ctx.model, trial_mod.lora_config(spec.lora))
+    torch.manual_seed(tc.seed)
+    peft_model = get_peft_model(ctx.model, trial_mod.lora_config(spec))
     targs = TrainingArguments(
         output_dir=str(work / "trainer"),
-        per_device_train_batch_size=tc["batch_size"],
-        max_steps=tc["max_steps"],
-        learning_rate=tc["lr"],
-        warmup_steps=tc["warmup_steps"],
+        per_device_train_batch_size=tc.batch_size,
+        max_steps=tc.max_steps,
+        learning_rate=tc.lr,
+        warmup_steps=tc.warmup_steps,
         lr_scheduler_type="linear",
         weight_decay=0.0,
         max_grad_norm=1.0,
@@ -184,7 +184,7 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path) -> dict:
     trainer = InOrder(model=peft_model, args=targs, train_dataset=data, callbacks=[Stamps()])
     out = trainer.train()
     e0 = time.perf_counter()
-    val = trial_mod._eval(peft_model, ctx, tc)
+    val = trial_mod.validation_loss(peft_model, ctx, spec)
     e1 = time.perf_counter()
     peft_model.unload()
     del trainer
@@ -197,7 +197,7 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path) -> dict:
         first_end=stamps["end"][0],
         last_end=stamps["end"][-1],
         eval_seconds=e1 - e0,
-        tokens=tc["max_steps"] * tc["batch_size"] * ctx.data.train_ids.shape[1],
+        tokens=tc.max_steps * tc.batch_size * ctx.data.train_ids.shape[1],
         n=len(stamps["end"]),
         loss=out.training_loss,
         val=val,

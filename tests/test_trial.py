@@ -150,7 +150,7 @@ def test_non_finite_loss_is_unstable(ctx, monkeypatch):
 
 def test_max_trial_time_stops_and_scores_what_was_reached(ctx):
     s = spec(4)
-    s = TrialSpec(**{**s.__dict__, "train": {**s.train, "max_steps": 1000, "max_trial_time": 0.5}})
+    s = s.replace(train=s.train.replace(max_steps=1000, max_trial_time=0.5))
     r = run_trial(s, ctx)
     assert r.status == "complete" and r.time_limited and r.steps < 1000
     assert r.val_curve[-1][0] == r.steps and r.best_val_loss is not None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -483,36 +482,35 @@ def estimate(
 
 
 def _time_steps(model, rank, target_modules, batch_size, seq_len, steps, seed) -> tuple[int, float]:
-    """Median seconds per step of a fresh adapter (first step is warm-up, not timed)."""
+    """Seconds per step of a fresh adapter, timed by the one trial lifecycle on random
+    tokens (its first step is warm-up, not timed); the base model is left as it was."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=16, target_modules=_peft_targets(model, target_modules))
-    peft_model = get_peft_model(model, config)
-    try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        device = next(model.parameters()).device
-        vocab = _Shape.of(model).vocab
-        gen = torch.Generator().manual_seed(seed)
-        was_training = peft_model.training
-        peft_model.train()
-        times = []
-        for _ in range(steps + 1):
-            x = torch.randint(0, vocab, (batch_size, seq_len), generator=gen).to(device)
-            t0 = time.perf_counter()
-            peft_model(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        peft_model.train(was_training)
-        trainable = peft_model.get_nb_trainable_parameters()[0]
-    finally:
-        peft_model.unload()  # the base model is left as it was
-    return trainable, sorted(times[1:])[len(times[1:]) // 2]
+    from .data import TokenData
+    from .records import LoraSpec, TrainSpec, TrialKind, TrialSpec
+    from .trial import TrialContext, run_trial
+
+    device = str(next(model.parameters()).device)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, _Shape.of(model).vocab, (batch_size, seq_len), generator=gen)
+    ctx = TrialContext(model, None, device, TokenData(ids, ids, ids[:1], ids[:1], {}))
+    targets = _peft_targets(model, target_modules)
+    spec = TrialSpec(
+        key=f"calibrate-r{rank}",
+        rank=rank,
+        seed=seed,
+        kind=TrialKind.CALIBRATION,
+        lora=LoraSpec(r=rank, lora_alpha=16, target_modules=targets),
+        train=TrainSpec(
+            max_steps=steps + 1, batch_size=batch_size, lr=1e-4, warmup_steps=0, seed=seed
+        ),
+        model={},
+        data_dir="",
+    )
+    result = run_trial(spec, ctx)
+    if result.step_seconds is None:
+        raise ValueError(f"--calibrate: timing steps at r={rank} failed ({result.reason})")
+    return result.trainable_params, result.step_seconds
 
 
 def calibrate(

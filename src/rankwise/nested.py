@@ -40,29 +40,24 @@ overwritten atomically).
 
 from __future__ import annotations
 
-import gc
 import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .records import COMPLETE, FAILED, TrialResult, TrialSpec
-from .resources import PeakMemory
 from .trial import (
+    Hooks,
     Progress,
+    Run,
     TrialContext,
-    _Batches,
-    _eval,
-    _schedule,
-    _train_step,
-    attach_adapter,
-    failure_reason,
-    lora_config,
+    run_lifecycle,
+    trial_result,
+    validation_loss,
 )
 
 __all__ = [
@@ -75,6 +70,7 @@ __all__ = [
     "DISTRIBUTIONS",
     "nested_key",
     "nested_adapter_dir",
+    "NestedHooks",
 ]
 
 ScaleFor = Callable[[int], float]
@@ -243,7 +239,11 @@ def save_truncated(
         if config is None:
             raise ValueError("save_truncated: a state dict needs its config")
         state = source
-        config = config if isinstance(config, LoraConfig) else lora_config(dict(config))
+        config = (
+            config
+            if isinstance(config, LoraConfig)
+            else LoraConfig(task_type="CAUSAL_LM", **dict(config))
+        )
     else:
         adapter = adapter or source.active_adapter
         config = source.peft_config[adapter]
@@ -268,52 +268,119 @@ def save_truncated(
     return out
 
 
-# -- the nested run -----------------------------------------------------------------------
-@dataclass
-class _NestedRun:
-    """Mutable state of one nested run: the shared training curve and per-rank evaluations."""
-
-    spec: TrialSpec
-    ranks: list[int]
-    train_curve: list[tuple[int, float]] = field(default_factory=list)
-    val_curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
-    best: dict[int, tuple[float, int]] = field(default_factory=dict)
-    best_state: dict[int, dict] = field(default_factory=dict)
-    own_seconds: dict[int, float] = field(default_factory=dict)  # a rank's evals and save
-    steps_at: dict[int, int] = field(default_factory=dict)
-    trainable: dict[int, int] = field(default_factory=dict)
-    tokens: int = 0
-    step: int = 0
-    time_limited: bool = False
-    first_step_at: float | None = None
-    last_step_at: float | None = None
-
-    def __post_init__(self):
-        for r in self.ranks:
-            self.val_curves[r], self.own_seconds[r], self.steps_at[r] = [], 0.0, 0
-
-    def record_step(self, step: int, b: int, loss: float, tokens: int) -> None:
-        self.step, self.tokens = step, self.tokens + tokens
-        self.steps_at[b] += 1
-        self.train_curve.append((step, loss))
-        self.first_step_at = self.first_step_at or time.perf_counter()
-        self.last_step_at = time.perf_counter()
-
-
+# -- the nested run: hooks on the one trial lifecycle ----------------------------------------
 def _check(spec: TrialSpec, ranks: list[int], distribution: str) -> list[int]:
     ranks = sorted(set(ranks))
     if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
         raise ValueError(f"ranks: expected positive integers, got {ranks!r}")
-    if spec.lora.get("r") != ranks[-1]:
+    if spec.lora.r != ranks[-1]:
         raise ValueError(
-            f"nested: spec.lora['r'] must be the largest rank {ranks[-1]}, got {spec.lora.get('r')}"
+            f"nested: spec.lora.r must be the largest rank {ranks[-1]}, got {spec.lora.r}"
         )
-    if spec.lora.get("rank_pattern") or spec.lora.get("alpha_pattern"):
+    if spec.lora.rank_pattern or spec.lora.alpha_pattern:
         raise ValueError("nested: rank_pattern/alpha_pattern are not supported (one rank for all)")
-    if spec.lora.get("use_dora"):
-        raise ValueError("nested: DoRA is not supported")
     RankSampler(ranks, distribution)  # validates the distribution
     return ranks
+
+
+class NestedHooks(Hooks):
+    """The lifecycle's hooks for nested-rank training: a drawn active rank per optimizer
+    step (the inactive components held still), every truncation evaluated, and each
+    rank's best truncation saved as a plain rank-r adapter."""
+
+    def __init__(self, ranks: list[int], scale_for: ScaleFor, draw: RankSampler):
+        self.ranks, self.scale_for, self.draw = ranks, scale_for, draw
+        self.val_curves: dict[int, list[tuple[int, float]]] = {r: [] for r in ranks}
+        self.best: dict[int, tuple[float, int]] = {}
+        self.best_state: dict[int, dict] = {}
+        self.own_seconds = dict.fromkeys(ranks, 0.0)  # a rank's own evaluations and save
+        self.steps_at = dict.fromkeys(ranks, 0)
+        self.trainable: dict[int, int] = {}
+        self.b = ranks[-1]
+
+    def attached(self, peft_model, run: Run) -> None:
+        self.adapter = peft_model.active_adapter
+        self.layers = _lora_layers(peft_model, self.adapter)
+        self.trainable = _standalone_params(peft_model, self.layers, self.adapter, self.ranks)
+
+    def step(self, peft_model, step: int):
+        self.b = self.draw()
+        self.steps_at[self.b] += 1
+        return active_rank(peft_model, self.b, self.scale_for(self.b), self.adapter)
+
+    def optimizer_step(self, peft_model, optimizer) -> None:
+        held = _hold_inactive(self.layers, self.adapter, self.b)
+        optimizer.step()
+        _restore(held)
+
+    def evaluate(self, peft_model, run: Run, ctx: TrialContext) -> None:
+        """Evaluate every truncation; keep each rank's best checkpoint (its truncated state)."""
+        from peft import get_peft_model_state_dict
+
+        improved = []
+        for r in self.ranks:
+            t = time.perf_counter()
+            with active_rank(peft_model, r, self.scale_for(r)):
+                loss = validation_loss(peft_model, ctx, run.spec)
+            self.val_curves[r].append((run.step, loss))
+            if math.isfinite(loss) and (r not in self.best or loss < self.best[r][0]):
+                self.best[r] = (loss, run.step)
+                improved.append(r)
+            self.own_seconds[r] += time.perf_counter() - t
+        if improved:
+            full = get_peft_model_state_dict(peft_model)
+            for r in improved:
+                self.best_state[r] = truncate_state(full, r)
+
+    def save(self, peft_model, run: Run) -> None:
+        config = peft_model.peft_config[peft_model.active_adapter]
+        for r, best in self.best_state.items():
+            t = time.perf_counter()
+            save_truncated(best, r, nested_adapter_dir(run.spec, r), self.scale_for(r), config)
+            self.own_seconds[r] += time.perf_counter() - t
+        self.best_state.clear()
+
+    def results(self, run: Run) -> list[TrialResult]:
+        spec, r_max = run.spec, self.ranks[-1]
+        wall = run.wall_seconds
+        others = sum(s for r, s in self.own_seconds.items() if r != r_max)
+        shared = {
+            "nested": True,
+            "r_max": r_max,
+            "distribution": self.draw.distribution,
+            "rank_probability": {str(r): p for r, p in self.draw.probabilities.items()},
+            "shared_train_tokens": run.tokens,
+            "shared_wall_seconds": wall,
+        }
+        out = []
+        for r in self.ranks:
+            best = self.best.get(r)
+            status, reason = run.status, run.reason
+            if status == COMPLETE and best is None:
+                status, reason = FAILED, "no finite validation loss"
+            top = r == r_max
+            out.append(
+                trial_result(
+                    run,
+                    key=nested_key(r, spec.seed, spec.group),
+                    rank=r,
+                    status=status,
+                    reason=reason,
+                    lora_alpha=lora_alpha_for(self.scale_for(r), r, spec.lora.use_rslora),
+                    best_val_loss=best[0] if best else None,
+                    best_step=best[1] if best else None,
+                    val_curve=self.val_curves[r],
+                    trainable_params=self.trainable.get(r),
+                    train_tokens=run.tokens if top else 0,
+                    wall_seconds=wall - others if top else self.own_seconds[r],
+                    setup_seconds=(run.first_step_at - run.started_at)
+                    if top and run.first_step_at
+                    else 0.0,
+                    tokens_per_second=run.tokens / wall if top and run.tokens else None,
+                    extra={**shared, "steps_at_rank": self.steps_at[r]},
+                )
+            )
+        return out
 
 
 def _standalone_params(peft_model, layers: list, adapter: str, ranks: list[int]) -> dict[int, int]:
@@ -326,69 +393,6 @@ def _standalone_params(peft_model, layers: list, adapter: str, ranks: list[int])
     return {r: total - (ranks[-1] - r) * per_rank for r in ranks}
 
 
-def _evaluate_all(peft_model, state: _NestedRun, ctx: TrialContext, scale_for: ScaleFor) -> None:
-    """Evaluate every truncation; keep each rank's best checkpoint (its truncated state)."""
-    from peft import get_peft_model_state_dict
-
-    improved = []
-    for r in state.ranks:
-        t = time.perf_counter()
-        with active_rank(peft_model, r, scale_for(r)):
-            loss = _eval(peft_model, ctx, state.spec.train)
-        state.val_curves[r].append((state.step, loss))
-        if math.isfinite(loss) and (r not in state.best or loss < state.best[r][0]):
-            state.best[r] = (loss, state.step)
-            improved.append(r)
-        state.own_seconds[r] += time.perf_counter() - t
-    if improved:
-        full = get_peft_model_state_dict(peft_model)
-        for r in improved:
-            state.best_state[r] = truncate_state(full, r)
-
-
-def _fit_nested(
-    peft_model,
-    state: _NestedRun,
-    ctx: TrialContext,
-    scale_for: ScaleFor,
-    draw: RankSampler,
-    t0: float,
-    progress: Progress | None,
-) -> None:
-    """run_trial's loop (same batches, optimizer, schedule, clipping, evaluation points),
-    with a drawn active rank per optimizer step and every rank evaluated."""
-    tc = state.spec.train
-    adapter = peft_model.active_adapter
-    layers = _lora_layers(peft_model, adapter)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tc["warmup_steps"], tc["max_steps"]))
-    batches = _Batches(ctx.data.train_ids.shape[0], tc["batch_size"], state.spec.seed)
-    limit = tc.get("max_trial_time")
-    peft_model.train()
-    for step in range(1, tc["max_steps"] + 1):
-        b = draw()
-        with active_rank(peft_model, b, scale_for(b), adapter):
-            loss, tokens = _train_step(peft_model, batches, ctx.data, ctx.device, tc["grad_accum"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {step} (rank {b})")
-        torch.nn.utils.clip_grad_norm_(params, tc["max_grad_norm"])
-        held = _hold_inactive(layers, adapter, b)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        _restore(held)
-        state.record_step(step, b, loss, tokens)
-        over = limit is not None and time.perf_counter() - t0 > limit
-        if step % tc["eval_every"] == 0 or step == tc["max_steps"] or over:
-            _evaluate_all(peft_model, state, ctx, scale_for)
-        if progress:
-            progress(step, tc["max_steps"], loss)
-        if over and step < tc["max_steps"]:
-            state.time_limited = True
-            break
-
-
 def nested_adapter_dir(spec: TrialSpec, rank: int) -> Path | None:
     """Where rank ``rank``'s adapter goes: a sibling trial folder of ``spec.adapter_dir``,
     named after its key as the Study names trial folders (``/`` → ``_``)."""
@@ -396,14 +400,6 @@ def nested_adapter_dir(spec: TrialSpec, rank: int) -> Path | None:
         return None
     name = nested_key(rank, spec.seed, spec.group).replace("/", "_")
     return Path(spec.adapter_dir).parent.parent / name / "adapter"
-
-
-def _save_all(peft_model, state: _NestedRun, scale_for: ScaleFor) -> None:
-    config = peft_model.peft_config[peft_model.active_adapter]
-    for r, best in state.best_state.items():
-        t = time.perf_counter()
-        save_truncated(best, r, nested_adapter_dir(state.spec, r), scale_for(r), config)
-        state.own_seconds[r] += time.perf_counter() - t
 
 
 def run_nested(
@@ -416,92 +412,11 @@ def run_nested(
 ) -> list[TrialResult]:
     """Train one adapter at ``max(ranks)`` with nested ranks; one result per rank.
 
-    ``spec`` is the ``r_max`` trial's spec (``spec.lora['r'] == max(ranks)``); ``scale_for(r)``
+    ``spec`` is the ``r_max`` trial's spec (``spec.lora.r == max(ranks)``); ``scale_for(r)``
     is the alpha policy's LoRA scale of a rank-r adapter (fixed: alpha/r; rslora:
     alpha/sqrt(r); ratio: k). Each rank's best checkpoint is saved as a plain rank-r adapter
     in :func:`nested_adapter_dir`. A failure (OOM, NaN, error) fails every rank's record.
     """
     ranks = _check(spec, ranks, distribution)
-    t0 = time.perf_counter()
-    state = _NestedRun(spec, ranks)
     draw = RankSampler(ranks, distribution, seed=spec.seed + RANK_SEED_OFFSET)
-    peak = PeakMemory(ctx.device)
-    status, reason, peft_model = COMPLETE, "", None
-    try:
-        with peak:
-            peft_model = attach_adapter(ctx.model, spec)
-            layers = _lora_layers(peft_model, peft_model.active_adapter)
-            state.trainable = _standalone_params(
-                peft_model, layers, peft_model.active_adapter, ranks
-            )
-            _fit_nested(peft_model, state, ctx, scale_for, draw, t0, progress)
-            if spec.adapter_dir:
-                _save_all(peft_model, state, scale_for)
-    except Exception as exc:  # a failed run is a record, not the end of the search
-        status, reason = FAILED, failure_reason(exc, peak)
-    finally:
-        if peft_model is not None:
-            peft_model.unload()
-        state.best_state.clear()
-        gc.collect()
-        if ctx.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return _results(state, status, reason, peak.bytes, t0, scale_for, draw)
-
-
-def _results(
-    state: _NestedRun,
-    status: str,
-    reason: str,
-    peak_bytes: int,
-    t0: float,
-    scale_for: ScaleFor,
-    draw: RankSampler,
-) -> list[TrialResult]:
-    spec, r_max = state.spec, state.ranks[-1]
-    wall = time.perf_counter() - t0
-    span = (state.last_step_at - state.first_step_at) if state.first_step_at else None
-    step_seconds = span / (state.step - 1) if span and state.step > 1 else None
-    others = sum(s for r, s in state.own_seconds.items() if r != r_max)
-    shared = {
-        "nested": True,
-        "r_max": r_max,
-        "distribution": draw.distribution,
-        "rank_probability": {str(r): p for r, p in draw.probabilities.items()},
-        "shared_train_tokens": state.tokens,
-        "shared_wall_seconds": wall,
-    }
-    results = []
-    for r in state.ranks:
-        best = state.best.get(r)
-        st, why = status, reason
-        if st == COMPLETE and best is None:
-            st, why = FAILED, "no finite validation loss"
-        top = r == r_max
-        results.append(
-            TrialResult(
-                key=nested_key(r, spec.seed, spec.group),
-                rank=r,
-                seed=spec.seed,
-                status=st,
-                reason=why,
-                group=spec.group,
-                lora_alpha=lora_alpha_for(scale_for(r), r, bool(spec.lora.get("use_rslora"))),
-                best_val_loss=best[0] if best else None,
-                best_step=best[1] if best else None,
-                final_train_loss=state.train_curve[-1][1] if state.train_curve else None,
-                train_curve=list(state.train_curve),
-                val_curve=state.val_curves[r],
-                trainable_params=state.trainable.get(r),
-                steps=state.step,
-                train_tokens=state.tokens if top else 0,
-                wall_seconds=wall - others if top else state.own_seconds[r],
-                setup_seconds=(state.first_step_at - t0) if top and state.first_step_at else 0.0,
-                step_seconds=step_seconds,
-                tokens_per_second=state.tokens / wall if top and state.tokens else None,
-                peak_memory_bytes=int(peak_bytes) if peak_bytes else None,
-                time_limited=state.time_limited,
-                extra={**shared, "steps_at_rank": state.steps_at[r]},
-            )
-        )
-    return results
+    return run_lifecycle(spec, ctx, NestedHooks(ranks, scale_for, draw), progress)

@@ -83,7 +83,7 @@ class Progress:
             TimeRemainingColumn(),
         ]
         with Bar(*columns, console=self.console, transient=True) as bar:
-            task = bar.add_task(label, total=spec.train["max_steps"], loss="-")
+            task = bar.add_task(label, total=spec.train.max_steps, loss="-")
 
             def update(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, loss=f"{loss:.4f}")

@@ -2,6 +2,14 @@
 
 No torch here: the search core and the store use these, and a remote worker
 receives a :class:`TrialSpec` as JSON and sends back a :class:`TrialResult`.
+
+Example (a spec survives the round trip to JSON with its typed parts):
+    >>> spec = TrialSpec(key="r4-s0", rank=4, seed=0, lora=LoraSpec(r=4, lora_alpha=16),
+    ...                  train=TrainSpec(max_steps=10), model={"model": "smollm2"}, data_dir="d")
+    >>> TrialSpec.from_json(spec.to_json()) == spec
+    True
+    >>> TrialKind("nested").on_curve, TrialKind.CALIBRATION.on_curve
+    (True, False)
 """
 
 from __future__ import annotations
@@ -9,9 +17,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-__all__ = ["TrialSpec", "TrialResult", "COMPLETE", "FAILED", "SKIPPED", "OUT_OF_MEMORY"]
+__all__ = [
+    "TrialKind",
+    "LoraSpec",
+    "TrainSpec",
+    "TrialSpec",
+    "TrialResult",
+    "COMPLETE",
+    "FAILED",
+    "SKIPPED",
+    "OUT_OF_MEMORY",
+]
 
 COMPLETE = "complete"
 FAILED = "failed"
@@ -19,23 +38,89 @@ SKIPPED = "skipped"
 OUT_OF_MEMORY = "out of memory"
 
 
+class TrialKind(StrEnum):
+    """What a trial is for. Only ``main`` and ``nested`` trials make the rank curve."""
+
+    BASE = "base"  # the base model without an adapter: the "r=0" point
+    CALIBRATION = "calibration"  # a short run at a candidate learning rate
+    MAIN = "main"  # one rank of the rank curve
+    NESTED = "nested"  # one truncation of a nested-rank run (also the curve)
+    COTUNE = "cotune"  # dropout/alpha variants around the chosen rank
+    TARGETS = "targets"  # the ladder of another target set
+    PER_LAYER = "per-layer"  # a per-module rank pattern at the chosen rank
+    FINAL = "final"  # the ordinary trial after a nested curve
+
+    @property
+    def on_curve(self) -> bool:
+        return self in (TrialKind.MAIN, TrialKind.NESTED)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The keyword arguments of ``peft.LoraConfig`` a trial asks for (the rank included)."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_lora_weights: bool | str = True
+    use_dora: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """``LoraConfig(**spec.kwargs())`` builds exactly what was recorded."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> LoraSpec:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How one trial trains: identical for every rank of a search (see TrainConfig)."""
+
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 20
+    eval_batches: int | None = None
+    seed: int = 0
+    max_trial_time: float | None = None
+    autocast: str | None = None  # "bfloat16": autocast the forward/backward; weights stay fp32
+
+    def replace(self, **changes) -> TrainSpec:
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
 class TrialSpec:
-    """Everything one trial needs, as plain data.
-
-    ``lora`` holds the keyword arguments of ``peft.LoraConfig`` (with ``r``), so
-    what PEFT is asked to build is exactly what is recorded.
-    """
+    """Everything one trial needs, as plain data."""
 
     key: str
     rank: int
     seed: int
-    lora: dict[str, Any]
-    train: dict[str, Any]
+    lora: LoraSpec
+    train: TrainSpec
     model: dict[str, Any]
     data_dir: str
-    group: str = ""
+    kind: TrialKind = TrialKind.MAIN
+    group: str = ""  # the label of a variant (a learning rate, a target set, a co-tune setting)
     adapter_dir: str | None = None
+
+    def __post_init__(self):
+        # Plain dicts (from JSON, or written by hand) become the typed records.
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", TrainSpec(**self.train))
+        object.__setattr__(self, "kind", TrialKind(self.kind))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -43,6 +128,9 @@ class TrialSpec:
     @classmethod
     def from_json(cls, text: str) -> TrialSpec:
         return cls(**json.loads(text))
+
+    def replace(self, **changes) -> TrialSpec:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -54,6 +142,7 @@ class TrialResult:
     seed: int
     status: str
     reason: str = ""
+    kind: TrialKind = TrialKind.MAIN
     group: str = ""
     lora_alpha: float | None = None
     best_val_loss: float | None = None
@@ -73,9 +162,16 @@ class TrialResult:
     predicted: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "kind", TrialKind(self.kind))
+
     @property
     def ok(self) -> bool:
         return self.status == COMPLETE and self.best_val_loss is not None
+
+    @property
+    def on_curve(self) -> bool:
+        return self.kind.on_curve
 
     @property
     def out_of_memory(self) -> bool:

@@ -47,8 +47,9 @@ def make_tokenizer():
     return tok
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2):
-    """A randomly initialised causal LM of the given architecture ('llama' or 'gpt2')."""
+def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2, **config):
+    """A randomly initialised causal LM of the given architecture ('llama' or 'gpt2');
+    ``config`` overrides fields of its config (e.g. ``attention_bias=True``)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -65,6 +66,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int
             bos_token_id=2,
             eos_token_id=3,
             tie_word_embeddings=False,
+            **config,
         )
     elif arch == "gpt2":
         config = GPT2Config(
@@ -76,6 +78,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=3,
+            **config,
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")

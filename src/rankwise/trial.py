@@ -1,14 +1,26 @@
-"""One trial: attach a fresh LoRA adapter of one rank, train, evaluate, remove it.
+"""One trial lifecycle: attach a fresh adapter → train → evaluate → keep the best → detach.
 
 ``run_trial(spec) -> TrialResult`` is a function of a serialisable
 :class:`~rankwise.records.TrialSpec`; the loaded model and token blocks are a
 per-process cache (:class:`TrialContext`), so the same call works in-process (the
 search passes its context) or on a remote worker (which loads them from the spec).
+Every training run of rankwise goes through :func:`run_lifecycle`: ordinary trials,
+the nested-rank run (:mod:`rankwise.nested` plugs in through :class:`Hooks`) and the
+timing runs of ``estimate --calibrate``.
 
 Fairness: every rank sees the same token blocks in the same order (a generator
-seeded with ``spec.seed``), the same schedule, steps and evaluation points, and the
-adapter is initialised after ``torch.manual_seed(spec.seed)``. The base weights are
-never touched: PEFT's ``unload()`` removes the LoRA layers after every trial.
+seeded with ``spec.train.seed``), the same schedule, steps and evaluation points, and
+the adapter is initialised after ``torch.manual_seed(spec.seed)``.
+
+The base model is left exactly as it was (:func:`attached`): the modules PEFT wrapped
+are put back, and every base parameter the adapter made trainable (biases under
+``bias="all"|"lora_only"``, ``modules_to_save``) is restored bit for bit — also when
+injection or training fails half-way.
+
+The loss of an optimizer step is the sum of the token losses of its micro-batches
+divided by the number of loss tokens in all of them (transformers'
+``num_items_in_batch``), so ``grad_accum=2 × batch 4`` is the same update as ``batch 8``
+even when masks leave different numbers of loss tokens per micro-batch.
 """
 
 from __future__ import annotations
@@ -16,8 +28,9 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,9 +39,13 @@ from .resources import PeakMemory
 
 __all__ = [
     "TrialContext",
+    "Hooks",
+    "Run",
     "run_trial",
-    "evaluate",
+    "run_lifecycle",
+    "attached",
     "attach_adapter",
+    "evaluate",
     "lora_config",
     "failure_reason",
 ]
@@ -68,22 +85,258 @@ class TrialContext:
 _PROCESS_CACHE: dict = {}
 
 
-def lora_config(spec_lora: dict):
+def lora_config(spec: TrialSpec):
     from peft import LoraConfig
 
-    return LoraConfig(task_type="CAUSAL_LM", **spec_lora)
+    return LoraConfig(task_type="CAUSAL_LM", **spec.lora.kwargs())
 
 
-def attach_adapter(model, spec: TrialSpec):
-    """A fresh PEFT adapter on ``model`` (seeded init); returns the PeftModel."""
+def attach_adapter(model: torch.nn.Module, spec: TrialSpec):
+    """A fresh PEFT adapter on ``model`` (seeded init), left attached: for inspection and
+    tests. Trials use :func:`attached`, which also takes it off again."""
     from peft import get_peft_model
 
     torch.manual_seed(spec.seed)
-    return get_peft_model(model, lora_config(spec.lora))
+    return get_peft_model(model, lora_config(spec))
+
+
+# -- attach and detach, leaving the base exactly as it was -----------------------------------
+@contextmanager
+def attached(model: torch.nn.Module, spec: TrialSpec) -> Iterator:
+    """A fresh PEFT adapter on ``model`` (seeded init) for the duration of the block.
+
+    On exit, whatever happened inside (or inside ``get_peft_model``): every module PEFT
+    replaced is put back, every base parameter the adapter made trainable gets its
+    values and its ``requires_grad`` back, and ``model`` holds no PEFT state.
+    """
+    from peft import get_peft_model
+
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    grad_flags = {name: p.requires_grad for name, p in params.items()}
+    snapshot: dict[str, torch.Tensor] = {}
+    torch.manual_seed(spec.seed)
+    try:
+        peft_model = get_peft_model(model, lora_config(spec))
+        snapshot = {name: p.detach().clone() for name, p in params.items() if p.requires_grad}
+        yield peft_model
+    finally:
+        _put_back(model, modules)
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+        for name, p in params.items():
+            p.requires_grad_(grad_flags[name])
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+
+
+def _put_back(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+    """Re-seat every recorded module at its path (undoes PEFT's wrappers and LoRA layers)."""
+    for path, module in modules.items():
+        if not path:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = modules[parent_path] if parent_path else model
+        if parent._modules.get(name) is not module:
+            parent._modules[name] = module
+
+
+# -- the one training loop and its hooks ------------------------------------------------------
+@dataclass
+class Run:
+    """Mutable state of one training run (the lifecycle fills it; hooks read it)."""
+
+    spec: TrialSpec
+    train_curve: list[tuple[int, float]] = field(default_factory=list)
+    val_curve: list[tuple[int, float]] = field(default_factory=list)
+    best: tuple[float, int] | None = None
+    best_state: dict | None = None
+    tokens: int = 0
+    step: int = 0
+    trainable: int | None = None
+    time_limited: bool = False
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+    status: str = COMPLETE
+    reason: str = ""
+    peak_bytes: int | None = None
+
+    def record_eval(self, peft_model, loss: float) -> bool:
+        """Add a validation point; keep the adapter's state if it is the best so far."""
+        self.val_curve.append((self.step, loss))
+        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
+            self.best = (loss, self.step)
+            # The adapter delivered is the best checkpoint, so it reproduces the score.
+            self.best_state = trainable_state(peft_model)
+            return True
+        return False
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started_at
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Seconds per optimizer step, the first (warm-up) step not counted."""
+        if not self.first_step_at or self.step < 2:
+            return None
+        return (self.last_step_at - self.first_step_at) / (self.step - 1)
+
+
+def trainable_state(peft_model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in peft_model.named_parameters() if v.requires_grad}
+
+
+class Hooks:
+    """Where a variant of training plugs into the lifecycle; the defaults are a plain trial.
+
+    The nested-rank run (:mod:`rankwise.nested`) overrides them to draw a rank per step,
+    evaluate every truncation and save one adapter per rank.
+    """
+
+    def attached(self, peft_model, run: Run) -> None:
+        """Called once the adapter is on the model, before the first step."""
+
+    def step(self, peft_model, step: int):
+        """A context manager around one step's forward and backward passes."""
+        return nullcontext()
+
+    def optimizer_step(self, peft_model, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def evaluate(self, peft_model, run: Run, ctx: TrialContext) -> None:
+        run.record_eval(peft_model, validation_loss(peft_model, ctx, run.spec))
+
+    def save(self, peft_model, run: Run) -> None:
+        """Write the best checkpoint as a PEFT adapter folder."""
+        if run.best_state is None:
+            return
+        with torch.no_grad():
+            named = dict(peft_model.named_parameters())
+            for k, v in run.best_state.items():
+                named[k].copy_(v)
+        peft_model.save_pretrained(run.spec.adapter_dir)
+
+    def results(self, run: Run) -> list[TrialResult]:
+        return [trial_result(run)]
+
+
+def run_lifecycle(
+    spec: TrialSpec,
+    ctx: TrialContext,
+    hooks: Hooks | None = None,
+    progress: Progress | None = None,
+) -> list[TrialResult]:
+    """Attach → train → evaluate → keep the best → save → detach. Failures (OOM, NaN,
+    errors) become failed results; the base model is restored in every case."""
+    hooks = hooks or Hooks()
+    run = Run(spec)
+    peak = PeakMemory(ctx.device)
+    try:
+        with peak, attached(ctx.model, spec) as peft_model:
+            run.trainable = peft_model.get_nb_trainable_parameters()[0]
+            hooks.attached(peft_model, run)
+            _fit(peft_model, run, ctx, hooks, progress)
+            if spec.adapter_dir:
+                hooks.save(peft_model, run)
+    except Exception as exc:  # a failed trial is a record, not the end of the search
+        run.status, run.reason = FAILED, failure_reason(exc, peak)
+    finally:
+        run.best_state = None
+        if run.status != COMPLETE or ctx.device.startswith("cuda"):
+            # A full collection costs ~0.5 s with a model loaded; refcounting frees a normal
+            # trial's tensors, so collect only where memory must come back now.
+            gc.collect()
+        if ctx.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    run.peak_bytes = int(peak.bytes) if peak.bytes else None
+    return hooks.results(run)
+
+
+def run_trial(
+    spec: TrialSpec, ctx: TrialContext | None = None, progress: Progress | None = None
+) -> TrialResult:
+    """Train and evaluate one adapter (the plain lifecycle)."""
+    return run_lifecycle(spec, ctx or TrialContext.for_spec(spec), None, progress)[0]
+
+
+def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progress | None):
+    tc = run.spec.train
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tc.warmup_steps, tc.max_steps))
+    batches = _Batches(ctx.data.train_ids.shape[0], tc.batch_size, tc.seed)
+    peft_model.train()
+    for step in range(1, tc.max_steps + 1):
+        with hooks.step(peft_model, step):
+            loss, tokens = _train_step(peft_model, batches, ctx, tc)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {step}")
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        hooks.optimizer_step(peft_model, opt)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        run.step, run.tokens = step, run.tokens + tokens
+        run.train_curve.append((step, loss))
+        run.first_step_at = run.first_step_at or time.perf_counter()
+        run.last_step_at = time.perf_counter()
+        over = tc.max_trial_time is not None and run.wall_seconds > tc.max_trial_time
+        if step % tc.eval_every == 0 or step == tc.max_steps or over:
+            hooks.evaluate(peft_model, run, ctx)
+        if progress:
+            progress(step, tc.max_steps, loss)
+        if over and step < tc.max_steps:
+            run.time_limited = True
+            break
+
+
+def _autocast(device: str, dtype: str | None):
+    """bf16 autocast of the forward/backward (weights and optimizer state stay fp32)."""
+    if not dtype:
+        return nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def _token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over the loss tokens, number of loss tokens)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((target != -100).sum())
+
+
+def _train_step(model, batches: _Batches, ctx: TrialContext, tc) -> tuple[float, int]:
+    """Forward/backward over ``grad_accum`` micro-batches, weighted by loss tokens.
+
+    Returns (the step's mean loss per loss token, tokens processed)."""
+    data = ctx.data
+    micro = [batches.next() for _ in range(tc.grad_accum)]
+    n_loss = sum(int((data.train_labels[idx][:, 1:] != -100).sum()) for idx in micro)
+    total, tokens = 0.0, 0
+    for idx in micro:
+        x, y = data.train_ids[idx].to(ctx.device), data.train_labels[idx].to(ctx.device)
+        with _autocast(ctx.device, tc.autocast):
+            loss_sum, _ = _token_loss(model, x, y)
+        (loss_sum / max(n_loss, 1)).backward()
+        total += float(loss_sum.detach())
+        tokens += x.numel()
+    return total / max(n_loss, 1), tokens
 
 
 @torch.no_grad()
-def evaluate(model, ids, labels, batch_size: int, device: str, max_batches: int | None = None):
+def evaluate(
+    model,
+    ids,
+    labels,
+    batch_size: int,
+    device: str,
+    max_batches: int | None = None,
+    autocast: str | None = None,
+):
     """Token-weighted mean cross-entropy (nats/token) over the validation blocks."""
     was_training = model.training
     model.eval()
@@ -93,18 +346,21 @@ def evaluate(model, ids, labels, batch_size: int, device: str, max_batches: int 
             break
         x = ids[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target = y[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            target.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
+        with _autocast(device, autocast):
+            loss, n = _token_loss(model, x, y)
         total += float(loss)
-        count += int((target != -100).sum())
+        count += n
     model.train(was_training)
     return total / max(count, 1)
+
+
+def validation_loss(model, ctx: TrialContext, spec: TrialSpec) -> float:
+    """The validation loss a trial reports (the same blocks and batches for every rank)."""
+    tc = spec.train
+    d = ctx.data
+    return evaluate(
+        model, d.val_ids, d.val_labels, tc.batch_size, ctx.device, tc.eval_batches, tc.autocast
+    )
 
 
 class _Batches:
@@ -133,117 +389,6 @@ def _schedule(warmup: int, total: int):
     return factor
 
 
-def _train_step(model, batches, data, device, grad_accum) -> tuple[float, int]:
-    """Forward/backward over ``grad_accum`` micro-batches; returns (mean loss, tokens)."""
-    losses, tokens = [], 0
-    for _ in range(grad_accum):
-        idx = batches.next()
-        x, y = data.train_ids[idx].to(device), data.train_labels[idx].to(device)
-        loss = model(input_ids=x, labels=y).loss
-        (loss / grad_accum).backward()
-        losses.append(float(loss.detach()))
-        tokens += x.numel()
-    return sum(losses) / len(losses), tokens
-
-
-class _Run:
-    """Mutable state of one training run (kept out of run_trial to keep it short)."""
-
-    def __init__(self, spec: TrialSpec):
-        self.spec = spec
-        self.train_curve: list[tuple[int, float]] = []
-        self.val_curve: list[tuple[int, float]] = []
-        self.best: tuple[float, int] | None = None
-        self.best_state: dict | None = None
-        self.tokens = 0
-        self.step = 0
-        self.time_limited = False
-        self.first_step_at: float | None = None
-        self.last_step_at: float | None = None
-
-    def record_eval(self, peft_model, loss: float) -> None:
-        self.val_curve.append((self.step, loss))
-        if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
-            self.best = (loss, self.step)
-            # The adapter delivered is the best checkpoint, so it reproduces the score.
-            self.best_state = {
-                k: v.detach().clone() for k, v in peft_model.named_parameters() if v.requires_grad
-            }
-
-
-def _fit(peft_model, run: _Run, ctx: TrialContext, t0: float, progress: Progress | None):
-    tc = run.spec.train
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc["lr"], weight_decay=tc["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tc["warmup_steps"], tc["max_steps"]))
-    batches = _Batches(ctx.data.train_ids.shape[0], tc["batch_size"], run.spec.seed)
-    limit = tc.get("max_trial_time")
-    peft_model.train()
-    for step in range(1, tc["max_steps"] + 1):
-        loss, tokens = _train_step(peft_model, batches, ctx.data, ctx.device, tc["grad_accum"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {step}")
-        torch.nn.utils.clip_grad_norm_(params, tc["max_grad_norm"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        run.step, run.tokens = step, run.tokens + tokens
-        run.train_curve.append((step, loss))
-        run.first_step_at = run.first_step_at or time.perf_counter()
-        run.last_step_at = time.perf_counter()
-        over = limit is not None and time.perf_counter() - t0 > limit
-        if step % tc["eval_every"] == 0 or step == tc["max_steps"] or over:
-            run.record_eval(peft_model, _eval(peft_model, ctx, tc))
-        if progress:
-            progress(step, tc["max_steps"], loss)
-        if over and step < tc["max_steps"]:
-            run.time_limited = True
-            break
-
-
-def _eval(model, ctx: TrialContext, tc: dict) -> float:
-    return evaluate(
-        model,
-        ctx.data.val_ids,
-        ctx.data.val_labels,
-        tc["batch_size"],
-        ctx.device,
-        tc.get("eval_batches"),
-    )
-
-
-def run_trial(
-    spec: TrialSpec, ctx: TrialContext | None = None, progress: Progress | None = None
-) -> TrialResult:
-    """Train and evaluate one adapter. Failures (OOM, NaN, errors) become a failed result."""
-    ctx = ctx or TrialContext.for_spec(spec)
-    t0 = time.perf_counter()
-    run = _Run(spec)
-    peak = PeakMemory(ctx.device)
-    status, reason, trainable = COMPLETE, "", None
-    peft_model = None
-    try:
-        with peak:
-            peft_model = attach_adapter(ctx.model, spec)
-            trainable = peft_model.get_nb_trainable_parameters()[0]
-            _fit(peft_model, run, ctx, t0, progress)
-            if spec.adapter_dir and run.best_state is not None:
-                _save_best(peft_model, run, spec.adapter_dir)
-    except Exception as exc:  # a failed trial is a record, not the end of the search
-        status, reason = FAILED, failure_reason(exc, peak)
-    finally:
-        if peft_model is not None:
-            peft_model.unload()
-        run.best_state = None
-        if status != COMPLETE or ctx.device.startswith("cuda"):
-            # A full collection costs ~0.5 s with a model loaded; refcounting frees a normal
-            # trial's tensors, so collect only where memory must come back now.
-            gc.collect()
-        if ctx.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return _result(spec, run, status, reason, trainable, peak.bytes, t0)
-
-
 def failure_reason(exc: BaseException, peak: PeakMemory) -> str:
     """The recorded reason of a failed trial: out of memory, unstable, or the error."""
     if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
@@ -253,41 +398,35 @@ def failure_reason(exc: BaseException, peak: PeakMemory) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _save_best(peft_model, run: _Run, adapter_dir: str) -> None:
-    with torch.no_grad():
-        named = dict(peft_model.named_parameters())
-        for k, v in run.best_state.items():
-            named[k].copy_(v)
-    peft_model.save_pretrained(adapter_dir)
-
-
-def _result(spec, run: _Run, status, reason, trainable, peak_bytes, t0) -> TrialResult:
-    wall = time.perf_counter() - t0
-    train_span = (run.last_step_at - run.first_step_at) if run.first_step_at else None
-    steps_timed = run.step - 1 if run.step > 1 else 0
-    step_seconds = train_span / steps_timed if train_span and steps_timed else None
+def trial_result(run: Run, **changes) -> TrialResult:
+    """The record of a finished run (``changes`` override fields, e.g. for nested ranks)."""
+    spec = run.spec
+    status, reason = run.status, run.reason
     if status == COMPLETE and run.best is None:
         status, reason = FAILED, "no finite validation loss"
-    return TrialResult(
+    wall = run.wall_seconds
+    fields = dict(
         key=spec.key,
         rank=spec.rank,
         seed=spec.seed,
         status=status,
         reason=reason,
+        kind=spec.kind,
         group=spec.group,
-        lora_alpha=spec.lora.get("lora_alpha"),
+        lora_alpha=spec.lora.lora_alpha,
         best_val_loss=run.best[0] if run.best else None,
         best_step=run.best[1] if run.best else None,
         final_train_loss=run.train_curve[-1][1] if run.train_curve else None,
-        train_curve=run.train_curve,
-        val_curve=run.val_curve,
-        trainable_params=trainable,
+        train_curve=list(run.train_curve),
+        val_curve=list(run.val_curve),
+        trainable_params=run.trainable,
         steps=run.step,
         train_tokens=run.tokens,
         wall_seconds=wall,
-        setup_seconds=(run.first_step_at - t0) if run.first_step_at else 0.0,
-        step_seconds=step_seconds,
+        setup_seconds=(run.first_step_at - run.started_at) if run.first_step_at else 0.0,
+        step_seconds=run.step_seconds,
         tokens_per_second=run.tokens / wall if run.tokens else None,
-        peak_memory_bytes=int(peak_bytes) if peak_bytes else None,
+        peak_memory_bytes=run.peak_bytes,
         time_limited=run.time_limited,
     )
+    return TrialResult(**{**fields, **changes})

@@ -1,0 +1,205 @@
+"""The one trial lifecycle: the base model restored bit for bit whatever the adapter made
+trainable (and however the trial ended), token-weighted gradient accumulation, and
+numerical parity with a plain PyTorch + PEFT loop written here."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from rankwise.data import TokenData
+from rankwise.records import LoraSpec, TrainSpec, TrialSpec
+from rankwise.testing import tiny_model
+from rankwise.trial import Hooks, TrialContext, run_lifecycle, run_trial
+
+
+def digest(model) -> str:
+    """Names, values and requires_grad of every base parameter and buffer."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        h.update(f"{name}:{getattr(t, 'requires_grad', False)}".encode())
+        h.update(t.detach().cpu().numpy().tobytes())
+    h.update(repr([type(m).__name__ for m in model.modules()]).encode())
+    return h.hexdigest()
+
+
+def masked_blocks(n: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt/completion-like blocks: a random-length prompt is masked (-100) in each
+    block, so micro-batches hold different numbers of loss tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 100, (n, seq), generator=g)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, : int(torch.randint(1, seq - 2, (1,), generator=g))] = -100
+    return ids, labels
+
+
+def context(model) -> TrialContext:
+    tr, trl = masked_blocks(32, 16, 0)
+    va, val = masked_blocks(8, 16, 1)
+    return TrialContext(model.requires_grad_(False), None, "cpu", TokenData(tr, trl, va, val, {}))
+
+
+MODELS = {
+    "gpt2": lambda: tiny_model("gpt2"),  # Conv1D layers with biases
+    "llama-bias": lambda: tiny_model("llama", attention_bias=True, mlp_bias=True),
+    "llama": lambda: tiny_model("llama"),
+}
+TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama-bias": ["q_proj", "up_proj"], "llama": ["q_proj"]}
+
+
+def spec(arch, rank=4, bias="none", key="t", **train) -> TrialSpec:
+    return TrialSpec(
+        key=key,
+        rank=rank,
+        seed=0,
+        lora=LoraSpec(r=rank, lora_alpha=8, target_modules=TARGETS[arch], bias=bias),
+        train=TrainSpec(
+            **{"max_steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "eval_every": 2}
+            | train
+        ),
+        model={},
+        data_dir="",
+    )
+
+
+class FailAt(Hooks):
+    """Raises in the middle of training, after the optimizer has moved everything."""
+
+    def __init__(self, step: int):
+        self.at = step
+
+    def step(self, peft_model, step):
+        if step == self.at:
+            raise RuntimeError("boom")
+        return super().step(peft_model, step)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_base_is_bit_identical_after_trials(arch, bias):
+    ctx = context(MODELS[arch]())
+    before = digest(ctx.model)
+    first = run_trial(spec(arch, 2, bias), ctx)
+    assert first.ok and digest(ctx.model) == before
+    failed = run_lifecycle(spec(arch, 4, bias), ctx, FailAt(3))[0]
+    assert failed.status == "failed" and "boom" in failed.reason
+    assert digest(ctx.model) == before
+    # A trial run alone scores what it scores after any number of other trials.
+    alone = run_trial(spec(arch, 2, bias), context(MODELS[arch]()))
+    assert run_trial(spec(arch, 2, bias), ctx).best_val_loss == alone.best_val_loss
+    assert first.best_val_loss == alone.best_val_loss
+
+
+def test_trainable_biases_do_move_during_training():
+    """The check above can fail: under bias='all' training really changes base biases."""
+    ctx = context(MODELS["gpt2"]())
+    bias = ctx.model.transformer.h[0].attn.c_attn.bias
+    before = bias.detach().clone()
+    seen = {}
+
+    class Peek(Hooks):
+        def evaluate(self, peft_model, run, c):
+            seen["moved"] = not torch.equal(bias, before)
+            super().evaluate(peft_model, run, c)
+
+    run_lifecycle(spec("gpt2", 2, "all"), ctx, Peek())
+    assert seen["moved"] and torch.equal(bias, before)
+
+
+def test_injection_that_fails_leaves_the_base_alone():
+    ctx = context(MODELS["llama"]())
+    before = digest(ctx.model)
+    bad = spec("llama").replace(lora=LoraSpec(r=4, lora_alpha=8, target_modules=["nope"]))
+    r = run_trial(bad, ctx)
+    assert r.status == "failed" and "nope" in r.reason
+    assert digest(ctx.model) == before and not hasattr(ctx.model, "peft_config")
+
+
+def test_modules_to_save_are_restored():
+    """PEFT swaps a trained copy in for a modules_to_save module on unload; the lifecycle
+    puts the original back."""
+    from rankwise import trial
+
+    ctx = context(MODELS["llama"]())
+    before = digest(ctx.model)
+    original = trial.lora_config
+
+    def with_head(s):
+        cfg = original(s)
+        cfg.modules_to_save = ["lm_head"]
+        return cfg
+
+    trial.lora_config = with_head
+    try:
+        r = run_trial(spec("llama"), ctx)
+    finally:
+        trial.lora_config = original
+    assert r.ok and r.trainable_params > 128 * 64  # the head copy trained
+    assert digest(ctx.model) == before
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_grad_accum_is_token_weighted(arch):
+    """grad_accum=2 x batch 4 is the same optimizer step as batch 8 on masked data (GPT-2's
+    dropout off: it would draw different masks for one batch of 8 than for two of 4)."""
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    ctx = context(tiny_model(arch, **(no_dropout if arch == "gpt2" else {})))
+    masks = ctx.data.train_labels[:, 1:] != -100
+    assert len(set(masks.sum(1).tolist())) > 3  # micro-batches really differ in loss tokens
+    whole = run_trial(spec(arch, batch_size=8, grad_accum=1), ctx)
+    split = run_trial(spec(arch, batch_size=4, grad_accum=2), ctx)
+    for (s1, a), (s2, b) in zip(whole.train_curve, split.train_curve, strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert whole.best_val_loss == pytest.approx(split.best_val_loss, rel=1e-5)
+
+
+def test_numerical_parity_with_a_plain_peft_loop():
+    """The trial against a loop written here from PyTorch and PEFT alone: same blocks, order,
+    schedule, clipping and seed give the same per-step losses and validation loss."""
+    from peft import LoraConfig, get_peft_model
+
+    s = spec("llama", rank=4, max_steps=6, eval_every=6, warmup_steps=2, batch_size=4)
+    mine = run_trial(s, context(MODELS["llama"]()))
+
+    ctx = context(MODELS["llama"]())
+    d, tc = ctx.data, s.train
+    torch.manual_seed(s.seed)
+    model = get_peft_model(
+        ctx.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(tc.seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in range(1, tc.max_steps + 1):
+        while len(order) < tc.batch_size:
+            order += torch.randperm(d.train_ids.shape[0], generator=g).tolist()
+        idx, order = torch.tensor(order[: tc.batch_size]), order[tc.batch_size :]
+        lr_factor = (
+            step / (tc.warmup_steps + 1)
+            if step - 1 < tc.warmup_steps
+            else (tc.max_steps - step + 1) / (tc.max_steps - tc.warmup_steps)
+        )
+        for group in opt.param_groups:
+            group["lr"] = tc.lr * lr_factor
+        out = model(input_ids=d.train_ids[idx], labels=d.train_labels[idx])  # HF's own loss
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss))
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=d.val_ids, labels=d.val_labels)
+    n = int((d.val_labels[:, 1:] != -100).sum())
+    # HF's loss is the token mean over the whole batch: the same token weighting.
+    val = float(out.loss)
+    assert [loss for _, loss in mine.train_curve] == pytest.approx(losses, rel=1e-5)
+    assert mine.best_val_loss == pytest.approx(val, rel=1e-6)
+    assert mine.best_step == tc.max_steps and n > 0 and math.isfinite(val)
