@@ -36,7 +36,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -54,7 +53,7 @@ import planted  # noqa: E402
 import search_efficiency as se  # noqa: E402
 
 from rankwise import search  # noqa: E402
-from rankwise.config import GROUPS, Options  # noqa: E402
+from rankwise.config import Options  # noqa: E402
 from rankwise.records import COMPLETE  # noqa: E402
 from rankwise.search import rank_scores, recommend  # noqa: E402
 from rankwise.store import RunStore  # noqa: E402
@@ -79,27 +78,12 @@ def task_options(name: str, smoke: bool = False) -> dict:
     return se.planted_options(k, PLANTED_ARGS)
 
 
-def _full_identity(opts: Options) -> dict:
-    """Every option that determines results, defaults included (JSON-normalised)."""
-    out = {}
-    for group, klass in GROUPS.items():
-        for f in dataclasses.fields(klass):
-            if f.metadata.get("identity", True):
-                out[f.name] = getattr(getattr(opts, group), f.name)
-    return json.loads(json.dumps(out, sort_keys=True))
-
-
 def identity_diff(stored: dict, opts: Options) -> list[str]:
-    """Options whose stored value differs from ``opts``'s. An option absent from the stored
-    identity (not recorded: a default, or added to rankwise after that run) counts as its
-    default value."""
-    defaults = _full_identity(Options.from_flat({}))
-    old, new = {**defaults, **stored}, _full_identity(opts)
-    return [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
+    """Options whose stored value differs from ``opts``'s (the data fingerprint aside: the
+    same options make the same token blocks)."""
+    from rankwise.store import identity_diff as diff
+
+    return diff({k: v for k, v in stored.items() if k != "data_sha256"}, opts.identity())
 
 
 def _complete_grid(run_dir: Path, flat: dict, ranks: list[int]) -> tuple[str, list | None]:
@@ -169,8 +153,8 @@ def _finished_nested(run_dir: Path, flat: dict, ranks: list[int], final: bool):
         results = store.results()
     finally:
         store.close()
-    records = [t for t in results if t.extra.get("nested") and not t.group]
-    finals = [t for t in results if t.group == "final"]
+    records = [t for t in results if t.kind == "nested"]
+    finals = [t for t in results if t.kind == "final"]
     if sorted(t.rank for t in records) != sorted(ranks) or (final and not finals):
         return None
     return records, (finals[0] if finals else None), json.loads(doc_path.read_text())

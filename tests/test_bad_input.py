@@ -95,8 +95,63 @@ def test_model_that_cannot_be_loaded_offline(tmp_path, text_jsonl, capsys):
     check_error(
         capsys,
         search_argv("nobody/no-such-model", text_jsonl, out),
-        "--model: cannot load 'nobody/no-such-model'",
+        "--model: nobody/no-such-model: cannot load",
     )
+    assert not out.exists()
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+MODEL_CASES = {
+    "fake gguf": (
+        lambda p, m: (p / "fake.gguf", (p / "fake.gguf").write_bytes(b"not a gguf file" * 10))[0],
+        ["fake.gguf is not a GGUF file"],
+    ),
+    "truncated safetensors": (
+        lambda p, m: _truncate(_copy_model(m, p / "trunc") / "model.safetensors"),
+        ["--model:", "trunc", "cannot load the model"],
+    ),
+    "unknown architecture": (
+        lambda p, m: _edit_config(_copy_model(m, p / "arch"), model_type="no-such-arch"),
+        ["--model:", "arch", "cannot load"],
+    ),
+    "missing tokenizer": (
+        lambda p, m: _drop_tokenizer(_copy_model(m, p / "notok")),
+        ["--model:", "notok", "cannot load its tokenizer"],
+    ),
+}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path.parent
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return d
+
+
+def _drop_tokenizer(d):
+    for f in d.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            f.unlink()
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_model_that_cannot_be_loaded(case, tmp_path, llama_dir, text_jsonl, capsys):
+    make, fragments = MODEL_CASES[case]
+    model = make(tmp_path, llama_dir)
+    out = tmp_path / "run"
+    check_error(capsys, search_argv(model, text_jsonl, out), *fragments)
     assert not out.exists()
 
 

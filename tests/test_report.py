@@ -133,7 +133,9 @@ def write_recommendation(run_dir: Path, store: RunStore, model: str, name: str) 
 
     scores = rank_scores(store.results())
     rec = recommend(scores, 0.01, stop_reason="plateau")
-    lora = {**store.spec(f"r{rec.rank}-s0").lora, "task_type": "CAUSAL_LM"} if rec.rank else None
+    lora = (
+        {**store.spec(f"r{rec.rank}-s0").lora.kwargs(), "task_type": "CAUSAL_LM"} if rec.rank else None
+    )
     (run_dir / "recommendation.json").write_text(
         json.dumps(
             {
@@ -199,7 +201,7 @@ CASES = {
     ),
     "empty-running": lambda root: make_run(root, [], running=((4, 0),), recommendation=False),
     "nested": lambda root: make_run(
-        root, [result(r, extra={"nested": True}) for r in (1, 2, 4, 8)]
+        root, [result(r, kind="nested", extra={"nested": True}) for r in (1, 2, 4, 8)]
     ),
 }
 

@@ -14,7 +14,7 @@ def spec(rank, seed=0):
         key=f"r{rank}-s{seed}",
         rank=rank,
         seed=seed,
-        lora={"r": rank},
+        lora={"r": rank, "lora_alpha": 16},
         train={"max_steps": 3},
         model={"model": "m"},
         data_dir="d",
@@ -83,12 +83,15 @@ def test_readonly_missing_run(tmp_path):
         RunStore(tmp_path / "nope", readonly=True)
 
 
-def test_identity_defaults_fill_missing_keys(tmp_path):
-    """A run made when every option was listed resumes under a version listing non-defaults."""
+def test_a_changed_default_is_a_difference(tmp_path):
+    """The whole resolved configuration is stored: an option a later version adds or whose
+    default changed is refused like any other edit, so trials never mix settings."""
     store = RunStore(tmp_path)
     store.claim({"lr": 1, "alpha_policy": "fixed"})
     store.finish(result(4), spec(4))
-    assert store.claim({"lr": 1}, defaults={"alpha_policy": "fixed"}) is False
-    assert len(store.results()) == 1
+    assert store.claim({"lr": 1, "alpha_policy": "fixed"}) is False
+    with pytest.raises(ConfigError, match="alpha_policy: 'fixed' -> None"):
+        store.claim({"lr": 1})
     with pytest.raises(ConfigError, match="alpha_policy: 'fixed' -> 'ratio'"):
-        store.claim({"lr": 1, "alpha_policy": "ratio"}, defaults={"alpha_policy": "fixed"})
+        store.claim({"lr": 1, "alpha_policy": "ratio"})
+    assert len(store.results()) == 1

@@ -46,6 +46,7 @@ def test_what_is_logged():
         "use_rslora": False,
         "lr": 2e-4,
         "max_steps": 30,
+        "kind": "main",
     }
     assert trial_params(result(lora_alpha=None), None)["rank"] == 8
     assert trial_metrics(result())["best_val_loss"] == 2.5

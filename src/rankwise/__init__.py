@@ -1,8 +1,8 @@
 """rankwise: choose the LoRA rank for a model and data, with the evidence.
 
 >>> import rankwise
->>> sorted(rankwise.__all__)[:3]
-['Options', 'SearchResult', 'search']
+>>> sorted(rankwise.__all__)
+['Options', 'SearchResult', 'estimate', 'search']
 """
 
 from .config import Options

@@ -1,15 +1,17 @@
 """After the rank curve: co-tuning dropout/alpha around the choice, and comparing target sets.
 
-Both run ordinary trials under a group (see :class:`~rankwise.study.Variant`), so they are
-stored, resumable and listed like any other trial, and both may change the answer — which
-they then say in words, with the numbers.
+Both run ordinary trials of their own kind and group (see :class:`~rankwise.runner.Variant`),
+so they are stored, resumable and listed like any other trial, and both may change the
+answer — which they then say in words, with the numbers. They run trials through a
+:class:`~rankwise.runner.TrialRunner`; the loop that drives a ladder is passed in.
 """
 
 from __future__ import annotations
 
 from .config import ConfigError
-from .records import TrialResult
-from .search import Ladder, Recommendation, beats, rank_scores
+from .records import TrialKind, TrialResult
+from .runner import Variant
+from .search import Recommendation, beats, rank_scores
 
 __all__ = ["cotune", "compare_targets", "target_set"]
 
@@ -18,23 +20,21 @@ ALPHA_RATIOS = (1, 2, 4)
 
 
 # -- co-tuning --------------------------------------------------------------------------------
-def _tune_variants(study, rank: int):
-    """(label, lora overrides) for the one-factor-at-a-time grid at ``rank``."""
-    from .study import Variant
-
-    lo, out = study.opts.lora, []
-    if "dropout" in study.opts.search.tune:
+def _tune_variants(runner, rank: int):
+    """(label, variant) for the one-factor-at-a-time grid at ``rank``."""
+    lo, out = runner.opts.lora, []
+    if "dropout" in runner.opts.search.tune:
         out += [(f"dropout={d:g}", (("lora_dropout", d),)) for d in DROPOUTS if d != lo.dropout]
-    if "alpha" in study.opts.search.tune:
+    if "alpha" in runner.opts.search.tune:
         out += [
             (f"alpha={k}r", (("lora_alpha", float(k * rank)), ("use_rslora", False)))
             for k in ALPHA_RATIOS
         ]
         out.append((f"rslora alpha={lo.alpha:g}", (("lora_alpha", lo.alpha), ("use_rslora", True))))
-    return [(label, Variant(group=f"tune:{label}", lora=lora)) for label, lora in out]
+    return [(label, Variant(TrialKind.COTUNE, f"tune:{label}", lora=lora)) for label, lora in out]
 
 
-def cotune(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
+def cotune(runner, rec: Recommendation, lora: dict, source: list[TrialResult]):
     """A small grid around the chosen rank (and the next one up). Returns
     (section, recommendation, lora_config, results holding the delivered adapter)."""
     tried = sorted({r.rank for r in source if r.ok})
@@ -50,8 +50,8 @@ def cotune(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
                 "key": base.key,
             }
         )
-        for label, variant in _tune_variants(study, rank):
-            r = study.run_one(rank, 0, variant)
+        for label, variant in _tune_variants(runner, rank):
+            r = runner.run(rank, 0, variant)
             results.append(r)
             rows.append(
                 {
@@ -67,7 +67,7 @@ def cotune(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
     current = next(
         row for row in rows if row["rank"] == rec.rank and row["variant"] == "as searched"
     )
-    tol = study.opts.search.tolerance
+    tol = runner.opts.search.tolerance
     gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
     if best is current or gain < tol:
         verdict = (
@@ -76,10 +76,10 @@ def cotune(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
             f"r={rec.rank} as searched ({current['best_val_loss']:.4f})"
         )
         return {"rows": rows, "verdict": verdict, "changed": False}, rec, lora, source
-    overrides = dict(
-        next(v for lab, v in _tune_variants(study, best["rank"]) if lab == best["variant"]).lora
-    )
-    lora = {**study.lora_kwargs(best["rank"]), **overrides, "task_type": "CAUSAL_LM"}
+    overrides = next(
+        v for lab, v in _tune_variants(runner, best["rank"]) if lab == best["variant"]
+    ).lora
+    lora = runner.lora_config(best["rank"], overrides=overrides)
     verdict = (
         f"co-tuning changes the choice: r={best['rank']} with {best['variant']} reaches "
         f"{best['best_val_loss']:.4f}, {gain:.1%} below r={rec.rank} as searched "
@@ -103,11 +103,11 @@ _ATTENTION = ("attn", "attention")
 _MLP = ("mlp", "feed_forward", "ffn")
 
 
-def target_set(study, name: str) -> list[str]:
+def target_set(runner, name: str) -> list[str]:
     """``target_modules`` of a named or explicit set, checked against the model."""
     from .models import check_targets, linear_module_names
 
-    model = study.ctx.model
+    model = runner.ctx.model
     if name in ("attention", "mlp"):
         keys = _ATTENTION if name == "attention" else _MLP
         names = [
@@ -120,25 +120,16 @@ def target_set(study, name: str) -> list[str]:
         targets = sorted({n.rsplit(".", 1)[-1] for n in names})
     else:
         targets = [t for t in name.split("+") if t]
-    check_targets(model, targets, study.ranks)
+    check_targets(model, targets, runner.ranks)
     return targets
 
 
-def _ladder_for(study, name: str):
-    from .study import Variant
-
-    targets = target_set(study, name)
-    s = study.opts.search
+def _ladder_for(runner, make_ladder, drive, name: str):
+    targets = target_set(runner, name)
     peft_targets = "all-linear" if targets == ["all-linear"] else targets
-    variant = Variant(group=f"targets={name}", lora=(("target_modules", peft_targets),))
-    ladder = Ladder(
-        ranks=study.ranks,
-        start_rank=study.start_rank,
-        tolerance=s.tolerance,
-        patience=s.patience,
-        seeds=s.seeds,
-    )
-    study.drive(ladder, variant)
+    lora = (("target_modules", peft_targets),)
+    ladder = make_ladder()
+    drive(ladder, Variant(TrialKind.TARGETS, f"targets={name}", lora=lora))
     return targets, ladder
 
 
@@ -147,13 +138,16 @@ def _params(results: list[TrialResult], rank: int) -> int:
     return next(t.trainable_params for t in results if t.rank == rank and t.ok)
 
 
-def compare_targets(study, rec: Recommendation, lora: dict, source: list[TrialResult]):
-    """A ladder per target set; the answer is the fewest trainable parameters whose loss the
-    overall best does not beat (by tolerance and noise)."""
-    tol = study.opts.search.tolerance
+def compare_targets(
+    runner, make_ladder, drive, rec: Recommendation, lora: dict, source: list[TrialResult]
+):
+    """A ladder per target set (``make_ladder()`` builds one, ``drive(ladder, variant)`` runs
+    it); the answer is the fewest trainable parameters whose loss the overall best does not
+    beat (by the criterion and the noise)."""
+    tol = runner.opts.search.tolerance
     sets = {"as searched": (lora["target_modules"], source)}
-    for name in study.opts.search.compare_targets:
-        targets, ladder = _ladder_for(study, name)
+    for name in runner.opts.search.compare_targets:
+        targets, ladder = _ladder_for(runner, make_ladder, drive, name)
         sets[name] = (targets, ladder.results)
     points = []  # (params, score, set name)
     for name, (_, results) in sets.items():
@@ -176,7 +170,7 @@ def compare_targets(study, rec: Recommendation, lora: dict, source: list[TrialRe
     if name == "as searched":
         return section, rec, lora, source
     targets, results = sets[name]
-    lora = {**study.lora_kwargs(score.rank, targets), "task_type": "CAUSAL_LM"}
+    lora = runner.lora_config(score.rank, targets)
     rec = Recommendation(
         score.rank,
         score.mean,

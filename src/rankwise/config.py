@@ -586,27 +586,15 @@ class Options:
     def to_flat(self) -> dict[str, Any]:
         return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
 
-    @staticmethod
-    def identity_defaults() -> dict[str, Any]:
-        """Every option that determines results, at its default."""
+    def identity(self) -> dict[str, Any]:
+        """Every option that determines results, defaults included, as resolved now.
+
+        A resumed run must match it exactly: a default that changed between versions is a
+        difference like any other (the run directory also stores a fingerprint of the data).
+        """
         return {
-            f.name: getattr(klass(), f.name)
-            for klass in GROUPS.values()
+            f.name: getattr(getattr(self, g), f.name)
+            for g, klass in GROUPS.items()
             for f in dataclasses.fields(klass)
             if f.metadata.get("identity", True)
         }
-
-    def identity(self) -> dict[str, Any]:
-        """The options that determine results; a resumed run must match them.
-
-        Only values that differ from the defaults are listed, so a run directory stays
-        resumable when a later version adds an option (with a default that keeps behaviour).
-        """
-        defaults = {g: klass() for g, klass in GROUPS.items()}
-        out = {}
-        for g, klass in GROUPS.items():
-            for f in dataclasses.fields(klass):
-                value = getattr(getattr(self, g), f.name)
-                if f.metadata.get("identity", True) and value != getattr(defaults[g], f.name):
-                    out[f.name] = value
-        return out

@@ -117,12 +117,19 @@ def _load_gguf(source: ModelSource, trust_remote_code: bool):
 
     cache = _gguf_cache_dir(source)
     if not (cache / "model.safetensors").exists() and not (cache / "config.json").exists():
-        quantized = AutoModelForCausalLM.from_pretrained(
-            source.path,
-            gguf_file=source.gguf_file,
-            dtype=torch.float32,
-            trust_remote_code=trust_remote_code,
-        )
+        file = Path(source.path) / source.gguf_file
+        with open(file, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ConfigError(f"--model: {file} is not a GGUF file (no GGUF magic bytes)")
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(
+                source.path,
+                gguf_file=source.gguf_file,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+            )
+        except Exception as exc:  # transformers raises many kinds for a bad GGUF
+            raise ConfigError(f"--model: cannot read GGUF file {file} ({_first_line(exc)})") from exc
         config = quantized.config
         config.quantization_config = None
         if hasattr(config, "quantization_config"):
@@ -160,16 +167,22 @@ def load_model(cfg: ModelConfig):
     dtype = pick_dtype(cfg.dtype, device)
     path = _load_gguf(source, cfg.trust_remote_code) if source.gguf_file else source.path
     offline = {} if source.is_local else {"local_files_only": _offline()}
+    # transformers raises many kinds for a model it cannot load (truncated safetensors,
+    # an unknown architecture, a missing tokenizer): each becomes one line naming the source.
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=cfg.trust_remote_code, **offline
         )
+    except Exception as exc:
+        raise ConfigError(
+            f"--model: {cfg.model}: cannot load its tokenizer ({_first_line(exc)})"
+        ) from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **offline
         )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--model: cannot load {cfg.model!r} ({first})") from exc
+    except Exception as exc:
+        raise ConfigError(f"--model: {cfg.model}: cannot load the model ({_first_line(exc)})") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
@@ -177,6 +190,11 @@ def load_model(cfg: ModelConfig):
     model.eval()
     torch.set_grad_enabled(True)
     return model, tokenizer, device
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _offline() -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .records import COMPLETE, FAILED, SKIPPED
+from .records import COMPLETE, FAILED, SKIPPED, TrialKind
 from .search import RankScore
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
             alpha=0.4,
             label="one seed",
         )
-    if nested := [r for r in done if r.extra.get("nested")]:
+    if nested := [r for r in done if r.kind == TrialKind.NESTED]:
         ax.plot(
             [r.rank for r in nested],
             [r.best_val_loss for r in nested],
@@ -270,7 +270,7 @@ def curves_figure(view: RunView) -> Any:
             "color": cmap(norm(r.rank)),
             "lw": 1.3,
             "alpha": 0.85,
-            "ls": "--" if r.extra.get("nested") else "-",
+            "ls": "--" if r.kind == TrialKind.NESTED else "-",
         }
         for ax, curve, marker in ((axes[0], r.train_curve, ""), (axes[1], r.val_curve, "o")):
             if curve:

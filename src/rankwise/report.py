@@ -32,7 +32,7 @@ from typing import Any
 
 from .config import DEFAULT_RANKS, ConfigError, format_bytes
 from .plots import cost_figure, curves_figure, loss_figure, pareto_figure
-from .records import COMPLETE, FAILED, SKIPPED, TrialResult
+from .records import COMPLETE, FAILED, SKIPPED, TrialKind, TrialResult
 from .search import RankScore, rank_scores, recommend
 from .store import RunStore
 
@@ -86,8 +86,8 @@ class RunView:
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the data loader recorded: format, record and block counts, seq_len."""
     side: list[TrialResult] = dataclasses.field(default_factory=list)
-    """Trials outside the rank curve (a group: learning-rate calibration, co-tuning, the
-    final trial of a nested search, other target sets): listed, not pooled into scores."""
+    """Trials outside the rank curve (learning-rate calibration, co-tuning, the final trial
+    of a nested search, other target sets): listed, not pooled into scores."""
 
     @property
     def model(self) -> str:
@@ -119,8 +119,8 @@ def load_run(run_dir: str | Path) -> RunView:
         options = store.get_meta("options") or {}
         name = store.get_meta("name") or options.get("name") or run_dir.name
         everything, running = store.results(), store.running()
-        results = [r for r in everything if not r.group]
-        side = [r for r in everything if r.group]
+        results = [r for r in everything if r.on_curve]
+        side = [r for r in everything if not r.on_curve]
         data = store.get_meta("data") or {}
         final = _read_recommendation(run_dir)
         if final is None:
@@ -171,7 +171,7 @@ def _provisional(
     lora: dict[str, Any] = {}
     key = next((r.key for r in results if r.ok and r.rank == rec["rank"]), None)
     if key is not None and (spec := store.spec(key)) is not None:
-        lora = dict(spec.lora)
+        lora = spec.lora.kwargs()
     return {
         **rec,
         "tolerance": tolerance,
@@ -201,7 +201,7 @@ def _note(r: TrialResult) -> str:
         parts.append(diagnosis)
     if r.time_limited:
         parts.append("stopped by the time limit")
-    if r.extra.get("nested"):
+    if r.kind == TrialKind.NESTED:
         parts.append("nested-rank training (one run, truncated)")
     return "; ".join(parts)
 

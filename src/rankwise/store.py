@@ -18,7 +18,7 @@ from typing import Any
 from .config import ConfigError
 from .records import TrialResult, TrialSpec
 
-__all__ = ["RunStore", "STORE_FILE"]
+__all__ = ["RunStore", "STORE_FILE", "identity_diff", "raise_if_different"]
 
 STORE_FILE = "trials.sqlite"
 
@@ -79,42 +79,16 @@ class RunStore:
                 (key, json.dumps(value, sort_keys=True)),
             )
 
-    @staticmethod
-    def check_identity(
-        run_dir, stored: dict[str, Any], identity: dict[str, Any], defaults: dict | None = None
-    ) -> None:
-        """Raise ConfigError listing what differs between a stored and a new configuration.
-
-        ``defaults`` fill keys missing on either side (an option one side did not list)."""
-        stored, new = _filled(stored, identity, defaults)
-        if stored == new:
-            return
-        diffs = [
-            f"{k}: {stored.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(stored) | set(new))
-            if stored.get(k) != new.get(k)
-        ]
-        raise ConfigError(
-            f"{run_dir} holds a run with a different configuration ("
-            + "; ".join(diffs)
-            + "); use another --out, or --force to start it over"
-        )
-
-    def claim(
-        self, identity: dict[str, Any], force: bool = False, defaults: dict | None = None
-    ) -> bool:
+    def claim(self, identity: dict[str, Any], force: bool = False) -> bool:
         """Bind this directory to a configuration; refuse a different one unless ``force``.
 
         Returns True when a different run's trials were discarded (``force``).
         """
         stored = self.get_meta("identity")
-        reset = (
-            stored is not None
-            and _filled(stored, identity, defaults)[0] != _filled(stored, identity, defaults)[1]
-        )
+        reset = stored is not None and bool(identity_diff(stored, identity))
         if reset:
             if not force:
-                self.check_identity(self.dir, stored, identity, defaults)
+                raise_if_different(self.dir, stored, identity)
             with self.db:
                 self.db.execute("DELETE FROM trials")
         self.set_meta("identity", identity)
@@ -191,9 +165,26 @@ class RunStore:
         return TrialSpec.from_json(row["spec"]) if row and row["spec"] != "{}" else None
 
 
-def _filled(stored: dict, identity: dict, defaults: dict | None) -> tuple[dict, dict]:
-    base = _jsonable(defaults or {})
-    return {**base, **stored}, {**base, **_jsonable(identity)}
+def identity_diff(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (a missing key is None)."""
+    stored, new = _jsonable(stored), _jsonable(new)
+    return [
+        f"{k}: {stored.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(stored) | set(new))
+        if stored.get(k) != new.get(k)
+    ]
+
+
+def raise_if_different(run_dir, stored: dict[str, Any], new: dict[str, Any]) -> None:
+    """ConfigError listing what differs between a stored and a new configuration."""
+    diffs = identity_diff(stored, new)
+    if not diffs:
+        return
+    shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    raise ConfigError(
+        f"{run_dir} holds a run with a different configuration ({shown}); "
+        "use another --out, or --force to start it over"
+    )
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,4 +1,7 @@
-"""The convenience loop: a strategy asks, a trial runs, the store records, until done.
+"""The search loop: a strategy asks, a trial runs, the store records, until done.
+
+The run directory (paths, lock, identity, delivery) is :mod:`rankwise.rundir`; running and
+recording one trial is :mod:`rankwise.runner`; this module is the loop around them.
 
 Example (a real, if tiny, search):
     >>> import tempfile, json
@@ -15,38 +18,21 @@ Example (a real, if tiny, search):
 from __future__ import annotations
 
 import gc
-import json
 import math
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import DEFAULT_RANKS, ConfigError, Options, format_bytes
-from .diagnose import diagnose, diagnose_search
-from .records import SKIPPED, TrialResult, TrialSpec
+from .config import DEFAULT_RANKS, ConfigError, Options
+from .diagnose import diagnose_search
+from .records import SKIPPED, TrialKind, TrialResult
 from .resources import current_rss
+from .rundir import RunDir, data_fingerprint
+from .runner import TrialRunner, Variant
 from .search import Grid, Ladder, RankScore, Recommendation, recommend
 
-__all__ = ["Study", "SearchResult", "Variant", "search", "run_dir_for"]
-
-CALIBRATION = "lr"
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A departure from the run's settings for some trials: learning-rate calibration,
-    co-tuning, another target set. Trials of a variant are stored under its ``group``;
-    the rank curve is made of group "" only."""
-
-    group: str = ""
-    lr: float | None = None
-    max_steps: int | None = None
-    lora: tuple = ()
-
-
-MAIN = Variant()
+__all__ = ["Study", "SearchResult", "search", "run_dir_for"]
 
 
 @dataclass
@@ -99,9 +85,10 @@ class Study:
         from .progress import Progress
 
         self.opts = opts
-        self.dir = run_dir_for(opts)
+        self.dir = RunDir(run_dir_for(opts))
         self.progress = Progress(quiet=opts.run.quiet, console=console)
         self.elapsed_before = 0.0
+        self.t0 = time.perf_counter()
         # Process memory before the model is loaded, with the libraries a trial needs already
         # imported: the baseline of CPU memory predictions.
         import peft  # noqa: F401
@@ -133,38 +120,16 @@ class Study:
             )
         return out
 
-    def _check_out_dir(self) -> None:
-        d = self.dir
-        if d.exists() and not d.is_dir():
-            raise ConfigError(f"--out: {d} exists and is not a directory")
-        probe = d if d.exists() else next(p for p in d.absolute().parents if p.exists())
-        import os
-
-        if not probe.is_dir():
-            raise ConfigError(f"--out: cannot create {d}: {probe} is not a directory")
-        if not os.access(probe, os.W_OK):
-            raise ConfigError(f"--out: cannot write to {d} (permission denied on {probe})")
-        if (d / "trials.sqlite").exists():  # refuse a mismatch before touching anything
-            from .store import RunStore
-
-            ro = RunStore(d, readonly=True)
-            stored = ro.get_meta("identity")
-            ro.close()
-            if stored is not None and not self.opts.run.force:
-                RunStore.check_identity(
-                    d, stored, self.opts.identity(), Options.identity_defaults()
-                )
-
-    def _setup(self):
+    def _setup(self) -> None:
         from .data import prepare_data, save_tokens
         from .models import check_targets, load_model
         from .store import RunStore
+        from .tracking import make_tracker
         from .trial import TrialContext
 
-        self._check_out_dir()
-        from .tracking import make_tracker
-
-        self.tracker = make_tracker(self.opts.run.report_to, self.dir)
+        identity = self.opts.identity()
+        if not self.opts.run.force:  # refuse a mismatch before loading anything
+            self.dir.check_identity(identity, ignore=("data_sha256",))
         model, tokenizer, device = load_model(self.opts.model)
         self.ranks = self._fit_ranks(model)
         n_params = sum(p.numel() for p in model.parameters())
@@ -172,25 +137,36 @@ class Study:
         self.start_rank = (
             start if start in self.ranks else min(self.ranks, key=lambda r: abs(r - start))
         )
-        self.targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
-        data = prepare_data(self.opts.data, tokenizer, self.dir, self.opts.train.seed)
+        targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
+        data = prepare_data(self.opts.data, tokenizer, self.dir.path, self.opts.train.seed)
+        identity["data_sha256"] = data_fingerprint(data)
+        if not self.opts.run.force:
+            self.dir.check_identity(identity)
+        self.tracker = make_tracker(self.opts.run.report_to, self.dir.path)
         try:
-            self.store = RunStore(self.dir)
+            self.store = RunStore(self.dir.path)
         except OSError as exc:
-            raise ConfigError(f"--out: cannot write to {self.dir} ({exc})") from None
-        if self.store.claim(
-            self.opts.identity(), force=self.opts.run.force, defaults=Options.identity_defaults()
-        ):
-            for stale in ("adapter", "trials", "recommendation.json", "report.html", "summary.md"):
-                path = self.dir / stale
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            raise ConfigError(f"--out: cannot write to {self.dir.path} ({exc})") from None
+        if self.store.claim(identity, force=self.opts.run.force):
+            self.dir.clear_outputs()
         self.store.set_meta("options", self.opts.to_flat())
-        self.store.set_meta("name", self.opts.run.name or self.dir.name)
+        self.store.set_meta("name", self.opts.run.name or self.dir.path.name)
         self.store.set_meta("data", data.info)
-        save_tokens(data, self.dir)
+        save_tokens(data, self.dir.path)
         self.ctx = TrialContext(model, tokenizer, device, data)
         gc.freeze()  # the model's objects are permanent: keep them out of every collection
-        self.device = device
+        self.runner = TrialRunner(
+            self.opts,
+            self.dir,
+            self.store,
+            self.ctx,
+            self.progress,
+            self.tracker,
+            ranks=self.ranks,
+            targets=targets,
+            baseline_bytes=self.baseline_bytes,
+            elapsed=self.elapsed,
+        )
 
     def _fit_ranks(self, model) -> list[int]:
         """Default rank list: drop ranks the model's layers cannot hold; explicit: check them."""
@@ -206,159 +182,24 @@ class Study:
 
     def _strategy(self):
         s = self.opts.search
-        seeds = s.seeds
         if s.strategy == "grid":
-            return Grid(ranks=self.ranks, seeds=seeds)
+            return Grid(ranks=self.ranks, seeds=s.seeds)
+        return self.ladder()
+
+    def ladder(self) -> Ladder:
+        s = self.opts.search
         return Ladder(
             ranks=self.ranks,
             start_rank=self.start_rank,
             tolerance=s.tolerance,
             patience=s.patience,
-            seeds=seeds,
-        )
-
-    # -- trials --------------------------------------------------------------------------
-    def lora_kwargs(self, rank: int, target_modules: list[str] | None = None) -> dict:
-        lo = self.opts.lora
-        targets = target_modules or lo.target_modules
-        if targets == ["all-linear"]:
-            targets = "all-linear"
-        elif targets is None:
-            targets = sorted({n.rsplit(".", 1)[-1] for n in self.targets})
-        return {
-            "r": rank,
-            "lora_alpha": lo.alpha_for(rank),
-            "target_modules": targets,
-            "lora_dropout": lo.dropout,
-            "bias": lo.bias,
-            "use_rslora": lo.alpha_policy == "rslora",
-        }
-
-    def spec_for(self, rank: int, seed: int, variant: Variant | None = None) -> TrialSpec:
-        v = variant or MAIN
-        key = f"{v.group}/r{rank}-s{seed}" if v.group else f"r{rank}-s{seed}"
-        train = asdict(self.opts.train)
-        train["seed"] = self.opts.train.seed + seed
-        train["max_trial_time"] = self.opts.search.max_trial_time
-        train["lr"] = v.lr or self.lr
-        if v.max_steps:
-            train["max_steps"] = v.max_steps
-        return TrialSpec(
-            key=key,
-            rank=rank,
-            seed=seed,
-            lora={**self.lora_kwargs(rank), **dict(v.lora)},
-            train=train,
-            model=asdict(self.opts.model),
-            data_dir=str(self.dir / "data"),
-            group=v.group,
-            adapter_dir=str(self.dir / "trials" / key.replace("/", "_") / "adapter"),
-        )
-
-    def budget_check(self, rank: int, variant: Variant | None = None) -> tuple[str | None, dict]:
-        """Why a rank must be skipped before training (or None), and the predicted figures."""
-        s = self.opts.search
-        predicted = self.predict(rank, variant)
-        done = [
-            r for r in self.store.results() if r.ok and not r.group and not r.extra.get("nested")
-        ]
-        if done:
-            predicted["wall_seconds"] = sum(r.wall_seconds for r in done) / len(done)
-        if s.max_rank is not None and rank > s.max_rank:
-            return f"r={rank} > --max-rank {s.max_rank}", predicted
-        if (
-            s.max_trainable_params is not None
-            and predicted["trainable_params"] > s.max_trainable_params
-        ):
-            return (
-                f"{predicted['trainable_params']:,} trainable params > "
-                f"--max-trainable-params {s.max_trainable_params:,}"
-            ), predicted
-        if s.max_memory is not None and predicted["peak_memory_bytes"] > s.max_memory:
-            return (
-                f"predicted peak memory {format_bytes(predicted['peak_memory_bytes'])} > "
-                f"--max-memory {format_bytes(s.max_memory)}"
-            ), predicted
-        if s.max_adapter_size is not None and predicted["adapter_bytes"] > s.max_adapter_size:
-            return (
-                f"adapter size {format_bytes(predicted['adapter_bytes'])} > "
-                f"--max-adapter-size {format_bytes(s.max_adapter_size)}"
-            ), predicted
-        if s.max_time is not None and "wall_seconds" in predicted:
-            spent = self.elapsed()
-            if spent + predicted["wall_seconds"] > s.max_time:
-                return (
-                    f"time budget: {spent:.0f}s spent + ~{predicted['wall_seconds']:.0f}s "
-                    f"for this trial > --max-time {s.max_time:.0f}s"
-                ), predicted
-        return None, predicted
-
-    def predict(self, rank: int, variant: Variant | None = None) -> dict:
-        """What a trial at ``rank`` will cost, before it runs (rankwise.estimate)."""
-        from .estimate import estimate
-
-        lora = {**self.lora_kwargs(rank), **dict(variant.lora if variant else ())}
-        e = estimate(
-            self.ctx.model,
-            ranks=[rank],
-            target_modules=lora["target_modules"],
-            batch_size=self.opts.train.batch_size,
-            seq_len=self.opts.data.seq_len,
-            dtype=str(self.ctx.model.dtype).rsplit(".", 1)[-1],
-            bias=self.opts.lora.bias,
-            device=self.device,
-            baseline_bytes=self.baseline_bytes,
-        )[0]
-        return {
-            "trainable_params": e.trainable_params,
-            "adapter_bytes": e.adapter_bytes,
-            "peak_memory_bytes": e.peak_memory_bytes,
-        }
-
-    def _skipped(
-        self, spec: TrialSpec, reason: str, predicted: dict, key: str | None = None
-    ) -> TrialResult:
-        return TrialResult(
-            key=key or spec.key,
-            rank=spec.rank,
-            seed=spec.seed,
-            group=spec.group,
-            status=SKIPPED,
-            reason=reason,
-            lora_alpha=spec.lora["lora_alpha"],
-            predicted=predicted,
-            trainable_params=predicted["trainable_params"],
-            extra={"diagnosis": {"label": "n/a", "advice": "", "evidence": reason}},
+            seeds=s.seeds,
         )
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
-    def run_one(self, rank: int, seed: int, variant: Variant | None = None) -> TrialResult:
-        from .trial import run_trial
-
-        spec = self.spec_for(rank, seed, variant)
-        stored = self.store.result(spec.key)
-        if stored is not None and stored.status != SKIPPED:
-            return stored
-        if stored is not None:
-            self.store.forget(spec.key)  # budgets may have changed: decide again
-        skip, predicted = self.budget_check(rank, variant)
-        if skip:
-            result = self._skipped(spec, skip, predicted)
-            self.store.finish(result, spec)
-            self.progress.trial_done(result)
-            return result
-        self.store.start(spec)
-        with self.progress.trial(spec) as bar:
-            result = run_trial(spec, self.ctx, progress=bar)
-        diagnosis = diagnose(result).to_dict()
-        result = result.replace(predicted=predicted, extra={**result.extra, "diagnosis": diagnosis})
-        self.store.finish(result)
-        self.tracker.log_trial(result, spec)
-        self.progress.trial_done(result)
-        return result
-
+    # -- the learning rate ---------------------------------------------------------------
     def calibrate_lr(self, rank: int, meta_key: str = "lr_calibration") -> float:
         """Short runs at each candidate rate at ``rank``; the lowest best val loss wins."""
         tc = self.opts.train
@@ -369,8 +210,8 @@ class Study:
         )
         tried = []
         for lr in tc.lr_candidates:
-            variant = Variant(group=f"{CALIBRATION}-{lr:g}", lr=lr, max_steps=steps)
-            tried.append((lr, self.run_one(rank, 0, variant)))
+            variant = Variant(TrialKind.CALIBRATION, f"lr-{lr:g}", lr=lr, max_steps=steps)
+            tried.append((lr, self.runner.run(rank, 0, variant)))
         ok = [(r.best_val_loss, lr) for lr, r in tried if r.ok]
         if not ok:
             raise ConfigError(
@@ -386,95 +227,98 @@ class Study:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        self._setup()
+        with self.dir.locked() as stale:
+            if stale:
+                self.progress.log(
+                    f"took over the lock of pid {stale.get('pid')} "
+                    f"(started {stale.get('started')}), which is no longer running"
+                )
+            self._setup()
+            return self._search()
+
+    def _search(self) -> SearchResult:
         self.t0 = time.perf_counter()
         self.elapsed_before = sum(r.wall_seconds for r in self.store.results())
         s = self.opts.search
         self.progress.plan(self.max_trials(), s.max_time, self.elapsed_before)
         for warning in self.warnings():
             self.progress.log(f"warning: {warning}")
-        self.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
+        self.runner.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
         if self.opts.train.lr is None and self.opts.train.lr_check_largest_rank:
             # Under a fixed alpha one rate should serve every rank ("LoRA Without Regret"):
             # calibrate again at the largest rank and report both.
             other = self.calibrate_lr(self.ranks[-1], "lr_calibration_largest_rank")
-            same = "the same rate" if other == self.lr else "a different rate"
+            same = "the same rate" if other == self.runner.lr else "a different rate"
             self.progress.log(
                 f"calibration at r={self.ranks[-1]} picked {other:g}: {same} "
-                f"as at r={self.start_rank} ({self.lr:g}), which the search uses"
+                f"as at r={self.start_rank} ({self.runner.lr:g}), which the search uses"
             )
-        if self.opts.search.strategy == "nested":
+        if s.strategy == "nested":
             return self._finish(self.nested_curve())
         strategy = self._strategy()
         self.drive(strategy)
         return self._finish(strategy)
 
+    def drive(self, strategy, variant: Variant | None = None):
+        """Ask/run/tell until the strategy is done; the report is refreshed after each trial."""
+        while (p := strategy.ask()) is not None:
+            strategy.tell(self.runner.run(p.rank, p.seed, variant or Variant()))
+            self._refresh()
+        return strategy
+
     def nested_curve(self) -> Grid:
         """The whole rank curve from one nested-rank run per seed (rankwise.nested)."""
         from .nested import nested_key, run_nested
 
-        s = self.opts.search
+        s, runner = self.opts.search, self.runner
+        nested = Variant(TrialKind.NESTED)
         curve = Grid(ranks=self.ranks, seeds=s.seeds)
         allowed = []
         for rank in self.ranks:
-            skip, predicted = self.budget_check(rank)
+            skip, predicted = runner.budget_check(rank)
             if not skip:
                 allowed.append(rank)
                 continue
             for seed in range(s.seeds):
                 key = nested_key(rank, seed)
                 if self.store.result(key) is None:
-                    spec = self.spec_for(rank, seed)
-                    self.store.finish(self._skipped(spec, skip, predicted, key), spec)
+                    spec = runner.spec_for(rank, seed, nested)
+                    self.store.finish(runner.skipped(spec, skip, predicted, key), spec)
         if not allowed:
             curve.stop_reason = "no rank fits the budgets"
-            curve.results = self.store.results()
+            curve.results = [r for r in self.store.results() if r.on_curve]
             return curve
         r_max = allowed[-1]
         for seed in range(s.seeds):
             stored = [self.store.result(nested_key(r, seed)) for r in allowed]
             if any(r is None for r in stored):
-                spec = self.spec_for(r_max, seed)
-                spec = TrialSpec(**{**asdict(spec), "key": nested_key(r_max, seed)})
+                spec = runner.spec_for(r_max, seed, nested).replace(key=nested_key(r_max, seed))
                 self.store.start(spec)
                 with self.progress.trial(spec) as bar:
                     stored = run_nested(
-                        spec,
-                        allowed,
-                        self.ctx,
-                        self.opts.lora.scaling,
-                        s.nested_distribution,
-                        progress=bar,
+                        spec, allowed, self.ctx, self.opts.lora.scaling, s.nested_distribution, bar
                     )
-                stored = [self._record(r, spec) for r in stored]
+                stored = [runner.record(r, spec) for r in stored]
             for r in stored:
                 curve.tell(r)
         for r in self.store.results():
-            if r.status == SKIPPED and not r.group:
+            if r.status == SKIPPED and r.kind == TrialKind.NESTED:
                 curve.tell(r)
+        over = (
+            f"; r={self.ranks[len(allowed)]} and above over budget"
+            if len(allowed) < len(self.ranks)
+            else ""
+        )
         curve.stop_reason = (
             f"one nested run per seed at r_max={r_max}, ranks {','.join(map(str, allowed))} "
-            f"drawn {s.nested_distribution}"
-            + (
-                f"; r={self.ranks[len(allowed)]} and above over budget"
-                if len(allowed) < len(self.ranks)
-                else ""
-            )
+            f"drawn {s.nested_distribution}{over}"
         )
         self._refresh()
         return curve
 
-    def _record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
-        diagnosis = diagnose(result).to_dict()
-        result = result.replace(extra={**result.extra, "diagnosis": diagnosis})
-        self.store.finish(result, spec)
-        self.tracker.log_trial(result, spec)
-        self.progress.trial_done(result)
-        return result
-
     def final_trial(self, rec: Recommendation, curve) -> tuple[dict, list[TrialResult]]:
         """An ordinary trial at the nested curve's choice, compared with the curve's point."""
-        final = self.run_one(rec.rank, 0, Variant(group="final"))
+        final = self.runner.run(rec.rank, 0, Variant(TrialKind.FINAL, "final"))
         point = next(
             (r for r in curve.results if r.rank == rec.rank and r.ok and r.seed == 0), None
         )
@@ -488,51 +332,36 @@ class Study:
             section["difference"] = final.best_val_loss - point.best_val_loss
         return section, [final] if final.ok else curve.results
 
-    def drive(self, strategy, variant: Variant | None = None):
-        """Ask/run/tell until the strategy is done; the report is refreshed after each trial."""
-        while (p := strategy.ask()) is not None:
-            strategy.tell(self.run_one(p.rank, p.seed, variant))
-            self._refresh()
-        return strategy
-
     def _finish(self, strategy) -> SearchResult:
         from . import compare
 
+        s, runner = self.opts.search, self.runner
         scores = strategy.scores()
-        rec = recommend(scores, self.opts.search.tolerance, strategy.stop_reason)
+        rec = recommend(scores, s.tolerance, strategy.stop_reason)
         extras: dict = {}
         lora, source = None, strategy.results
         if rec.rank is not None:
-            lora = {**self.lora_kwargs(rec.rank), "task_type": "CAUSAL_LM"}
-        if self.opts.search.compare_targets and rec.rank is not None:
-            extras["targets"], rec, lora, source = compare.compare_targets(self, rec, lora, source)
-        if self.opts.search.tune and rec.rank is not None:
-            extras["tuning"], rec, lora, source = compare.cotune(self, rec, lora, source)
-        if (
-            self.opts.search.strategy == "nested"
-            and self.opts.search.final
-            and rec.rank is not None
-        ):
+            lora = runner.lora_config(rec.rank)
+        if s.compare_targets and rec.rank is not None:
+            extras["targets"], rec, lora, source = compare.compare_targets(
+                runner, self.ladder, self.drive, rec, lora, source
+            )
+        if s.tune and rec.rank is not None:
+            extras["tuning"], rec, lora, source = compare.cotune(runner, rec, lora, source)
+        if s.strategy == "nested" and s.final and rec.rank is not None:
             extras["final"], source = self.final_trial(rec, strategy)
         if rec.rank is not None:
-            self._deliver_adapter(rec.rank, source)
+            best = min(
+                (r for r in source if r.rank == rec.rank and r.ok), key=lambda r: r.best_val_loss
+            )
+            self.dir.deliver_adapter(best.key)
         summary = diagnose_search(strategy.results)
         extras["diagnosis"] = {"advice": summary["advice"], "counts": summary["counts"]}
         self._write_recommendation(rec, lora, strategy.results, scores, extras)
         self._refresh(final=True)
         self.tracker.close()
-        self.progress.done(rec, self.dir)
-        return SearchResult(self.dir, strategy.results, scores, rec, lora)
-
-    def _deliver_adapter(self, rank: int, results: list[TrialResult]) -> None:
-        best = min((r for r in results if r.rank == rank and r.ok), key=lambda r: r.best_val_loss)
-        src = self.dir / "trials" / best.key.replace("/", "_") / "adapter"
-        dst = self.dir / "adapter"
-        tmp = self.dir / "adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
+        self.progress.done(rec, self.dir.path)
+        return SearchResult(self.dir.path, strategy.results, scores, rec, lora)
 
     def _write_recommendation(self, rec, lora, trials, scores, extras=None) -> None:
         keys = (
@@ -558,16 +387,15 @@ class Study:
             "lora_config": lora,
             "adapter_dir": "adapter" if lora else None,
             "model": self.opts.model.model,
-            "name": self.opts.run.name or self.dir.name,
+            "name": self.opts.run.name or self.dir.path.name,
+            "learning_rate": self.runner.lr,
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
             "scores": [asdict(s) for s in scores],
             "alpha_policy": self.opts.lora.alpha_policy,
             "warnings": self.warnings(),
             **(extras or {}),
         }
-        tmp = self.dir / "recommendation.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=2))
-        tmp.replace(self.dir / "recommendation.json")
+        self.dir.write_json("recommendation.json", doc)
 
     def _refresh(self, final: bool = False) -> None:
         """Rewrite summary.md and report.html so a running search can be watched.
@@ -577,7 +405,7 @@ class Study:
         """
         from . import report
 
-        view = report.load_run(self.dir)
+        view = report.load_run(self.dir.path)
         report.write_summary(view)
         now = time.perf_counter()
         last, cost = getattr(self, "_drawn", (None, 0.0))

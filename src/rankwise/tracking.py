@@ -73,6 +73,7 @@ def trial_params(result: TrialResult, spec: Any = None) -> dict[str, Any]:
     for key in ("lr", "max_steps", "batch_size"):
         if key in (spec.get("train") or {}):
             params[key] = spec["train"][key]
+    params["kind"] = str(result.kind)
     if result.group:
         params["group"] = result.group
     return {k: v for k, v in params.items() if v is not None}
