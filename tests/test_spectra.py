@@ -263,3 +263,17 @@ def test_bad_input_exits_2_with_one_line(planted_dir, tmp_path, capsys, case):
     assert captured.err.startswith("rankwise inspect: error: ")
     for fragment in fragments:
         assert fragment in captured.err, captured.err
+
+
+def test_report_shows_the_recommended_adapter(planted_dir, tmp_path):
+    from rankwise.report import report_html
+
+    from .test_report import CASES, parse
+
+    run_dir = CASES["complete"](tmp_path)
+    without = parse(report_html(run_dir))
+    shutil.copytree(planted_dir, run_dir / "adapter")
+    page = report_html(run_dir)
+    assert parse(page).tags.count("img") == without.tags.count("img") + 1
+    assert "Inside the recommended adapter" in page
+    assert "2,048 trainable parameters instead of 4,096" in page
