@@ -293,7 +293,9 @@ def spectra_figure(spectra: AdapterSpectra) -> Any:
     for (layer, kind), row in rows.items():
         grid[layers.index(layer), kinds.index(kind)] = row["effective_rank_90"]
     top = max(m.rank for m in spectra.modules)
-    fig, (ax,) = _figure(width=min(14.0, 2.4 + 1.1 * len(kinds)), height=1.8 + 0.32 * len(layers))
+    fig, (ax,) = _figure(
+        width=min(14.0, max(5.5, 2.4 + 1.1 * len(kinds))), height=1.8 + 0.32 * len(layers)
+    )
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
     if len(layers) * len(kinds) <= 400:  # numbers stay legible up to about 20 × 20 cells
         for (i, j), value in np.ndenumerate(grid):
@@ -303,8 +305,6 @@ def spectra_figure(spectra: AdapterSpectra) -> Any:
     ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
     ax.set_yticks(range(len(layers)), ["-" if x is None else str(x) for x in layers])
     ax.set(xlabel="module type", ylabel="layer")
-    ax.set_title(
-        f"effective rank at 90% of the update's energy (adapter rank ≤ {top})", fontsize=10
-    )
+    ax.set_title(f"effective rank at 90% of each update's energy (r ≤ {top})", fontsize=10)
     fig.colorbar(image, ax=ax, label="effective rank @90%")
     return fig
