@@ -130,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--open", action="store_true", help="open it in a browser")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser(
+        "inspect",
+        help="effective rank of every module of a LoRA adapter, and a per-module rank_pattern",
+    )
+    p.add_argument("dir", help="a PEFT LoRA adapter folder (adapter_config.json + safetensors)")
+    p.add_argument(
+        "--energy",
+        type=float,
+        default=0.9,
+        help="share of each module's update energy the proposed rank_pattern keeps (default: 0.9)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--figure", metavar="PATH", help="save a heat map of the effective ranks")
+    p.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -157,6 +171,18 @@ def _cmd_report(ns) -> int:
         import webbrowser
 
         webbrowser.open(path.absolute().as_uri())
+    return 0
+
+
+def _cmd_inspect(ns) -> int:
+    import json
+
+    from . import spectra
+
+    result = spectra.inspect_adapter(ns.dir, energy=ns.energy)
+    if ns.figure:
+        spectra.write_heatmap(result, ns.figure)
+    print(json.dumps(result.to_dict()) if ns.json else spectra.format_inspection(result))
     return 0
 
 
@@ -221,6 +247,7 @@ COMMANDS = {
     "estimate": _cmd_estimate,
     "show": _cmd_show,
     "report": _cmd_report,
+    "inspect": _cmd_inspect,
 }
 
 

@@ -13,8 +13,9 @@ from .search import RankScore
 
 if TYPE_CHECKING:
     from .report import RunView
+    from .spectra import AdapterSpectra
 
-__all__ = ["loss_figure", "cost_figure", "pareto_figure", "curves_figure"]
+__all__ = ["loss_figure", "cost_figure", "pareto_figure", "curves_figure", "spectra_figure"]
 
 
 def _figure(ncols: int = 1, width: float = 10.0, height: float = 4.6) -> tuple[Any, list[Any]]:
@@ -278,4 +279,32 @@ def curves_figure(view: RunView) -> Any:
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, label="rank r", pad=0.01)
     bar.set_ticks(ranks, labels=[str(r) for r in ranks])
     bar.minorticks_off()
+    return fig
+
+
+def spectra_figure(spectra: AdapterSpectra) -> Any:
+    """(e) Heat map of an adapter's effective rank (90% energy) by layer × module type."""
+    import numpy as np
+
+    rows = {(r["layer"], r["type"]): r for r in spectra.summary()}
+    kinds = list(dict.fromkeys(m.kind for m in spectra.modules))
+    layers = list(dict.fromkeys(m.layer for m in spectra.modules))
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for (layer, kind), row in rows.items():
+        grid[layers.index(layer), kinds.index(kind)] = row["effective_rank_90"]
+    top = max(m.rank for m in spectra.modules)
+    fig, (ax,) = _figure(
+        width=min(14.0, max(5.5, 2.4 + 1.1 * len(kinds))), height=1.8 + 0.32 * len(layers)
+    )
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+    if len(layers) * len(kinds) <= 400:  # numbers stay legible up to about 20 × 20 cells
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                color = "white" if value < 0.6 * top else "black"
+                ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), ["-" if x is None else str(x) for x in layers])
+    ax.set(xlabel="module type", ylabel="layer")
+    ax.set_title(f"effective rank at 90% of each update's energy (r ≤ {top})", fontsize=10)
+    fig.colorbar(image, ax=ax, label="effective rank @90%")
     return fig

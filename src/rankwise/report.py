@@ -1,7 +1,8 @@
 """Reports of a run, read from its directory alone: ``summary.md`` and ``report.html``.
 
-Nothing here loads the model or imports torch: the run folder (``trials.sqlite`` and,
-once the search has finished, ``recommendation.json``) is enough, so a report can be
+Nothing here loads the model, and torch is imported only to read the delivered adapter's
+weights for its spectra: the run folder (``trials.sqlite`` and, once the search has
+finished, ``recommendation.json`` and ``adapter/``) is enough, so a report can be
 rebuilt on another machine, or while a search is still writing (SQLite WAL lets us
 read alongside it). Until ``recommendation.json`` exists the recommendation is
 provisional, recomputed from the trials finished so far.
@@ -544,6 +545,7 @@ def report_html(run: str | Path | RunView) -> str:
     ]
     body = [_header_html(view), _recommendation_html(view)]
     body += [_figure_html(*f) for f in figures]
+    body += [_spectra_html(view)]
     body += [
         f"<section><h2>Ranks</h2>{_html_table(rank_table_rows(view))}</section>",
         f"<section><h2>Trials</h2>{_html_table(trial_table_rows(view))}</section>",
@@ -553,6 +555,29 @@ def report_html(run: str | Path | RunView) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
         f"<title>rankwise: {_e(view.name)}</title>\n<style>{_CSS}</style></head>\n"
         "<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
+
+
+def _spectra_html(view: RunView) -> str:
+    """The recommended adapter's effective ranks by layer × module, once it is delivered."""
+    adapter = view.run_dir / (view.recommendation["adapter_dir"] or "adapter")
+    if not adapter.is_dir():
+        return ""
+    from .plots import spectra_figure
+    from .spectra import inspect_adapter  # reads the weights: imports torch, only here
+
+    title = "Inside the recommended adapter"
+    try:
+        spectra = inspect_adapter(adapter)
+    except ConfigError as exc:
+        return f"<section><h2>{_e(title)}</h2><p>Cannot read it: {_e(exc)}</p></section>"
+    p = spectra.proposal()
+    return _figure_html(
+        title,
+        spectra_figure(spectra),
+        "Effective rank of each module's update (fewest singular directions holding 90% of "
+        f"its energy). Keeping 90% in every module needs {p.params:,} trainable parameters "
+        f"instead of {p.uniform_params:,}; rankwise inspect {adapter} proposes the pattern.",
     )
 
 

@@ -15,7 +15,14 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-__all__ = ["make_tokenizer", "tiny_model", "save_tiny_model", "TINY_VOCAB", "CHAT_TEMPLATE"]
+__all__ = [
+    "make_tokenizer",
+    "tiny_model",
+    "save_tiny_model",
+    "save_tiny_adapter",
+    "TINY_VOCAB",
+    "CHAT_TEMPLATE",
+]
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHARS = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
@@ -92,3 +99,44 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **kw) 
     tiny_model(arch, seed, **kw).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
+
+
+def save_tiny_adapter(
+    path: str | Path,
+    arch: str = "llama",
+    ranks: dict[str, int] | None = None,
+    seed: int = 0,
+    **lora,
+) -> Path:
+    """Write a plain PEFT LoRA adapter of a tiny model whose updates ``B @ A`` have planted ranks.
+
+    ``ranks`` maps a module type (the last part of its name, e.g. ``"q_proj"``) to the rank
+    of its update: ``k`` orthonormal directions of equal weight, so every energy share
+    short of 100% needs all ``k``. Other modules get a full-rank update. ``lora`` holds
+    ``LoraConfig`` keywords (default: ``r=8``, all linear layers; GPT-2's Conv1D layers
+    with ``fan_in_fan_out=True``, as PEFT would set it). Written by
+    ``get_peft_model(...).save_pretrained(path)``: nothing rankwise-specific.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    defaults = {"r": 8, "target_modules": "all-linear", "fan_in_fan_out": arch == "gpt2"}
+    peft_model = get_peft_model(tiny_model(arch, seed), LoraConfig(**{**defaults, **lora}))
+    gen = torch.Generator().manual_seed(seed)
+
+    def orthonormal(rows: int, cols: int) -> torch.Tensor:  # orthonormal columns
+        return torch.linalg.qr(torch.randn(rows, cols, generator=gen))[0]
+
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if "default" not in getattr(module, "lora_A", {}):
+                continue
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            k = (ranks or {}).get(name.rsplit(".", 1)[-1], a.shape[0])
+            if not 0 <= k <= a.shape[0]:
+                raise ValueError(f"planted rank {k} of {name} is outside [0, r={a.shape[0]}]")
+            a.copy_(orthonormal(a.shape[1], a.shape[0]).T)
+            b.zero_()
+            b[:, :k] = orthonormal(b.shape[0], k)
+    peft_model.save_pretrained(path)
+    return Path(path)
