@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pytest
+
 import rankwise
 
 from .conftest import fast_args
@@ -129,3 +131,30 @@ def test_ratio_policy_warns_and_is_carried_into_the_config(tmp_path, llama_dir, 
     assert rec["alpha_policy"] == "ratio" and "larger learning rate" in rec["warnings"][0]
     assert rec["lora_config"]["lora_alpha"] == 2 * rec["rank"]
     assert {t.lora_alpha for t in result.trials} == {2.0, 4.0}
+
+
+def test_lr_range_is_extended_past_an_edge_and_bracketed(tmp_path, llama_dir, text_jsonl):
+    """Both candidates far too low: the best sits at the top edge, so rates beyond it are
+    tried until the best is interior (or the extension limit); the bracket is recorded."""
+    from rankwise.study import MAX_LR_EXTENSIONS
+
+    out = tmp_path / "run"
+    args = fast_args(max_steps=20, eval_every=5)
+    args.pop("lr")
+    rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        ranks=[1],
+        start_rank=1,
+        lr_candidates=[1e-5, 1e-4],
+        **args,
+    )
+    rec = json.loads((out / "recommendation.json").read_text())["learning_rate"]
+    assert rec["calibrated"] and rec["extended"][0] == pytest.approx(1e-3)
+    assert all(lr > 1e-4 for lr in rec["extended"]) and rec["lr"] > 1e-4
+    losses = {float(k): v for k, v in rec["losses"].items()}
+    lo, hi = rec["bracket"]
+    assert lo is not None and losses[lo] > losses[rec["lr"]]
+    interior = hi is not None and losses[hi] > losses[rec["lr"]]
+    assert interior or len(rec["extended"]) == MAX_LR_EXTENSIONS

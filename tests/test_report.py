@@ -134,7 +134,9 @@ def write_recommendation(run_dir: Path, store: RunStore, model: str, name: str) 
     scores = rank_scores(store.results())
     rec = recommend(scores, 0.01, stop_reason="plateau")
     lora = (
-        {**store.spec(f"r{rec.rank}-s0").lora.kwargs(), "task_type": "CAUSAL_LM"} if rec.rank else None
+        {**store.spec(f"r{rec.rank}-s0").lora.kwargs(), "task_type": "CAUSAL_LM"}
+        if rec.rank
+        else None
     )
     (run_dir / "recommendation.json").write_text(
         json.dumps(

@@ -129,7 +129,9 @@ def _load_gguf(source: ModelSource, trust_remote_code: bool):
                 trust_remote_code=trust_remote_code,
             )
         except Exception as exc:  # transformers raises many kinds for a bad GGUF
-            raise ConfigError(f"--model: cannot read GGUF file {file} ({_first_line(exc)})") from exc
+            raise ConfigError(
+                f"--model: cannot read GGUF file {file} ({_first_line(exc)})"
+            ) from exc
         config = quantized.config
         config.quantization_config = None
         if hasattr(config, "quantization_config"):
@@ -182,7 +184,9 @@ def load_model(cfg: ModelConfig):
             path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **offline
         )
     except Exception as exc:
-        raise ConfigError(f"--model: {cfg.model}: cannot load the model ({_first_line(exc)})") from exc
+        raise ConfigError(
+            f"--model: {cfg.model}: cannot load the model ({_first_line(exc)})"
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

@@ -370,6 +370,7 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         ("tolerance", f"{view.tolerance:.1%}"),
         ("alpha policy", o.get("alpha_policy")),
         ("target modules", o.get("target_modules")),
+        ("learning rate", _lr_fact(rec.get("learning_rate"))),
         ("max steps", o.get("max_steps")),
         ("seeds", o.get("seeds", 1)),
         ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
@@ -380,6 +381,18 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         for k, v in facts
         if v not in (None, "")
     ]
+
+
+def _lr_fact(lr: Any) -> str | None:
+    """The rate the answer holds for, and the calibration bracket it came from."""
+    if not isinstance(lr, dict) or lr.get("lr") is None:
+        return None
+    if not lr.get("calibrated"):
+        return f"{lr['lr']:g} (given)"
+    lo, hi = (f"{x:g}" if x is not None else "?" for x in lr.get("bracket") or (None, None))
+    extended = lr.get("extended") or []
+    more = f"; range extended to {', '.join(f'{x:g}' for x in extended)}" if extended else ""
+    return f"{lr['lr']:g} (calibrated at r={lr.get('rank')}, bracket {lo}..{hi}{more})"
 
 
 def _rec_lines(view: RunView) -> list[str]:

@@ -34,6 +34,10 @@ from .search import Grid, Ladder, RankScore, Recommendation, recommend
 
 __all__ = ["Study", "SearchResult", "search", "run_dir_for"]
 
+# Extra calibration rates tried past each edge of --lr-candidates, at most: with the default
+# half-decade spacing, 3 steps reach 30x beyond the range.
+MAX_LR_EXTENSIONS = 3
+
 
 @dataclass
 class SearchResult:
@@ -68,6 +72,10 @@ def search(model: str | None = None, train: str | None = None, **options) -> Sea
     return Study(Options.from_flat(flat, "search()")).run()
 
 
+def _fmt_rate(lr: float | None) -> str:
+    return "?" if lr is None else f"{lr:g}"
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(text)).stem).strip("-")[:40] or "run"
 
@@ -89,6 +97,7 @@ class Study:
         self.progress = Progress(quiet=opts.run.quiet, console=console)
         self.elapsed_before = 0.0
         self.t0 = time.perf_counter()
+        self.lr_record: dict | None = None  # the learning-rate calibration, when it ran
         # Process memory before the model is loaded, with the libraries a trial needs already
         # imported: the baseline of CPU memory predictions.
         import peft  # noqa: F401
@@ -201,29 +210,70 @@ class Study:
 
     # -- the learning rate ---------------------------------------------------------------
     def calibrate_lr(self, rank: int, meta_key: str = "lr_calibration") -> float:
-        """Short runs at each candidate rate at ``rank``; the lowest best val loss wins."""
+        """Short runs at each candidate rate at ``rank``; the lowest best val loss wins.
+
+        A best rate at an edge of the candidates says the optimum may lie beyond it, so the
+        range is extended that way (by the candidates' own spacing) until the best is
+        interior — its neighbours both worse — or a rate fails (diverges), at most
+        ``MAX_LR_EXTENSIONS`` times per side. The bracket is recorded with the choice.
+        """
         tc = self.opts.train
         steps = max(1, math.ceil(tc.max_steps * tc.lr_calibration_fraction))
+        rates = sorted(tc.lr_candidates)
         self.progress.log(
-            f"calibrating the learning rate at r={rank}: {len(tc.lr_candidates)} runs of "
-            f"{steps} steps ({', '.join(f'{lr:g}' for lr in tc.lr_candidates)})"
+            f"calibrating the learning rate at r={rank}: {len(rates)} runs of "
+            f"{steps} steps ({', '.join(f'{lr:g}' for lr in rates)})"
         )
-        tried = []
-        for lr in tc.lr_candidates:
-            variant = Variant(TrialKind.CALIBRATION, f"lr-{lr:g}", lr=lr, max_steps=steps)
-            tried.append((lr, self.runner.run(rank, 0, variant)))
-        ok = [(r.best_val_loss, lr) for lr, r in tried if r.ok]
-        if not ok:
+        tried = {lr: self._lr_trial(rank, lr, steps) for lr in rates}
+        if not any(r.ok for r in tried.values()):
             raise ConfigError(
                 "--lr-candidates: every calibration run failed ("
-                + "; ".join(f"{lr:g}: {r.reason}" for lr, r in tried)
+                + "; ".join(f"{lr:g}: {r.reason}" for lr, r in tried.items())
                 + "); give --lr or other candidates"
             )
-        best = min(ok)[1]
-        table = {f"{lr:g}": r.best_val_loss for lr, r in tried}
-        self.store.set_meta(meta_key, {"rank": rank, "steps": steps, "lr": best, "losses": table})
-        self.progress.log(f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps)")
+        extended = self._extend_lr(rank, steps, tried)
+        ok = sorted((r.best_val_loss, lr) for lr, r in tried.items() if r.ok)
+        best = ok[0][1]
+        order = sorted(tried)
+        i = order.index(best)
+        bracket = [order[i - 1] if i > 0 else None, order[i + 1] if i + 1 < len(order) else None]
+        record = {
+            "rank": rank,
+            "steps": steps,
+            "lr": best,
+            "bracket": bracket,
+            "extended": extended,
+            "losses": {f"{lr:g}": tried[lr].best_val_loss for lr in order},
+        }
+        self.store.set_meta(meta_key, record)
+        self.lr_record = record if meta_key == "lr_calibration" else self.lr_record
+        edge = "" if None not in bracket else " (at the edge of what could be tried)"
+        self.progress.log(
+            f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps; bracket "
+            f"{_fmt_rate(bracket[0])}..{_fmt_rate(bracket[1])}{edge})"
+        )
         return best
+
+    def _lr_trial(self, rank: int, lr: float, steps: int) -> TrialResult:
+        variant = Variant(TrialKind.CALIBRATION, f"lr-{lr:g}", lr=lr, max_steps=steps)
+        return self.runner.run(rank, 0, variant)
+
+    def _extend_lr(self, rank: int, steps: int, tried: dict[float, TrialResult]) -> list[float]:
+        """Try rates beyond the edge while the edge rate is the best (see calibrate_lr)."""
+        extended: list[float] = []
+        for side in (+1, -1):
+            for _ in range(MAX_LR_EXTENSIONS):
+                order = sorted(tried)
+                best = min((r.best_val_loss, lr) for lr, r in tried.items() if r.ok)[1]
+                edge = order[-1] if side > 0 else order[0]
+                if best != edge or len(order) < 2:
+                    break
+                inner = order[-2] if side > 0 else order[1]
+                lr = float(f"{edge * edge / inner:.3g}")  # one more step of the same spacing
+                self.progress.log(f"best rate {edge:g} is at the edge: trying {lr:g}")
+                tried[lr] = self._lr_trial(rank, lr, steps)
+                extended.append(lr)
+        return extended
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> SearchResult:
@@ -388,7 +438,11 @@ class Study:
             "adapter_dir": "adapter" if lora else None,
             "model": self.opts.model.model,
             "name": self.opts.run.name or self.dir.path.name,
-            "learning_rate": self.runner.lr,
+            "learning_rate": {
+                "lr": self.runner.lr,
+                "calibrated": self.lr_record is not None,
+                **(self.lr_record or {}),
+            },
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
             "scores": [asdict(s) for s in scores],
             "alpha_policy": self.opts.lora.alpha_policy,
