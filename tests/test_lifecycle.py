@@ -203,3 +203,26 @@ def test_numerical_parity_with_a_plain_peft_loop():
     assert [loss for _, loss in mine.train_curve] == pytest.approx(losses, rel=1e-5)
     assert mine.best_val_loss == pytest.approx(val, rel=1e-6)
     assert mine.best_step == tc.max_steps and n > 0 and math.isfinite(val)
+
+
+def test_bf16_autocast_keeps_the_losses_and_fp32_parameters():
+    """--dtype auto's bf16 autocast: the same losses to bf16 precision; the base weights,
+    LoRA weights and optimizer state stay fp32."""
+    from rankwise.models import pick_autocast
+
+    assert pick_autocast("float32", "cpu") is None and pick_autocast("bfloat16", "cpu") is None
+    fp32 = run_trial(spec("llama"), context(MODELS["llama"]()))
+    ctx = context(MODELS["llama"]())
+    seen = {}
+
+    class Peek(Hooks):
+        def evaluate(self, peft_model, run, c):
+            seen["dtypes"] = {p.dtype for p in peft_model.parameters()}
+            super().evaluate(peft_model, run, c)
+
+    bf16 = run_lifecycle(spec("llama", autocast="bfloat16"), ctx, Peek())[0]
+    assert seen["dtypes"] == {torch.float32}
+    assert bf16.best_val_loss == pytest.approx(fp32.best_val_loss, rel=1e-2)
+    assert bf16.best_val_loss != fp32.best_val_loss  # it did run in bf16
+    for (_, a), (_, b) in zip(fp32.train_curve, bf16.train_curve, strict=True):
+        assert a == pytest.approx(b, rel=2e-2)

@@ -169,8 +169,9 @@ class ModelConfig:
     device: str = opt("auto", "Device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
     dtype: str = opt(
         "auto",
-        "Compute dtype of the base weights: auto (bf16 on CUDA where supported, else fp32), "
-        "float32, bfloat16, float16.",
+        "Precision: auto (fp32 weights with bf16 autocast where the hardware has bf16 "
+        "arithmetic — CUDA with bf16, CPUs with avx512_bf16/amx — else fp32), or the dtype of "
+        "the base weights: float32, bfloat16, float16 (no autocast).",
         choices=["auto", "float32", "bfloat16", "float16"],
     )
     trust_remote_code: bool = opt(

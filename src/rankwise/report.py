@@ -371,6 +371,7 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         ("alpha policy", o.get("alpha_policy")),
         ("target modules", o.get("target_modules")),
         ("learning rate", _lr_fact(rec.get("learning_rate"))),
+        ("precision", rec.get("precision")),
         ("max steps", o.get("max_steps")),
         ("seeds", o.get("seeds", 1)),
         ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),

@@ -131,7 +131,7 @@ class Study:
 
     def _setup(self) -> None:
         from .data import prepare_data, save_tokens
-        from .models import check_targets, load_model
+        from .models import check_targets, load_model, pick_autocast
         from .store import RunStore
         from .tracking import make_tracker
         from .trial import TrialContext
@@ -175,6 +175,7 @@ class Study:
             targets=targets,
             baseline_bytes=self.baseline_bytes,
             elapsed=self.elapsed,
+            autocast=pick_autocast(self.opts.model.dtype, device),
         )
 
     def _fit_ranks(self, model) -> list[int]:
@@ -446,6 +447,11 @@ class Study:
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
             "scores": [asdict(s) for s in scores],
             "alpha_policy": self.opts.lora.alpha_policy,
+            "precision": (
+                f"fp32 weights, {self.runner.autocast} autocast"
+                if self.runner.autocast
+                else str(self.ctx.model.dtype).rsplit(".", 1)[-1]
+            ),
             "warnings": self.warnings(),
             **(extras or {}),
         }
