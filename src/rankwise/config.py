@@ -369,8 +369,25 @@ class SearchConfig:
         "First rank the ladder trains. Default by base-model size (larger models often "
         "benefit from higher ranks): < 1B params: 4; < 10B: 8; else 16.",
     )
+    criterion: str = opt(
+        "share",
+        "When a rank is as good as the best. share: it reaches --threshold of the improvement "
+        "over the base model (no adapter) that the best rank reached; relative: its val loss "
+        "is within --threshold of the best, relative to the loss; knee: the top of the last "
+        "step up the ranks that gains, per doubling of r, more than --threshold of the "
+        "improvement over the base model. Decides the rank, target sets and co-tuning.",
+        choices=["share", "relative", "knee"],
+    )
+    threshold: float | None = opt(
+        None,
+        "The criterion's threshold; default: share 0.95, relative 0.01, knee 0.1 "
+        "(bench/RESULTS.md, 'Criterion').",
+    )
     tolerance: float = opt(
-        0.01, "Relative gain in best val loss below which a step up counts as a plateau (0.01=1%)."
+        0.01,
+        "The relative criterion's threshold (0.01 = 1%): a step up whose gain in best val "
+        "loss is below it counts as a plateau. Superseded by --criterion relative "
+        "--threshold T.",
     )
     patience: int = opt(1, "Consecutive plateau steps before the ladder stops.")
     max_rank: int | None = opt(
@@ -441,6 +458,12 @@ class SearchConfig:
         _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "tolerance", allow_zero=True)
+        self.search_criterion()  # a bad criterion or threshold fails here, naming the flag
+        if self.max_rank is not None and self.max_rank < self.ranks[0]:
+            raise ConfigError(
+                f"--max-rank: {self.max_rank} is below the smallest rank in --ranks "
+                f"({self.ranks[0]}); allowed: {self.ranks[0]} or more"
+            )
         _choice(self, "nested_distribution")
         for name in ("tune", "compare_targets"):
             value = getattr(self, name)
@@ -460,6 +483,12 @@ class SearchConfig:
             raise ConfigError(
                 f"--start-rank: {self.start_rank} is not in --ranks {','.join(map(str, self.ranks))}"
             )
+
+    def search_criterion(self):
+        """The :class:`rankwise.search.Criterion` these options name."""
+        from .search import Criterion
+
+        return Criterion(self.criterion, self.threshold)
 
     def start_rank_for(self, n_params: int) -> int:
         """--start-rank, or the rule by model size, snapped to the nearest rank in --ranks."""
