@@ -76,6 +76,9 @@ def fast_args(**over) -> dict:
         "lr": 3e-3,
         "warmup_steps": 0,
         "quiet": True,
+        # fp32 throughout, so tests compare losses exactly; --dtype auto (bf16 autocast where
+        # the CPU has it) is tested on its own.
+        "dtype": "float32",
     }
     args.update(over)
     return args

@@ -39,16 +39,18 @@ def run(llama_dir, text_jsonl, out, **over):
 def test_budget_skips_the_next_rank_and_says_why(
     tmp_path, llama_dir, text_jsonl, budget, value, reason
 ):
-    # patience 10 never sees a plateau: only the budget can stop the climb
+    # patience 10 never settles: only the budget can stop the climb. Budgets known in advance
+    # exclude r=8 and r=16 before the first trial: recorded as skipped, never trained.
     result = run(llama_dir, text_jsonl, tmp_path / "run", **{budget: value})
     statuses = {t.rank: t.status for t in result.trials}
-    assert statuses == {1: "complete", 2: "complete", 4: "complete", 8: "skipped"}
+    assert statuses == {1: "complete", 2: "complete", 4: "complete", 8: "skipped", 16: "skipped"}
     skipped = next(t for t in result.trials if t.rank == 8)
     assert reason in skipped.reason and skipped.predicted["trainable_params"] == 4096
     assert result.recommendation.rank <= 4
-    assert "resource limit at r=8" in result.recommendation.stop_reason
+    assert "excluded before training" in result.recommendation.stop_reason
+    assert "largest allowed rank r=4" in result.recommendation.stop_reason
     rec = json.loads((tmp_path / "run" / "recommendation.json").read_text())
-    assert [t["status"] for t in rec["trials"]].count("skipped") == 1
+    assert [t["status"] for t in rec["trials"]].count("skipped") == 2
 
 
 def test_max_memory_uses_the_prediction(tmp_path, llama_dir, text_jsonl):
@@ -56,8 +58,9 @@ def test_max_memory_uses_the_prediction(tmp_path, llama_dir, text_jsonl):
     from rankwise.testing import tiny_model
 
     result = run(llama_dir, text_jsonl, tmp_path / "run", max_memory="1MiB")
+    assert {t.status for t in result.trials} == {"skipped"} and len(result.trials) == len(RANKS)
     first = result.trials[0]
-    assert first.status == "skipped" and "--max-memory 1.00 MiB" in first.reason
+    assert first.rank == 1 and "--max-memory 1.00 MiB" in first.reason
     predicted = estimate(
         tiny_model("llama"),
         ranks=[1],

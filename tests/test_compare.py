@@ -86,7 +86,8 @@ def test_lr_calibration_picks_and_records_a_rate(tmp_path, llama_dir, text_jsonl
     )
     assert cal["lr"] == 3e-2 and set(cal["losses"]) == {"1e-06", "0.03", "30"}
     assert cal["losses"]["0.03"] < min(cal["losses"]["1e-06"], cal["losses"]["30"])
-    specs = [json.loads(s) for (s,) in conn.execute("SELECT spec FROM trials WHERE grp = ''")]
+    specs = [json.loads(s) for (s,) in conn.execute("SELECT spec FROM trials")]
+    specs = [s for s in specs if s["kind"] == "main"]
     assert {s["train"]["lr"] for s in specs} == {3e-2}
 
 

@@ -96,7 +96,8 @@ def make_run(
         {
             "model": model,
             "train": "data.jsonl",
-            "tolerance": 0.01,
+            "criterion": "relative",
+            "threshold": 0.01,
             "strategy": "ladder",
             "ranks": [1, 2, 4, 8, 16, 32],
             "seeds": seeds,
@@ -147,7 +148,7 @@ def write_recommendation(run_dir: Path, store: RunStore, model: str, name: str) 
                 "best_loss": rec.best_loss,
                 "reason": rec.reason,
                 "stop_reason": rec.stop_reason,
-                "tolerance": 0.01,
+                "criterion": {"kind": "relative", "threshold": 0.01},
                 "strategy": "ladder",
                 "lora_config": lora,
                 "adapter_dir": "adapter" if lora else None,
@@ -266,7 +267,7 @@ def test_complete_run_recommends_and_shows_how_to_load(tmp_path):
     compile(snippet, "snippet", "exec")  # it is Python
     verdicts = {row["rank"]: row["verdict"] for row in rank_table_rows(view)}
     assert verdicts["4"] == "recommended" and verdicts["16"] == "lowest loss"
-    assert verdicts["8"] == "within tolerance" and verdicts["1"] == ""
+    assert verdicts["8"] == "as good as the best" and verdicts["1"] == ""
     summary = summary_markdown(run_dir)
     assert "## Recommendation: r = 4" in summary and "confidence: high" in summary
     assert "| 4 | 0 | complete | 3.0500 | 40 | 49,152 | 304.00 MiB | 314.00 MiB |" in summary

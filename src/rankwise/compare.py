@@ -8,10 +8,12 @@ answer — which they then say in words, with the numbers. They run trials throu
 
 from __future__ import annotations
 
+import dataclasses
+
 from .config import ConfigError
 from .records import TrialKind, TrialResult
 from .runner import Variant
-from .search import Recommendation, beats, rank_scores
+from .search import RankScore, Recommendation, rank_scores
 
 __all__ = ["cotune", "compare_targets", "target_set"]
 
@@ -34,7 +36,11 @@ def _tune_variants(runner, rank: int):
     return [(label, Variant(TrialKind.COTUNE, f"tune:{label}", lora=lora)) for label, lora in out]
 
 
-def cotune(runner, rec: Recommendation, lora: dict, source: list[TrialResult]):
+def _score(loss: float, rank: int) -> RankScore:
+    return RankScore(rank, loss, 0.0, 1, "complete")
+
+
+def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialResult]):
     """A small grid around the chosen rank (and the next one up). Returns
     (section, recommendation, lora_config, results holding the delivered adapter)."""
     tried = sorted({r.rank for r in source if r.ok})
@@ -67,13 +73,16 @@ def cotune(runner, rec: Recommendation, lora: dict, source: list[TrialResult]):
     current = next(
         row for row in rows if row["rank"] == rec.rank and row["variant"] == "as searched"
     )
-    tol = runner.opts.search.tolerance
     gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
-    if best is current or gain < tol:
+    as_good = judge(
+        _score(current["best_val_loss"], current["rank"]),
+        _score(best["best_val_loss"], best["rank"]),
+    )
+    if best is current or as_good:
         verdict = (
             f"co-tuning does not change the choice: best variant {best['variant']} at "
-            f"r={best['rank']} ({best['best_val_loss']:.4f}) is within {tol:.0%} of "
-            f"r={rec.rank} as searched ({current['best_val_loss']:.4f})"
+            f"r={best['rank']} ({best['best_val_loss']:.4f}) does not beat r={rec.rank} as "
+            f"searched ({current['best_val_loss']:.4f}) under the search's criterion"
         )
         return {"rows": rows, "verdict": verdict, "changed": False}, rec, lora, source
     overrides = next(
@@ -86,14 +95,8 @@ def cotune(runner, rec: Recommendation, lora: dict, source: list[TrialResult]):
         f"({current['best_val_loss']:.4f})"
     )
     picked = [r for r in results if r.key == best["key"]]
-    rec = Recommendation(
-        best["rank"],
-        best["best_val_loss"],
-        rec.best_rank,
-        rec.best_loss,
-        rec.stop_reason,
-        f"{rec.reason}; {verdict}",
-        rec.confidence,
+    rec = dataclasses.replace(
+        rec, rank=best["rank"], loss=best["best_val_loss"], reason=f"{rec.reason}; {verdict}"
     )
     return {"rows": rows, "verdict": verdict, "changed": True}, rec, lora, picked
 
@@ -139,12 +142,11 @@ def _params(results: list[TrialResult], rank: int) -> int:
 
 
 def compare_targets(
-    runner, make_ladder, drive, rec: Recommendation, lora: dict, source: list[TrialResult]
+    runner, make_ladder, drive, judge, rec: Recommendation, lora: dict, source: list[TrialResult]
 ):
     """A ladder per target set (``make_ladder()`` builds one, ``drive(ladder, variant)`` runs
-    it); the answer is the fewest trainable parameters whose loss the overall best does not
-    beat (by the criterion and the noise)."""
-    tol = runner.opts.search.tolerance
+    it); the answer is the fewest trainable parameters whose score is as good as the overall
+    best's (``judge(score, best)``: the search's criterion and the noise)."""
     sets = {"as searched": (lora["target_modules"], source)}
     for name in runner.opts.search.compare_targets:
         targets, ladder = _ladder_for(runner, make_ladder, drive, name)
@@ -155,7 +157,7 @@ def compare_targets(
             if score.ok:
                 points.append((_params(results, score.rank), score, name))
     best = min(points, key=lambda p: p[1].mean)
-    good = [p for p in points if not beats(best[1], p[1], tol)]
+    good = [p for p in points if judge(p[1], best[1])]
     params, score, name = min(good, key=lambda p: (p[0], p[1].mean))
     rows = [
         {"targets": n, "rank": s.rank, "trainable_params": p, "mean": s.mean, "se": s.se, "n": s.n}
@@ -171,13 +173,12 @@ def compare_targets(
         return section, rec, lora, source
     targets, results = sets[name]
     lora = runner.lora_config(score.rank, targets)
-    rec = Recommendation(
-        score.rank,
-        score.mean,
-        best[1].rank,
-        best[1].mean,
-        rec.stop_reason,
-        f"{verdict}; with the searched targets: {rec.reason}",
-        rec.confidence,
+    rec = dataclasses.replace(
+        rec,
+        rank=score.rank,
+        loss=score.mean,
+        best_rank=best[1].rank,
+        best_loss=best[1].mean,
+        reason=f"{verdict}; with the searched targets: {rec.reason}",
     )
     return section, rec, lora, results

@@ -359,8 +359,9 @@ class SearchConfig:
 
     strategy: str = opt(
         "ladder",
-        "ladder: start small and climb --ranks until the gain drops below --tolerance; "
-        "grid: train every rank in --ranks.",
+        "ladder: start small and climb --ranks until the answer is settled under --criterion "
+        "(then probe down if the smallest rank tried is the answer); grid: train every rank "
+        "in --ranks; nested: one nested-rank run gives the whole curve, then one ordinary trial.",
         choices=["ladder", "grid", "nested"],
     )
     ranks: list[int] = opt(DEFAULT_RANKS, "Candidate ranks, ascending.")
@@ -383,13 +384,10 @@ class SearchConfig:
         "The criterion's threshold; default: share 0.95, relative 0.01, knee 0.1 "
         "(bench/RESULTS.md, 'Criterion').",
     )
-    tolerance: float = opt(
-        0.01,
-        "The relative criterion's threshold (0.01 = 1%): a step up whose gain in best val "
-        "loss is below it counts as a plateau. Superseded by --criterion relative "
-        "--threshold T.",
+    patience: int = opt(
+        1,
+        "Consecutive settled steps (more rank would not change the answer) before the ladder stops.",
     )
-    patience: int = opt(1, "Consecutive plateau steps before the ladder stops.")
     max_rank: int | None = opt(
         None,
         "Largest rank allowed (serving cap: vLLM's max_lora_rank defaults to 16).",
@@ -457,7 +455,6 @@ class SearchConfig:
         self.ranks = sorted(set(self.ranks))
         _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
-        _positive(self, "tolerance", allow_zero=True)
         self.search_criterion()  # a bad criterion or threshold fails here, naming the flag
         if self.max_rank is not None and self.max_rank < self.ranks[0]:
             raise ConfigError(

@@ -42,7 +42,8 @@ def _no_data(ax: Any, text: str) -> None:
 
 
 def loss_figure(view: RunView) -> Any:
-    """(a) Best val loss vs rank, tolerance band, recommended rank, unfinished ranks on top."""
+    """(a) Best val loss vs rank, the base model's loss, the band of ranks as good as the best,
+    the recommended rank, unfinished ranks on top."""
     fig, (ax,) = _figure()
     ok = [s for s in view.scores if s.ok]
     if ok:
@@ -89,13 +90,21 @@ def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
             label="nested-rank training",
         )
     best = min(s.mean for s in ok)
-    ax.axhspan(
-        best,
-        best * (1 + view.tolerance),
-        color="tab:green",
-        alpha=0.18,
-        label=f"within {view.tolerance:.1%} of the best",
-    )
+    if (limit := view.good_limit()) is not None:
+        ax.axhspan(
+            best,
+            limit,
+            color="tab:green",
+            alpha=0.18,
+            label=view.criterion.resolve(view.base_loss).describe(),
+        )
+    if view.base_loss is not None:
+        ax.axhline(
+            view.base_loss,
+            ls="--",
+            color="tab:gray",
+            label=f"base model, no adapter ({view.base_loss:.4f})",
+        )
     if pick := next((s for s in ok if s.rank == view.recommendation["rank"]), None):
         label = f"recommended r={pick.rank}" + ("" if view.finished else " (provisional)")
         ax.plot([pick.rank], [pick.mean], "*", ms=20, color="tab:red", label=label, zorder=5)

@@ -34,7 +34,7 @@ from typing import Any
 from .config import DEFAULT_RANKS, ConfigError, format_bytes
 from .plots import cost_figure, curves_figure, loss_figure, pareto_figure
 from .records import COMPLETE, FAILED, SKIPPED, TrialKind, TrialResult
-from .search import RankScore, rank_scores, recommend
+from .search import Criterion, RankScore, improvement_share, rank_scores, recommend
 from .store import RunStore
 
 __all__ = [
@@ -61,7 +61,8 @@ _REC_DEFAULTS: dict[str, Any] = {
     "best_loss": None,
     "reason": "",
     "stop_reason": "",
-    "tolerance": None,
+    "criterion": None,
+    "base_val_loss": None,
     "strategy": "",
     "lora_config": {},
     "adapter_dir": None,
@@ -95,8 +96,38 @@ class RunView:
         return str(self.recommendation.get("model") or self.options.get("model") or "")
 
     @property
-    def tolerance(self) -> float:
-        return float(self.recommendation["tolerance"])
+    def criterion(self) -> Criterion:
+        c = self.recommendation.get("criterion") or {}
+        if not isinstance(c, dict):
+            c = {}
+        return Criterion(
+            c.get("kind") or self.options.get("criterion") or "share",
+            c.get("threshold", self.options.get("threshold")),
+        )
+
+    @property
+    def base_loss(self) -> float | None:
+        """The base model's val loss (no adapter), when the run measured it."""
+        base = next((r for r in self.side if r.kind == TrialKind.BASE and r.ok), None)
+        return base.best_val_loss if base else self.recommendation.get("base_val_loss")
+
+    def good_limit(self) -> float | None:
+        """The val loss at or below which a rank counts as good as the best (the band of the
+        loss plot); None for the knee criterion, which has no such band."""
+        best = min((s.mean for s in self.scores if s.ok), default=None)
+        c = self.criterion.resolve(self.base_loss)
+        if best is None or c.kind == "knee":
+            return None
+        if c.kind == "share":
+            return best + (1 - c.threshold) * max(0.0, self.base_loss - best)
+        return best * (1 + c.threshold)
+
+    def share(self, loss: float | None) -> float | None:
+        """A loss's share of the improvement over the base model that the best rank made."""
+        best = min((s.mean for s in self.scores if s.ok), default=None)
+        if loss is None or best is None:
+            return None
+        return improvement_share(loss, self.base_loss, best)
 
     @property
     def status(self) -> str:
@@ -126,7 +157,7 @@ def load_run(run_dir: str | Path) -> RunView:
         final = _read_recommendation(run_dir)
         if final is None:
             scores = rank_scores(results)
-            rec = _provisional(store, results, scores, options)
+            rec = _provisional(store, results, scores, options, side)
         else:
             scores = [_score_from_dict(s) for s in final.get("scores") or []] or rank_scores(
                 results
@@ -135,8 +166,6 @@ def load_run(run_dir: str | Path) -> RunView:
     finally:
         store.close()
     rec = {**_REC_DEFAULTS, **rec}
-    if rec["tolerance"] is None:
-        rec["tolerance"] = options.get("tolerance", 0.01)
     finished = final is not None
     return RunView(run_dir, str(name), options, results, running, scores, rec, finished, data, side)
 
@@ -163,19 +192,25 @@ def _score_from_dict(d: dict[str, Any]) -> RankScore:
 
 
 def _provisional(
-    store: RunStore, results: list[TrialResult], scores: list[RankScore], options: dict[str, Any]
+    store: RunStore,
+    results: list[TrialResult],
+    scores: list[RankScore],
+    options: dict[str, Any],
+    side: list[TrialResult],
 ) -> dict[str, Any]:
     """The recommendation the trials finished so far support; its LoraConfig is the one
     the recommended rank's trial was built from."""
-    tolerance = float(options.get("tolerance", 0.01))
-    rec = dataclasses.asdict(recommend(scores, tolerance))
+    criterion = Criterion(options.get("criterion") or "share", options.get("threshold"))
+    base = next((r.best_val_loss for r in side if r.kind == TrialKind.BASE and r.ok), None)
+    rec = dataclasses.asdict(recommend(scores, criterion, base_loss=base))
     lora: dict[str, Any] = {}
     key = next((r.key for r in results if r.ok and r.rank == rec["rank"]), None)
     if key is not None and (spec := store.spec(key)) is not None:
         lora = spec.lora.kwargs()
     return {
         **rec,
-        "tolerance": tolerance,
+        "criterion": {"kind": criterion.kind, "threshold": criterion.threshold},
+        "base_val_loss": base,
         "strategy": options.get("strategy", ""),
         "lora_config": lora,
         "model": options.get("model", ""),
@@ -264,7 +299,7 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     """One dict of display strings per rank: pooled val loss (mean ± SE over seeds) and verdict."""
     view = _view(run)
     rec, rows = view.recommendation, []
-    best = min((s.mean for s in view.scores if s.ok), default=None)
+    limit = view.good_limit()
     for s in view.scores:
         params = [
             r.trainable_params
@@ -277,13 +312,15 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
             verdict = "recommended" + ("" if view.finished else " (provisional)")
         elif s.rank == rec["best_rank"]:
             verdict = "lowest loss"
-        elif s.ok and best is not None and s.mean <= best * (1 + view.tolerance):
-            verdict = "within tolerance"
+        elif s.ok and limit is not None and s.mean <= limit:
+            verdict = "as good as the best"
+        share = view.share(s.mean)
         rows.append(
             {
                 "rank": str(s.rank),
                 "status": s.status,
                 "val loss": loss,
+                "share of improvement": f"{share:.1%}" if share is not None else "-",
                 "seeds": str(s.n),
                 "trainable params": _num(params[0] if params else None, ",d"),
                 "verdict": verdict,
@@ -367,7 +404,8 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         ("records", _data_fact(view.data)),
         ("run directory", str(view.run_dir)),
         ("strategy", rec["strategy"] or o.get("strategy")),
-        ("tolerance", f"{view.tolerance:.1%}"),
+        ("criterion", view.criterion.resolve(view.base_loss).describe()),
+        ("base model val loss (no adapter)", _num(view.base_loss, ".4f")),
         ("alpha policy", o.get("alpha_policy")),
         ("target modules", o.get("target_modules")),
         ("learning rate", _lr_fact(rec.get("learning_rate"))),
@@ -538,8 +576,10 @@ def report_html(run: str | Path | RunView) -> str:
         (
             "Validation loss vs rank",
             loss_figure(view),
-            "Best validation loss per rank (mean ± standard error over seeds); the band is the "
-            "tolerance above the best; x marks at the top are ranks that failed or were skipped.",
+            "Best validation loss per rank (mean ± standard error over seeds); the dashed line "
+            "is the base model without an adapter; the band holds the losses the criterion "
+            "counts as good as the best; x marks at the top are ranks that failed or were "
+            "skipped.",
         ),
         (
             "Cost vs rank",

@@ -183,7 +183,57 @@ class TrialRunner:
             extra={"diagnosis": {"label": "n/a", "advice": "", "evidence": reason}},
         )
 
+    def exclude_before_training(self, ranks: list[int]) -> dict[int, str]:
+        """The ranks budgets known in advance exclude (rank -> reason), each recorded as a
+        ``skipped`` trial of the curve so the report shows why it was never trained."""
+        excluded = {}
+        for rank in ranks:
+            predicted = self.predict(rank)
+            reason = self.static_limit(rank, predicted)
+            if reason is None:
+                continue
+            excluded[rank] = reason
+            for seed in range(self.opts.search.seeds):
+                spec = self.spec_for(rank, seed)
+                stored = self.store.result(spec.key)
+                if stored is not None and stored.status == SKIPPED:
+                    self.store.forget(spec.key)
+                if stored is None or stored.status == SKIPPED:
+                    self.store.finish(self.skipped(spec, reason, predicted), spec)
+        return excluded
+
     # -- running --------------------------------------------------------------------------
+    def evaluate_base(self) -> TrialResult:
+        """The base model's val loss on the same blocks (no adapter): the curve's r=0 point.
+
+        Stored once per run as a ``base`` record (resume keeps it)."""
+        import time
+
+        from .trial import validation_loss
+
+        spec = self.spec_for(0, 0, Variant(TrialKind.BASE)).replace(key="base", adapter_dir=None)
+        stored = self.store.result(spec.key)
+        if stored is not None:
+            return stored
+        t0 = time.perf_counter()
+        loss = validation_loss(self.ctx.model, self.ctx, spec)
+        result = TrialResult(
+            key=spec.key,
+            rank=0,
+            seed=0,
+            kind=TrialKind.BASE,
+            status="complete",
+            lora_alpha=None,
+            best_val_loss=loss,
+            best_step=0,
+            val_curve=[(0, loss)],
+            trainable_params=0,
+            wall_seconds=time.perf_counter() - t0,
+        )
+        self.store.finish(result, spec)
+        self.progress.log(f"base model (no adapter): val loss {loss:.4f}")
+        return result
+
     def run(self, rank: int, seed: int, variant: Variant = MAIN) -> TrialResult:
         """The trial's stored result, or run it now (unless a budget skips it)."""
         from .trial import run_trial

@@ -17,6 +17,7 @@ Example (a real, if tiny, search):
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import re
@@ -30,7 +31,17 @@ from .records import SKIPPED, TrialKind, TrialResult
 from .resources import current_rss
 from .rundir import RunDir, data_fingerprint
 from .runner import TrialRunner, Variant
-from .search import Grid, Ladder, RankScore, Recommendation, recommend
+from .search import (
+    Criterion,
+    Grid,
+    Ladder,
+    RankScore,
+    Recommendation,
+    improvement_share,
+    plan_ranks,
+    rank_scores,
+    recommend,
+)
 
 __all__ = ["Study", "SearchResult", "search", "run_dir_for"]
 
@@ -98,6 +109,7 @@ class Study:
         self.elapsed_before = 0.0
         self.t0 = time.perf_counter()
         self.lr_record: dict | None = None  # the learning-rate calibration, when it ran
+        self.base_loss: float | None = None  # the base model's val loss (no adapter)
         # Process memory before the model is loaded, with the libraries a trial needs already
         # imported: the baseline of CPU memory predictions.
         import peft  # noqa: F401
@@ -142,10 +154,7 @@ class Study:
         model, tokenizer, device = load_model(self.opts.model)
         self.ranks = self._fit_ranks(model)
         n_params = sum(p.numel() for p in model.parameters())
-        start = self.opts.search.start_rank_for(n_params)
-        self.start_rank = (
-            start if start in self.ranks else min(self.ranks, key=lambda r: abs(r - start))
-        )
+        self.start_rank = self.opts.search.start_rank_for(n_params)
         targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
         data = prepare_data(self.opts.data, tokenizer, self.dir.path, self.opts.train.seed)
         identity["data_sha256"] = data_fingerprint(data)
@@ -177,6 +186,20 @@ class Study:
             elapsed=self.elapsed,
             autocast=pick_autocast(self.opts.model.dtype, device),
         )
+        self._plan_ranks()
+
+    def _plan_ranks(self) -> None:
+        """Drop the ranks budgets known in advance exclude; clamp the start rank (and say so)."""
+        excluded = self.runner.exclude_before_training(self.ranks)
+        allowed, self.start_rank, self.plan_notes = plan_ranks(
+            self.ranks, self.start_rank, excluded
+        )
+        for note in self.plan_notes:
+            self.progress.log(note)
+        self.excluded = [
+            r for r in self.store.results() if r.kind == TrialKind.MAIN and r.rank in excluded
+        ]
+        self.ranks = self.runner.ranks = allowed
 
     def _fit_ranks(self, model) -> list[int]:
         """Default rank list: drop ranks the model's layers cannot hold; explicit: check them."""
@@ -201,10 +224,20 @@ class Study:
         return Ladder(
             ranks=self.ranks,
             start_rank=self.start_rank,
-            tolerance=s.tolerance,
+            criterion=self.criterion,
             patience=s.patience,
             seeds=s.seeds,
+            base_loss=self.base_loss,
         )
+
+    @property
+    def criterion(self) -> Criterion:
+        return self.opts.search.search_criterion()
+
+    def judge(self, score: RankScore, best: RankScore) -> bool:
+        """Whether ``score`` is as good as ``best`` under the search's criterion (and noise):
+        the one rule for ranks, target sets and co-tuning."""
+        return self.criterion.as_good(score, best, self.base_loss)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -294,6 +327,11 @@ class Study:
         self.progress.plan(self.max_trials(), s.max_time, self.elapsed_before)
         for warning in self.warnings():
             self.progress.log(f"warning: {warning}")
+        self.base_loss = self.runner.evaluate_base().best_val_loss
+        if not self.ranks:  # every rank is over a budget known in advance
+            nothing = Grid(ranks=[], seeds=s.seeds)
+            nothing.stop_reason = "no rank fits the budgets"
+            return self._finish(nothing)
         self.runner.lr = self.opts.train.lr or self.calibrate_lr(self.start_rank)
         if self.opts.train.lr is None and self.opts.train.lr_check_largest_rank:
             # Under a fixed alpha one rate should serve every rank ("LoRA Without Regret"):
@@ -387,18 +425,28 @@ class Study:
         from . import compare
 
         s, runner = self.opts.search, self.runner
-        scores = strategy.scores()
-        rec = recommend(scores, s.tolerance, strategy.stop_reason)
+        # Ranks excluded before training are part of the answer's evidence: listed, skipped.
+        trials = strategy.results + [r for r in self.excluded if r not in strategy.results]
+        scores = rank_scores(trials)
+        params = {r.rank: r.trainable_params for r in trials if r.ok}
+        stop = "; ".join([strategy.stop_reason, *self.plan_notes]).strip("; ")
+        rec = recommend(scores, self.criterion, stop, self.base_loss, params)
         extras: dict = {}
         lora, source = None, strategy.results
         if rec.rank is not None:
             lora = runner.lora_config(rec.rank)
         if s.compare_targets and rec.rank is not None:
             extras["targets"], rec, lora, source = compare.compare_targets(
-                runner, self.ladder, self.drive, rec, lora, source
+                runner, self.ladder, self.drive, self.judge, rec, lora, source
             )
         if s.tune and rec.rank is not None:
-            extras["tuning"], rec, lora, source = compare.cotune(runner, rec, lora, source)
+            extras["tuning"], rec, lora, source = compare.cotune(
+                runner, self.judge, rec, lora, source
+            )
+        if rec.rank is not None:  # target sets or co-tuning may have moved the pick
+            rec = dataclasses.replace(
+                rec, share=improvement_share(rec.loss, self.base_loss, rec.best_loss)
+            )
         if s.strategy == "nested" and s.final and rec.rank is not None:
             extras["final"], source = self.final_trial(rec, strategy)
         if rec.rank is not None:
@@ -406,13 +454,13 @@ class Study:
                 (r for r in source if r.rank == rec.rank and r.ok), key=lambda r: r.best_val_loss
             )
             self.dir.deliver_adapter(best.key)
-        summary = diagnose_search(strategy.results)
+        summary = diagnose_search(trials)
         extras["diagnosis"] = {"advice": summary["advice"], "counts": summary["counts"]}
-        self._write_recommendation(rec, lora, strategy.results, scores, extras)
+        self._write_recommendation(rec, lora, trials, scores, extras)
         self._refresh(final=True)
         self.tracker.close()
         self.progress.done(rec, self.dir.path)
-        return SearchResult(self.dir.path, strategy.results, scores, rec, lora)
+        return SearchResult(self.dir.path, trials, scores, rec, lora)
 
     def _write_recommendation(self, rec, lora, trials, scores, extras=None) -> None:
         keys = (
@@ -433,7 +481,8 @@ class Study:
         )
         doc = {
             **asdict(rec),
-            "tolerance": self.opts.search.tolerance,
+            "criterion": {"kind": self.criterion.kind, "threshold": self.criterion.threshold},
+            "base_val_loss": self.base_loss,
             "strategy": self.opts.search.strategy,
             "lora_config": lora,
             "adapter_dir": "adapter" if lora else None,
@@ -445,7 +494,15 @@ class Study:
                 **(self.lr_record or {}),
             },
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
-            "scores": [asdict(s) for s in scores],
+            "scores": [
+                {
+                    **asdict(s),
+                    "share": improvement_share(s.mean, self.base_loss, best) if s.ok else None,
+                }
+                for s in scores
+            ]
+            if (best := rec.best_loss) is not None
+            else [asdict(s) for s in scores],
             "alpha_policy": self.opts.lora.alpha_policy,
             "precision": (
                 f"fp32 weights, {self.runner.autocast} autocast"
