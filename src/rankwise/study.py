@@ -10,9 +10,9 @@ Example (a real, if tiny, search):
     >>> model = save_tiny_model(f"{d}/model")
     >>> _ = open(f"{d}/train.txt", "w").write("\\n".join(f"line {i} of text" for i in range(40)))
     >>> result = search(model=str(model), train=f"{d}/train.txt", out=f"{d}/run", ranks=[1, 2],
-    ...                 start_rank=1, max_steps=2, batch_size=2, seq_len=16, quiet=True)
-    >>> result.recommendation.rank in (1, 2)
-    True
+    ...                 start_rank=1, max_steps=8, batch_size=2, seq_len=16, lr=1e-2, quiet=True)
+    >>> result.recommendation.rank in (1, 2), result.recommendation.loss < result.recommendation.base_loss
+    (True, True)
 """
 
 from __future__ import annotations
@@ -125,7 +125,9 @@ class Study:
         curves = 1 + len(s.compare_targets or [])
         n = len(self.ranks) * s.seeds * curves
         if tc.lr is None:
-            n += len(tc.lr_candidates) * (2 if tc.lr_check_largest_rank else 1)
+            n += (len(tc.lr_candidates) + 2 * MAX_LR_EXTENSIONS) * (
+                2 if tc.lr_check_largest_rank else 1
+            )
         if s.tune:
             n += 2 * (2 * ("dropout" in s.tune) + 4 * ("alpha" in s.tune))
         return n + (s.strategy == "nested" and s.final)
