@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from rankwise.config import ConfigError, ExecutorConfig
-from rankwise.executor import FakePool, FakeRunner, _connect, drive_parallel, lookahead
+from rankwise.executor import _connect, drive_parallel, lookahead
 from rankwise.records import COMPLETE, SKIPPED, TrialResult
 from rankwise.search import Grid, Ladder, recommend
+from rankwise.testing import FakePool, FakeRunner
 
 from .conftest import search_argv
 

@@ -26,6 +26,7 @@ each trial's adapter files come back with its result and are written under ``DIR
 
 Example (a parallel grid over a fake pool: two trials at a time, told in order):
     >>> from rankwise.search import Grid
+    >>> from rankwise.testing import FakePool, FakeRunner
     >>> pool = FakePool(slots=2, loss=lambda spec: 1.0 / spec.rank)
     >>> grid = drive_parallel(Grid(ranks=[1, 2, 4, 8]), FakeRunner(), pool=pool)
     >>> [r.rank for r in grid.results], pool.peak
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import ConfigError, ExecutorConfig
-from .records import COMPLETE, FAILED, OUT_OF_MEMORY, SKIPPED, TrialResult, TrialSpec
+from .records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
 
 __all__ = [
     "Arrival",
@@ -59,8 +60,7 @@ __all__ = [
     "make_executor",
     "drive_parallel",
     "lookahead",
-    "FakePool",
-    "FakeRunner",
+    "lost_result",
 ]
 
 INSTALL_HINT = "--executor ray: Ray is not installed; pip install rankwise[ray]"
@@ -218,7 +218,7 @@ class _Scheduler:
     def _submit(self, job: _Job) -> None:
         job.worker = self.pool.submit(job.spec)
         self.runner.store.start(job.spec)
-        note = ["speculative"] if job.speculative else []
+        note = ["ahead"] if job.speculative else []
         note += ["retry"] if job.attempts else []
         self.runner.progress.trial_started(job.worker, job.spec, ", ".join(note))
 
@@ -588,6 +588,9 @@ def _connect(ray, address: str | None) -> bool:
 
     kw: dict = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if address is None:
+        # Ray runs workers at niceness 15 so its own daemons stay responsive; here the
+        # workers are the search's work and get the priority the local executor has.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(**kw)
         return True
     if address not in ("auto", "local") and not address.startswith("ray://"):
@@ -620,104 +623,3 @@ def _token_arrays(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "data" / "tokens.safetensors"))
-
-
-# -- test doubles ---------------------------------------------------------------------------
-class FakeRunner:
-    """A :class:`~rankwise.runner.TrialRunner` stand-in over a dict store (no torch)."""
-
-    def __init__(self, skip: Callable[[int], str | None] = lambda rank: None):
-        self.store, self.skip, self.recorded = _FakeStore(), skip, []
-        self.progress = _FakeProgress()
-
-    def spec_for(self, rank: int, seed: int, variant=None) -> TrialSpec:
-        return TrialSpec(f"r{rank}-s{seed}", rank, seed, {"r": rank, "lora_alpha": 16}, {}, {}, "")
-
-    def prepare(self, rank, seed, variant=None, record=True):
-        spec = self.spec_for(rank, seed)
-        stored = self.store.result(spec.key)
-        if stored is not None:
-            return spec, stored, {}
-        reason = self.skip(rank)
-        if reason is None:
-            return spec, None, {}
-        result = lost_result(spec, reason).replace(status=SKIPPED)
-        if record:
-            self.record(result, spec)
-        return spec, result, {}
-
-    def record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
-        self.store.finish(result)
-        self.recorded.append(result)
-        return result
-
-
-class _FakeProgress:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def log(self, text: str) -> None:
-        self.lines.append(text)
-
-    def trial_started(self, worker: str, spec: TrialSpec, note: str = "") -> None:
-        self.log(f"{worker}: started {spec.key} {note}".strip())
-
-
-class _FakeStore:
-    def __init__(self):
-        self.rows: dict[str, TrialResult] = {}
-
-    def result(self, key: str) -> TrialResult | None:
-        return self.rows.get(key)
-
-    def start(self, spec: TrialSpec) -> None:
-        pass
-
-    def finish(self, result: TrialResult) -> None:
-        self.rows[result.key] = result
-
-    def annotate(self, key: str, **extra) -> TrialResult:
-        merged = {**self.rows[key].extra, **extra}
-        self.rows[key] = self.rows[key].replace(
-            extra={k: v for k, v in merged.items() if v is not None}
-        )
-        return self.rows[key]
-
-    def discard_interrupted(self) -> None:
-        pass
-
-
-class FakePool:
-    """``slots`` workers that finish trials instantly with ``loss(spec)``; ``order`` picks
-    which running trial ends next (default: the oldest)."""
-
-    def __init__(self, slots: int, loss: Callable[[TrialSpec], float], order=None):
-        self.slots, self.loss, self.order = slots, loss, order or (lambda keys: keys[0])
-        self.running: dict[str, tuple[str, TrialSpec]] = {}
-        self.submitted: list[str] = []
-        self.cancelled: list[str] = []
-        self.peak = 0
-
-    def free(self) -> int:
-        return self.slots - len(self.running)
-
-    def submit(self, spec: TrialSpec, task: tuple = ()) -> str:
-        busy = {w for w, _ in self.running.values()}
-        worker = next(f"w{i}" for i in range(self.slots) if f"w{i}" not in busy)
-        self.running[spec.key] = (worker, spec)
-        self.submitted.append(spec.key)
-        self.peak = max(self.peak, len(self.running))
-        return worker
-
-    def wait(self) -> Arrival:
-        key = self.order(list(self.running))
-        worker, spec = self.running.pop(key)
-        loss = self.loss(spec)
-        if loss is None:  # the worker died
-            return Arrival(key, worker, None, "ActorDiedError: killed")
-        result = TrialResult(key, spec.rank, spec.seed, COMPLETE, best_val_loss=loss)
-        return Arrival(key, worker, [result])
-
-    def cancel(self, key: str) -> None:
-        self.running.pop(key)
-        self.cancelled.append(key)
