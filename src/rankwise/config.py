@@ -30,10 +30,12 @@ __all__ = [
     "TrainConfig",
     "SearchConfig",
     "RunConfig",
+    "ExecutorConfig",
     "Options",
     "GROUPS",
     "parse_size",
     "parse_duration",
+    "parse_resources",
     "format_bytes",
 ]
 
@@ -571,6 +573,98 @@ class EstimateConfig:
         _positive(self, "batch_size", "seq_len", "max_steps")
 
 
+@dataclass
+class ExecutorConfig:
+    """Where trials run: in this process, or in parallel on Ray workers (``rankwise[ray]``).
+
+    None of these change a trial's result (a trial is a function of its spec), so a run may
+    be resumed under another executor.
+    """
+
+    executor: str = opt(
+        "local",
+        "local: one trial at a time in this process; ray: trials in parallel on long-lived Ray "
+        "workers that load the base model once (pip install rankwise[ray]).",
+        identity=False,
+        choices=["local", "ray"],
+    )
+    ray_address: str | None = opt(
+        None,
+        "Ray cluster to join: auto (the cluster `ray start` set up on this machine) or "
+        "host:port of its head. Default: start a local Ray instance that ends with the search.",
+        identity=False,
+    )
+    trial_resources: Any = opt(
+        None,
+        "Resources one trial holds on Ray, e.g. gpu=1,cpu=4 (fractions allowed: gpu=0.5). "
+        "Default: one GPU per trial when the cluster has GPUs, else one CPU.",
+        identity=False,
+    )
+    workers: int | None = opt(
+        None,
+        "Ray workers, i.e. trials at once (default: as many as the cluster's resources hold "
+        "with --trial-resources each).",
+        identity=False,
+    )
+
+    def __post_init__(self):
+        _choice(self, "executor")
+        _integer(self, "workers")
+        _positive(self, "workers")
+        self.trial_resources = parse_resources(self.trial_resources)
+        if self.executor == "local":
+            for name in ("ray_address", "trial_resources", "workers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{flag(name)}: needs --executor ray")
+        if self.ray_address is not None and (
+            not isinstance(self.ray_address, str) or not self.ray_address.strip()
+        ):
+            raise ConfigError(
+                f"--ray-address: expected auto or host:port, got {self.ray_address!r}"
+            )
+
+
+_RESOURCE_NAMES = {"cpu": "num_cpus", "gpu": "num_gpus", "memory": "memory"}
+
+
+def parse_resources(value: Any) -> dict[str, float] | None:
+    """'gpu=1,cpu=4' -> {'gpu': 1.0, 'cpu': 4.0}; memory takes a size ('memory=20GiB').
+
+    Example:
+        >>> parse_resources("gpu=0.5, cpu=2"), parse_resources({"memory": "1KiB"})
+        ({'gpu': 0.5, 'cpu': 2.0}, {'memory': 1024.0})
+    """
+    if value is None:
+        return None
+    usage = f"expected key=value pairs of {', '.join(_RESOURCE_NAMES)} like gpu=1,cpu=4"
+    if isinstance(value, str):
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise ConfigError(f"--trial-resources: {usage}, got {value!r}")
+        value = {k.strip().lower(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"--trial-resources: {usage}, got {value!r}")
+    out = {}
+    for key, amount in value.items():
+        if key not in _RESOURCE_NAMES:
+            raise ConfigError(f"--trial-resources: unknown resource {key!r} ({usage})")
+        if key == "memory":
+            out[key] = float(parse_size(amount, "trial_resources"))
+            continue
+        try:
+            number = float(amount)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--trial-resources: {key}={amount!r} is not a number") from None
+        if isinstance(amount, bool) or not math.isfinite(number) or number < 0:
+            raise ConfigError(f"--trial-resources: {key} must be >= 0, got {amount!r}")
+        out[key] = number
+    if out.get("gpu", 0) > 1 and out["gpu"] != int(out["gpu"]):
+        raise ConfigError(
+            f"--trial-resources: gpu above 1 must be whole, got {out['gpu']:g} (Ray's rule)"
+        )
+    return out
+
+
 GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -578,6 +672,7 @@ GROUPS: dict[str, type] = {
     "train": TrainConfig,
     "search": SearchConfig,
     "run": RunConfig,
+    "executor": ExecutorConfig,
 }
 
 
@@ -591,6 +686,7 @@ class Options:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     @classmethod
     def field_index(cls) -> dict[str, str]:

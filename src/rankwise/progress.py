@@ -90,9 +90,17 @@ class Progress:
 
             yield update
 
+    def trial_started(self, worker: str, spec: TrialSpec, note: str = "") -> None:
+        """A trial started on a worker (parallel search: no bar, one line per start)."""
+        self.count += 1
+        note = f" ({note})" if note else ""
+        self.log(f"{worker}: started r={spec.rank} seed={spec.seed}{note}  ({self.status()})")
+
     def trial_done(self, result: TrialResult) -> None:
         group = f"[{result.group}] " if result.group else ""
-        self.log(f"{group}{trial_line(result)}  ({self.status()})")
+        worker = f"{result.extra['worker']}: " if result.extra.get("worker") else ""
+        ahead = " (speculative)" if result.extra.get("speculative") else ""
+        self.log(f"{worker}{group}{trial_line(result)}{ahead}  ({self.status()})")
 
     def done(self, rec, run_dir) -> None:
         self.log(f"recommendation: {rec.reason}")

@@ -151,8 +151,10 @@ def load_run(run_dir: str | Path) -> RunView:
         options = store.get_meta("options") or {}
         name = store.get_meta("name") or options.get("name") or run_dir.name
         everything, running = store.results(), store.running()
-        results = [r for r in everything if r.on_curve]
-        side = [r for r in everything if not r.on_curve]
+        # A trial a parallel search ran ahead and never needed is listed, not on the curve.
+        curve = [r.on_curve and not r.extra.get("speculative") for r in everything]
+        results = [r for r, c in zip(everything, curve, strict=True) if c]
+        side = [r for r, c in zip(everything, curve, strict=True) if not c]
         data = store.get_meta("data") or {}
         final = _read_recommendation(run_dir)
         if final is None:
@@ -239,6 +241,10 @@ def _note(r: TrialResult) -> str:
         parts.append("stopped by the time limit")
     if r.kind == TrialKind.NESTED:
         parts.append("nested-rank training (one run, truncated)")
+    for attempt in r.extra.get("attempts") or []:
+        parts.append(f"retried: worker {attempt.get('worker')} lost ({attempt.get('reason')})")
+    if r.extra.get("speculative"):
+        parts.append("speculative: run ahead in parallel, not needed by the search")
     return "; ".join(parts)
 
 
@@ -262,6 +268,7 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     pred_mem = _has_prediction(view, "peak_memory_bytes")
     pred_wall = _has_prediction(view, "wall_seconds")
     grouped = bool(view.side)
+    workers = any(r.extra.get("worker") for r in view.results + view.side)
     rows = []
     for r in sorted(view.results + view.side, key=lambda t: (t.group, t.rank, t.seed)):
         row = {
@@ -283,6 +290,8 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
             row["wall error"] = _error(r.predicted.get("wall_seconds"), r.wall_seconds or None)
         if grouped:
             row["group"] = r.group
+        if workers:
+            row["worker"] = str(r.extra.get("worker", "-"))
         row["diagnosis / reason"] = _note(r)
         rows.append(row)
     keys = list(rows[0]) if rows else None

@@ -49,6 +49,8 @@ class TrialRunner:
         self.autocast: str | None = state.get("autocast")
         self.baseline_bytes: int = state["baseline_bytes"]
         self.elapsed: Callable[[], float] = state["elapsed"]
+        if state.get("execute"):  # where trials train: this process unless an executor says
+            self.execute = state["execute"]
 
     # -- specs ----------------------------------------------------------------------------
     def lora_spec(self, rank: int, target_modules: list[str] | str | None = None) -> LoraSpec:
@@ -236,24 +238,41 @@ class TrialRunner:
 
     def run(self, rank: int, seed: int, variant: Variant = MAIN) -> TrialResult:
         """The trial's stored result, or run it now (unless a budget skips it)."""
-        from .trial import run_trial
+        spec, settled, predicted = self.prepare(rank, seed, variant)
+        if settled is not None:
+            return settled
+        self.store.start(spec)
+        with self.progress.trial(spec) as bar:
+            result = self.execute(spec, bar)
+        return self.record(result.replace(predicted=predicted), spec)
 
+    def prepare(
+        self, rank: int, seed: int, variant: Variant = MAIN, record: bool = True
+    ) -> tuple[TrialSpec, TrialResult | None, dict]:
+        """(spec, the result if nothing is left to train, predicted figures).
+
+        The result is the stored one, or a budget skip (written to the store unless
+        ``record`` is False: a speculative look-ahead must not decide anything)."""
         spec = self.spec_for(rank, seed, variant)
         stored = self.store.result(spec.key)
         if stored is not None and stored.status != SKIPPED:
-            return stored
-        if stored is not None:
+            return spec, stored, stored.predicted
+        if stored is not None and record:
             self.store.forget(spec.key)  # budgets may have changed: decide again
         skip, predicted = self.budget_check(rank, variant)
-        if skip:
-            result = self.skipped(spec, skip, predicted)
+        if not skip:
+            return spec, None, predicted
+        result = self.skipped(spec, skip, predicted)
+        if record:
             self.store.finish(result, spec)
             self.progress.trial_done(result)
-            return result
-        self.store.start(spec)
-        with self.progress.trial(spec) as bar:
-            result = run_trial(spec, self.ctx, progress=bar)
-        return self.record(result.replace(predicted=predicted), spec)
+        return spec, result, predicted
+
+    def execute(self, spec: TrialSpec, progress=None) -> TrialResult:
+        """Train one trial; an executor (rankwise.executor) may run it elsewhere instead."""
+        from .trial import run_trial
+
+        return run_trial(spec, self.ctx, progress=progress)
 
     def record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
         """Diagnose a finished trial and write it (one transaction), then tell the world."""

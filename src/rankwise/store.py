@@ -2,8 +2,9 @@
 
 A trial's row is written ``running`` when it starts and replaced by its result in
 one transaction when it ends, so a crash (Ctrl-C, kill -9, power loss) leaves at
-worst a ``running`` row, which the next run discards and redoes. Finished rows are
-never rewritten. WAL mode lets ``rankwise show``/``report`` read while a search
+worst a ``running`` row, which the next run discards and redoes. A finished row's
+result is never rewritten; only an annotation may change (:meth:`RunStore.annotate`:
+whether a trial run ahead by a parallel search turned out to be needed). WAL mode lets ``rankwise show``/``report`` read while a search
 writes.
 """
 
@@ -140,6 +141,17 @@ class RunStore:
                 "WHERE key = ?",
                 (result.status, time.time(), result.best_val_loss, result.to_json(), result.key),
             )
+
+    def annotate(self, key: str, **extra) -> TrialResult:
+        """Merge ``extra`` into a finished trial's ``extra`` (None removes a key)."""
+        with self.db:
+            result = self.result(key)
+            merged = {**result.extra, **extra}
+            result = result.replace(extra={k: v for k, v in merged.items() if v is not None})
+            self.db.execute(
+                "UPDATE trials SET result = ? WHERE key = ?", (result.to_json(), result.key)
+            )
+        return result
 
     def result(self, key: str) -> TrialResult | None:
         row = self.db.execute(

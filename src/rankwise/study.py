@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .config import DEFAULT_RANKS, ConfigError, Options
 from .diagnose import diagnose_search
+from .executor import LocalExecutor, make_executor
 from .records import SKIPPED, TrialKind, TrialResult
 from .resources import current_rss
 from .rundir import RunDir, data_fingerprint
@@ -110,6 +111,7 @@ class Study:
         self.t0 = time.perf_counter()
         self.lr_record: dict | None = None  # the learning-rate calibration, when it ran
         self.base_loss: float | None = None  # the base model's val loss (no adapter)
+        self.executor = LocalExecutor()  # run() opens the one --executor names
         # Process memory before the model is loaded, with the libraries a trial needs already
         # imported: the baseline of CPU memory predictions.
         import peft  # noqa: F401
@@ -187,6 +189,7 @@ class Study:
             baseline_bytes=self.baseline_bytes,
             elapsed=self.elapsed,
             autocast=pick_autocast(self.opts.model.dtype, device),
+            execute=self.executor.execute,
         )
         self._plan_ranks()
 
@@ -313,7 +316,10 @@ class Study:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> SearchResult:
-        with self.dir.locked() as stale:
+        with (
+            self.dir.locked() as stale,
+            make_executor(self.opts.executor, self.dir.path, self.progress) as self.executor,
+        ):
             if stale:
                 self.progress.log(
                     f"took over the lock of pid {stale.get('pid')} "
@@ -351,15 +357,13 @@ class Study:
         return self._finish(strategy)
 
     def drive(self, strategy, variant: Variant | None = None):
-        """Ask/run/tell until the strategy is done; the report is refreshed after each trial."""
-        while (p := strategy.ask()) is not None:
-            strategy.tell(self.runner.run(p.rank, p.seed, variant or Variant()))
-            self._refresh()
-        return strategy
+        """Ask/run/tell until the strategy is done; the report is refreshed after each trial
+        (on Ray, trials run side by side and the strategy still decides as it would here)."""
+        return self.executor.drive(strategy, self.runner, variant or Variant(), self._refresh)
 
     def nested_curve(self) -> Grid:
         """The whole rank curve from one nested-rank run per seed (rankwise.nested)."""
-        from .nested import nested_key, run_nested
+        from .nested import nested_key
 
         s, runner = self.opts.search, self.runner
         nested = Variant(TrialKind.NESTED)
@@ -386,7 +390,7 @@ class Study:
                 spec = runner.spec_for(r_max, seed, nested).replace(key=nested_key(r_max, seed))
                 self.store.start(spec)
                 with self.progress.trial(spec) as bar:
-                    stored = run_nested(
+                    stored = self.executor.nested(
                         spec, allowed, self.ctx, self.opts.lora.scaling, s.nested_distribution, bar
                     )
                 stored = [runner.record(r, spec) for r in stored]

@@ -13,7 +13,11 @@ Example:
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from pathlib import Path
+
+from .executor import Arrival, lost_result
+from .records import COMPLETE, SKIPPED, TrialResult, TrialSpec
 
 __all__ = [
     "make_tokenizer",
@@ -22,6 +26,8 @@ __all__ = [
     "save_tiny_adapter",
     "TINY_VOCAB",
     "CHAT_TEMPLATE",
+    "FakePool",
+    "FakeRunner",
 ]
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
@@ -140,3 +146,104 @@ def save_tiny_adapter(
             b[:, :k] = orthonormal(b.shape[0], k)
     peft_model.save_pretrained(path)
     return Path(path)
+
+
+# -- stand-ins for the parallel search (rankwise.executor), without torch -------------------
+class FakeRunner:
+    """A :class:`~rankwise.runner.TrialRunner` stand-in over a dict store (no torch)."""
+
+    def __init__(self, skip: Callable[[int], str | None] = lambda rank: None):
+        self.store, self.skip, self.recorded = _FakeStore(), skip, []
+        self.progress = _FakeProgress()
+
+    def spec_for(self, rank: int, seed: int, variant=None) -> TrialSpec:
+        return TrialSpec(f"r{rank}-s{seed}", rank, seed, {"r": rank, "lora_alpha": 16}, {}, {}, "")
+
+    def prepare(self, rank, seed, variant=None, record=True):
+        spec = self.spec_for(rank, seed)
+        stored = self.store.result(spec.key)
+        if stored is not None:
+            return spec, stored, {}
+        reason = self.skip(rank)
+        if reason is None:
+            return spec, None, {}
+        result = lost_result(spec, reason).replace(status=SKIPPED)
+        if record:
+            self.record(result, spec)
+        return spec, result, {}
+
+    def record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
+        self.store.finish(result)
+        self.recorded.append(result)
+        return result
+
+
+class _FakeProgress:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def log(self, text: str) -> None:
+        self.lines.append(text)
+
+    def trial_started(self, worker: str, spec: TrialSpec, note: str = "") -> None:
+        self.log(f"{worker}: started {spec.key} {note}".strip())
+
+
+class _FakeStore:
+    def __init__(self):
+        self.rows: dict[str, TrialResult] = {}
+
+    def result(self, key: str) -> TrialResult | None:
+        return self.rows.get(key)
+
+    def start(self, spec: TrialSpec) -> None:
+        pass
+
+    def finish(self, result: TrialResult) -> None:
+        self.rows[result.key] = result
+
+    def annotate(self, key: str, **extra) -> TrialResult:
+        merged = {**self.rows[key].extra, **extra}
+        self.rows[key] = self.rows[key].replace(
+            extra={k: v for k, v in merged.items() if v is not None}
+        )
+        return self.rows[key]
+
+    def discard_interrupted(self) -> None:
+        pass
+
+
+class FakePool:
+    """``slots`` workers that finish trials instantly with ``loss(spec)``; ``order`` picks
+    which running trial ends next (default: the oldest)."""
+
+    def __init__(self, slots: int, loss: Callable[[TrialSpec], float], order=None):
+        self.slots, self.loss, self.order = slots, loss, order or (lambda keys: keys[0])
+        self.running: dict[str, tuple[str, TrialSpec]] = {}
+        self.submitted: list[str] = []
+        self.cancelled: list[str] = []
+        self.peak = 0
+
+    def free(self) -> int:
+        return self.slots - len(self.running)
+
+    def submit(self, spec: TrialSpec, task: tuple = ()) -> str:
+        busy = {w for w, _ in self.running.values()}
+        worker = next(f"w{i}" for i in range(self.slots) if f"w{i}" not in busy)
+        self.running[spec.key] = (worker, spec)
+        self.submitted.append(spec.key)
+        self.peak = max(self.peak, len(self.running))
+        return worker
+
+    def wait(self) -> Arrival:
+        key = self.order(list(self.running))
+        worker, spec = self.running.pop(key)
+        loss = self.loss(spec)
+        if loss is None:  # the worker died
+            return Arrival(key, worker, None, "ActorDiedError: killed")
+        result = TrialResult(key, spec.rank, spec.seed, COMPLETE, best_val_loss=loss)
+        return Arrival(key, worker, [result])
+
+    def cancel(self, key: str) -> None:
+        self.running.pop(key)
+        self.cancelled.append(key)
