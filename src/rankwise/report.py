@@ -11,12 +11,18 @@ The HTML report is one self-contained file: figures are base64 PNGs, the CSS is
 inline, there is no script and no remote URL, so it opens offline and can be mailed.
 Every string that comes from the user (run name, model id, paths, reasons) is escaped.
 
-Example:
-    >>> view = load_run("runs/demo")               # doctest: +SKIP
-    >>> [row["status"] for row in trial_table_rows(view)]  # doctest: +SKIP
-    ['complete', 'complete', 'skipped']
-    >>> write_report("runs/demo")                   # doctest: +SKIP
-    PosixPath('runs/demo/report.html')
+Example (a run folder with two finished trials and no recommendation yet):
+    >>> import tempfile
+    >>> from rankwise.records import TrialResult
+    >>> store = RunStore(tempfile.mkdtemp())
+    >>> for rank, loss in ((1, 3.2), (2, 3.1)):
+    ...     store.finish(TrialResult(key=f"r{rank}-s0", rank=rank, seed=0, status="complete",
+    ...                              best_val_loss=loss))
+    >>> view = load_run(store.dir)
+    >>> [row["val loss"] for row in rank_table_rows(view)], view.finished
+    (['3.2000', '3.1000'], False)
+    >>> write_report(view).name
+    'report.html'
 """
 
 from __future__ import annotations
