@@ -321,7 +321,12 @@ def _record_batches(rendered) -> Iterator:
 
 
 def _pack(rendered, seq_len: int, pad_id: int):
-    """Concatenate every example, then cut into ``[N, seq_len]`` blocks (tail padded)."""
+    """Concatenate every example, then cut into ``[N, seq_len]`` blocks (tail padded).
+
+    Returns the ids, the labels and how many labels carry loss (counted per batch: a
+    whole-tensor ``(labels != IGNORE).sum()`` would allocate another int64 copy).
+    """
+    import numpy as np
     import pyarrow.compute as pc
     import torch
 
@@ -330,14 +335,16 @@ def _pack(rendered, seq_len: int, pad_id: int):
     ids = torch.full((n * seq_len,), pad_id, dtype=torch.long)
     # causal attention: trailing pads never influence real tokens
     labels = torch.full((n * seq_len,), IGNORE, dtype=torch.long)
-    ids_np, labels_np, pos = ids.numpy(), labels.numpy(), 0
+    ids_np, labels_np, pos, learned = ids.numpy(), labels.numpy(), 0, 0
     for batch in _record_batches(rendered):
         chunk = batch.column("input_ids").flatten().to_numpy()
         ids_np[pos : pos + len(chunk)] = chunk
-        labels_np[pos : pos + len(chunk)] = batch.column("labels").flatten().to_numpy()
+        chunk = batch.column("labels").flatten().to_numpy()
+        labels_np[pos : pos + len(chunk)] = chunk
+        learned += int(np.count_nonzero(chunk != IGNORE))
         pos += len(chunk)
     assert pos == total, (pos, total)
-    return ids.view(n, seq_len), labels.view(n, seq_len)
+    return ids.view(n, seq_len), labels.view(n, seq_len), learned
 
 
 def _num_proc(cfg: DataConfig, n_records: int) -> int:
@@ -425,7 +432,6 @@ def prepare_data(cfg: DataConfig, tokenizer, run_dir: str | Path, seed: int = 0)
     :func:`save_tokens` caches the result once the run is set up. Intermediate Arrow
     files live in a temporary directory, removed on return.
     """
-    from datasets import Dataset
     from datasets.utils import logging as ds_logging
 
     key = _fingerprint(cfg, tokenizer, seed)
@@ -434,21 +440,20 @@ def prepare_data(cfg: DataConfig, tokenizer, run_dir: str | Path, seed: int = 0)
         return cached
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()  # the run has its own progress display
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    blocks, counts = {}, {}
     try:
         with tempfile.TemporaryDirectory(prefix="rankwise-data-") as tmp:
-            n, fmt = _write_arrow(cfg.train, cfg, "--train", Path(tmp, "train-records.arrow"))
-            train_idx, val_idx = _split_order(n, cfg, seed)
-            records = Dataset.from_file(str(Path(tmp, "train-records.arrow")))
-            parts = {"train": (records.select(train_idx), "--train", cfg.train)}
-            if cfg.val:
-                val_cfg = replace(cfg, format=fmt)
-                _write_arrow(cfg.val, val_cfg, "--val", Path(tmp, "val-records.arrow"))
-                val = Dataset.from_file(str(Path(tmp, "val-records.arrow")))
-                parts["val"] = (val, "--val", cfg.val)
-            else:
-                parts["val"] = (records.select(val_idx), "--train", cfg.train)
-            blocks, counts = _render_and_pack(parts, fmt, tokenizer, cfg, Path(tmp))
-            del records, parts
+            fmt, rendered = _tokenise_splits(cfg, tokenizer, seed, Path(tmp))
+            for name, ds in rendered.items():
+                ids, labels, learned = _pack(ds, cfg.seq_len, pad)
+                if learned == 0:
+                    raise ConfigError(
+                        f"--{name}: no tokens to train on after rendering ({len(ds)} "
+                        "records; are the completions/assistant turns empty?)"
+                    )
+                blocks[f"{name}_ids"], blocks[f"{name}_labels"], counts[name] = ids, labels, len(ds)
+            del rendered, ds  # unmap the Arrow files before their directory goes
     finally:
         if bars:
             ds_logging.enable_progress_bar()
@@ -466,22 +471,31 @@ def prepare_data(cfg: DataConfig, tokenizer, run_dir: str | Path, seed: int = 0)
     )
 
 
-def _render_and_pack(parts: dict, fmt: str, tokenizer, cfg: DataConfig, tmp: Path):
+def _tokenise_splits(cfg: DataConfig, tokenizer, seed: int, tmp: Path) -> tuple[str, dict]:
+    """The format, and the train and validation examples tokenised into Arrow files.
+
+    The records' own Arrow files are released on return, before packing allocates the
+    blocks, so their memory-mapped pages do not add to the peak.
+    """
+    from datasets import Dataset
+
+    n, fmt = _write_arrow(cfg.train, cfg, "--train", tmp / "train-records.arrow")
+    train_idx, val_idx = _split_order(n, cfg, seed)
+    records = Dataset.from_file(str(tmp / "train-records.arrow"))
+    parts = {"train": (records.select(train_idx), f"--train: {cfg.train}")}
+    if cfg.val:
+        _write_arrow(cfg.val, replace(cfg, format=fmt), "--val", tmp / "val-records.arrow")
+        parts["val"] = (Dataset.from_file(str(tmp / "val-records.arrow")), f"--val: {cfg.val}")
+    else:
+        parts["val"] = (records.select(val_idx), f"--train: {cfg.train}")
     if fmt in ("messages", "sharegpt") and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"--format {fmt}: the tokenizer has no chat template")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    blocks, counts = {}, {}
-    for name, (ds, flag, source) in parts.items():
-        render = _Render(fmt, tokenizer, cfg, f"{flag}: {source}")
-        rendered = _tokenise(ds, render, tmp / f"{name}-tokens.arrow", _num_proc(cfg, len(ds)))
-        ids, labels = _pack(rendered, cfg.seq_len, pad)
-        if int((labels != IGNORE).sum()) == 0:
-            raise ConfigError(
-                f"--{name}: no tokens to train on after rendering ({len(ds)} "
-                "records; are the completions/assistant turns empty?)"
-            )
-        blocks[f"{name}_ids"], blocks[f"{name}_labels"], counts[name] = ids, labels, len(ds)
-    return blocks, counts
+    rendered = {}
+    for name, (ds, source) in parts.items():
+        render = _Render(fmt, tokenizer, cfg, source)
+        out = tmp / f"{name}-tokens.arrow"
+        rendered[name] = _tokenise(ds, render, out, _num_proc(cfg, len(ds)))
+    return fmt, rendered
 
 
 def save_tokens(data: TokenData, run_dir: str | Path) -> Path:

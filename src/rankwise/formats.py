@@ -111,35 +111,44 @@ class RecordChecker:
         self.first = None  # where the record that fixed the format sits
 
     def __call__(self, record: Any, where: str) -> None:
-        at = f"{self.source}, {where}"
         if not isinstance(record, dict):
-            raise ConfigError(f"{at}: expected a JSON object, got {type(record).__name__}")
-        found = ", ".join(map(str, record.keys()))
+            raise ConfigError(
+                f"{self.source}, {where}: expected a JSON object, got {type(record).__name__}"
+            )
         if self.format is None:
             self.format, self.first = record_format(record, self.cfg), where
             if self.format is None:
                 c = self.cfg
                 raise ConfigError(
-                    f"{at}: records have fields {found}; expected {c.text_field!r}, "
-                    f"{c.prompt_field!r}+{c.completion_field!r}, 'instruction'+'output' "
-                    f"(alpaca), {c.messages_field!r} or {c.conversations_field!r} "
-                    "(rename with --text-field etc.)"
+                    f"{self.source}, {where}: records have fields {_keys(record)}; expected "
+                    f"{c.text_field!r}, {c.prompt_field!r}+{c.completion_field!r}, "
+                    f"'instruction'+'output' (alpaca), {c.messages_field!r} or "
+                    f"{c.conversations_field!r} (rename with --text-field etc.)"
                 )
         need = _fields(self.format, self.cfg)
-        missing = [k for k in need if k not in record]
-        if missing:
-            other = record_format(record, self.cfg)
-            if other is not None and self.first is not None:
-                raise ConfigError(
-                    f"{at}: a {other} record (fields {found}), but {self.first} is "
-                    f"{self.format}; every record of a file must have one format "
-                    f"(expected fields {', '.join(need)})"
-                )
-            raise ConfigError(f"{at} has no field {', '.join(missing)} (fields found: {found})")
+        if not all(k in record for k in need):
+            self._wrong_fields(record, where, need)
         if self.format == "sharegpt":
             problem = _conversation_problem(record[self.cfg.conversations_field])
             if problem:
-                raise ConfigError(f"{at}: {self.cfg.conversations_field}{problem}")
+                raise ConfigError(
+                    f"{self.source}, {where}: {self.cfg.conversations_field}{problem}"
+                )
+
+    def _wrong_fields(self, record: dict, where: str, need: list[str]):
+        at, other = f"{self.source}, {where}", record_format(record, self.cfg)
+        if other is not None and self.first is not None:
+            raise ConfigError(
+                f"{at}: a {other} record (fields {_keys(record)}), but {self.first} is "
+                f"{self.format}; every record of a file must have one format "
+                f"(expected fields {', '.join(need)})"
+            )
+        missing = ", ".join(k for k in need if k not in record)
+        raise ConfigError(f"{at} has no field {missing} (fields found: {_keys(record)})")
+
+
+def _keys(record: dict) -> str:
+    return ", ".join(map(str, record))
 
 
 def _conversation_problem(turns: Any) -> str | None:
