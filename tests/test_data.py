@@ -9,6 +9,7 @@ import pytest
 
 from rankwise.config import ConfigError, DataConfig
 from rankwise.data import IGNORE, detect_format, load_records, prepare_data, split_records
+from rankwise.formats import render_batch
 from rankwise.testing import make_tokenizer
 
 from .conftest import sentences
@@ -59,17 +60,13 @@ def test_prompt_completion_masks_the_prompt(tok):
     cfg = DataConfig(format="auto")
     rec = [{"prompt": "Q: hi\nA:", "completion": " yes"}]
     assert detect_format(rec, cfg, "x") == "prompt_completion"
-    from rankwise.data import _render
-
-    ids, labels = _render(rec[0], "prompt_completion", tok, cfg)
+    ((ids, labels),) = render_batch(rec, "prompt_completion", tok, cfg)
     n_prompt = len(tok("Q: hi\nA:")["input_ids"])
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert tok.decode([t for t in labels if t != IGNORE]) == " yes</s>"
 
 
 def test_messages_train_on_assistant_turns_only(tok):
-    from rankwise.data import _render
-
     msgs = {
         "messages": [
             {"role": "user", "content": "ping"},
@@ -78,7 +75,7 @@ def test_messages_train_on_assistant_turns_only(tok):
             {"role": "assistant", "content": "pong2"},
         ]
     }
-    ids, labels = _render(msgs, "messages", tok, DataConfig())
+    ((ids, labels),) = render_batch([msgs], "messages", tok, DataConfig())
     learned = tok.decode([t for t in labels if t != IGNORE])
     assert learned == "pong</s>\npong2</s>\n"
     assert "ping" not in learned and "again" not in learned
@@ -160,3 +157,14 @@ def test_explicit_validation_file_is_used_whole(tmp_path, tok):
     data = prepare_data(DataConfig(train=str(train), val=str(val), seq_len=16), tok, tmp_path / "r")
     assert data.info["train_records"] == 40 and data.info["val_records"] == 3
     assert "zeta zeta zeta" in tok.decode(data.val_ids[0].tolist())
+
+
+def test_hub_dataset_records_are_read_in_batches(monkeypatch):
+    import datasets
+
+    rows = [{"text": s, "n": i} for i, s in enumerate(sentences(25))]
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows)
+    )
+    monkeypatch.setattr("rankwise.data.WRITE_BATCH", 10)
+    assert load_records("someone/some-data", DataConfig()) == rows

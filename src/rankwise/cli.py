@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from .config import GROUPS, ConfigError, EstimateConfig, ModelConfig, Options, flag
+from .export import TOOLS
 
 __all__ = ["main", "build_parser"]
 
@@ -144,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--figure", metavar="PATH", help="save a heat map of the effective ranks")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser(
+        "export",
+        help="write the recommended LoRA settings as an axolotl, LLaMA-Factory or PEFT config",
+    )
+    p.add_argument("dir", help="a finished run directory (holding recommendation.json)")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=TOOLS,
+        help="axolotl or llama-factory: YAML keys to merge into that tool's config; peft: "
+        "LoraConfig keyword arguments as JSON",
+    )
+    p.add_argument("--output", help="file to write (default: standard output)")
+    p.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -183,6 +198,23 @@ def _cmd_inspect(ns) -> int:
     if ns.figure:
         spectra.write_heatmap(result, ns.figure)
     print(json.dumps(result.to_dict()) if ns.json else spectra.format_inspection(result))
+    return 0
+
+
+def _cmd_export(ns) -> int:
+    from .export import export
+
+    result = export(ns.dir, ns.to)
+    if ns.output:
+        try:
+            Path(ns.output).write_text(result.text)
+        except OSError as exc:
+            raise ConfigError(f"--output: cannot write {ns.output} ({exc.strerror})") from None
+        print(ns.output)
+    else:
+        print(result.text, end="")
+    for note in result.notes:
+        print(f"rankwise export: not applied: {note}", file=sys.stderr)
     return 0
 
 
@@ -248,6 +280,7 @@ COMMANDS = {
     "show": _cmd_show,
     "report": _cmd_report,
     "inspect": _cmd_inspect,
+    "export": _cmd_export,
 }
 
 

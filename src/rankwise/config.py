@@ -204,23 +204,36 @@ class DataConfig:
     format: str = opt(
         "auto",
         "Record format: text, prompt_completion (loss on completion only), messages (chat "
-        "template; loss on assistant turns only), or auto (detected from the fields).",
-        choices=["auto", "text", "prompt_completion", "messages"],
+        "template; loss on assistant turns only), alpaca (instruction, optional input, output, "
+        "optional system: the Stanford Alpaca prompt as axolotl's type: alpaca writes it; loss "
+        "on the output only), sharegpt (conversations of from/value turns, from human, gpt or "
+        "system: chat template; loss on gpt turns only), or auto (detected from the first "
+        "record's fields; every record must have the same format).",
+        choices=["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"],
     )
     text_field: str = opt("text", "Field holding the text (format text).")
     prompt_field: str = opt("prompt", "Field holding the prompt (format prompt_completion).")
     completion_field: str = opt("completion", "Field holding the completion.")
     messages_field: str = opt("messages", "Field holding the chat messages (format messages).")
+    conversations_field: str = opt(
+        "conversations", "Field holding the ShareGPT turns (format sharegpt)."
+    )
     txt_per_file: bool = opt(
         False, "Plain text: one example per .txt file (train is a directory) instead of per line."
     )
     seq_len: int = opt(256, "Tokens per training sequence (examples are packed into blocks).")
     max_examples: int | None = opt(None, "Use at most this many training records (seeded choice).")
+    num_proc: int | None = opt(
+        None,
+        "Processes that tokenise the records (default: one below 20,000 records, else one per "
+        "available CPU core, at most 8).",
+        identity=False,
+    )
 
     def __post_init__(self):
         _choice(self, "format")
-        _integer(self, "seq_len", "max_examples")
-        _positive(self, "seq_len", "max_examples")
+        _integer(self, "seq_len", "max_examples", "num_proc")
+        _positive(self, "seq_len", "max_examples", "num_proc")
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"--val-fraction: expected a number in (0, 1), got {self.val_fraction!r}"

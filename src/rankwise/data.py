@@ -1,14 +1,29 @@
-"""Reading records, rendering them to tokens with loss masks, packing, caching.
+"""Reading records, tokenising them at scale, packing, caching.
 
-Formats (``--format``, detected from the fields when ``auto``):
-- ``text``: loss on every token;
-- ``prompt_completion``: loss on the completion only (prompt labels are -100);
-- ``messages``: rendered with the tokenizer's chat template, loss on assistant turns only.
+Records come from a file, a directory of ``.txt`` files, a hub dataset or the built-in
+corpus, in one of the formats of :mod:`rankwise.formats` (text, prompt/completion,
+messages, alpaca, ShareGPT). Preparation streams: records are read one at a time,
+checked, and written to an Arrow file in a temporary directory; ``datasets`` tokenises
+that file in batches (``Dataset.map(batched=True, num_proc=...)``) into another Arrow
+file; the token blocks are then filled batch by batch into one preallocated tensor.
+So memory holds the packed blocks and a batch, not every record and token list as
+Python objects. Nothing is written to the ``datasets`` cache or the run directory, and
+nothing needs the network unless the data is a hub dataset.
 
 Every example ends with EOS and examples are packed into blocks of ``seq_len``
 tokens (as TRL's ``packing=True`` and the run_clm ``group_texts`` recipe do), so
 no compute is spent on padding. The token blocks are computed once per run and
 cached in ``DIR/data/tokens.safetensors``; every trial reuses them.
+
+Example:
+    >>> import tempfile
+    >>> from rankwise.config import DataConfig
+    >>> from rankwise.testing import make_tokenizer
+    >>> path = tempfile.mktemp(suffix=".jsonl")
+    >>> _ = open(path, "w").write("\\n".join('{"text": "record %d"}' % i for i in range(20)))
+    >>> data = prepare_data(DataConfig(train=path, seq_len=16), make_tokenizer(), "unused")
+    >>> data.info["format"], data.info["train_records"], tuple(data.train_ids.shape)
+    ('text', 18, (11, 16))
 """
 
 from __future__ import annotations
@@ -17,13 +32,17 @@ import ast
 import csv
 import hashlib
 import json
+import os
 import random
 import sysconfig
-from dataclasses import asdict, dataclass
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, DataConfig
+from .formats import IGNORE, RecordChecker, render_batch
 
 __all__ = [
     "load_records",
@@ -37,15 +56,28 @@ __all__ = [
 ]
 
 STDLIB_CORPUS = "stdlib-docstrings"
-IGNORE = -100
 TOKENS_FILE = "tokens.safetensors"
+WRITE_BATCH = 10_000  # records per Arrow record batch: a few MB of JSON text
+MAP_BATCH = 1_000  # records per tokenizer call (datasets' default batch size)
+PARALLEL_FROM = 20_000  # records; below this, starting worker processes costs more than it saves
 
 
 # -- reading records ----------------------------------------------------------------------
 def load_records(source: str, cfg: DataConfig, flag: str = "--train") -> list[dict[str, Any]]:
-    """Records of a file, directory, hub dataset or the built-in corpus."""
+    """Records of a file, directory, hub dataset or the built-in corpus, as a list."""
+    records = [record for _, record, _ in _iter_source(source, cfg, flag)]
+    if not records:
+        raise ConfigError(f"{flag}: {source} holds no records")
+    return records
+
+
+def _iter_source(source: str, cfg: DataConfig, flag: str) -> Iterator[tuple[str, Any, str | None]]:
+    """``(where, record, its JSON text or None)`` for each record, streamed where possible.
+
+    ``where`` is ``"line N"`` (JSON Lines, .txt: physical lines, from 1) or ``"record N"``.
+    """
     if source == STDLIB_CORPUS:
-        return [{"text": t} for t in stdlib_docstrings()]
+        return _numbered({"text": t} for t in stdlib_docstrings())
     path = Path(source).expanduser()
     if path.is_dir():
         if not cfg.txt_per_file:
@@ -56,8 +88,8 @@ def load_records(source: str, cfg: DataConfig, flag: str = "--train") -> list[di
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise ConfigError(f"{flag}: {source} holds no .txt files")
-        records = [{"text": _read_text(f, flag)} for f in files]
-        return _non_empty([r for r in records if r["text"].strip()], source, flag)
+        texts = (_read_text(f, flag) for f in files)
+        return _numbered({"text": t} for t in texts if t.strip())
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
         if not path.is_file():
@@ -69,19 +101,18 @@ def load_records(source: str, cfg: DataConfig, flag: str = "--train") -> list[di
             ".parquet": _read_parquet,
             ".txt": _read_txt,
         }[suffix]
-        return _non_empty(reader(path, flag), source, flag)
+        return reader(path, flag)
     if path.exists() or "/" not in source and "." in path.name:
         raise ConfigError(
             f"{flag}: {source}: unsupported file type; expected .jsonl, .json, "
             ".csv, .parquet or .txt"
         )
-    return _non_empty(_read_hub(source, cfg.split, flag), source, flag)
+    return _read_hub(source, cfg.split, flag)
 
 
-def _non_empty(records: list, source: str, flag: str) -> list:
-    if not records:
-        raise ConfigError(f"{flag}: {source} holds no records")
-    return records
+def _numbered(records) -> Iterator[tuple[str, Any, None]]:
+    for i, record in enumerate(records, 1):
+        yield f"record {i}", record, None
 
 
 def _read_text(path: Path, flag: str) -> str:
@@ -93,9 +124,20 @@ def _read_text(path: Path, flag: str) -> str:
         raise ConfigError(f"{flag}: cannot read {path} ({exc.strerror})") from None
 
 
-def _read_jsonl(path: Path, flag: str) -> list[dict]:
-    records = []
-    for lineno, line in enumerate(_read_text(path, flag).splitlines(), 1):
+def _lines(path: Path, flag: str) -> Iterator[str]:
+    """The file's ``str.splitlines()``, read a line at a time."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:  # universal newlines split at \n, \r\n and \r ...
+                yield from line.splitlines()  # ... and splitlines at the rest (\f, \x1c, ...)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag}: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path} ({exc.strerror})") from None
+
+
+def _read_jsonl(path: Path, flag: str) -> Iterator[tuple[str, Any, str]]:
+    for lineno, line in enumerate(_lines(path, flag), 1):
         if not line.strip():
             continue
         try:
@@ -109,11 +151,10 @@ def _read_jsonl(path: Path, flag: str) -> list[dict]:
                 f"{flag}: {path}, line {lineno}: expected a JSON object, got "
                 f"{type(record).__name__}"
             )
-        records.append(record)
-    return records
+        yield f"line {lineno}", record, line
 
 
-def _read_json(path: Path, flag: str) -> list[dict]:
+def _read_json(path: Path, flag: str) -> Iterator[tuple[str, Any, None]]:
     try:
         data = json.loads(_read_text(path, flag))
     except json.JSONDecodeError as exc:
@@ -124,40 +165,54 @@ def _read_json(path: Path, flag: str) -> list[dict]:
         data = next(iter(data.values()))  # {"data": [...]} as datasets' `field=` reads it
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ConfigError(f"{flag}: {path}: expected a JSON list of objects (or use .jsonl)")
-    return data
+    return _numbered(data)
 
 
-def _read_csv(path: Path, flag: str) -> list[dict]:
-    text = _read_text(path, flag)
+def _read_csv(path: Path, flag: str) -> Iterator[tuple[str, Any, None]]:
     try:
-        return [dict(row) for row in csv.DictReader(text.splitlines())]
+        yield from _numbered(dict(row) for row in csv.DictReader(_lines(path, flag)))
     except csv.Error as exc:
         raise ConfigError(f"{flag}: {path}: malformed CSV ({exc})") from None
 
 
-def _read_parquet(path: Path, flag: str) -> list[dict]:
-    from datasets import Dataset
+def _read_parquet(path: Path, flag: str) -> Iterator[tuple[str, Any, None]]:
+    import pyarrow.parquet as pq
+
+    def rows():
+        for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=WRITE_BATCH):
+            yield from batch.to_pylist()
 
     try:
-        return Dataset.from_parquet(str(path)).to_list()
+        yield from _numbered(rows())
+    except ConfigError:
+        raise
     except Exception as exc:  # pyarrow raises many types for a bad file
         raise ConfigError(f"{flag}: {path}: cannot read Parquet ({type(exc).__name__})") from None
 
 
-def _read_txt(path: Path, flag: str) -> list[dict]:
-    return [{"text": line} for line in _read_text(path, flag).splitlines() if line.strip()]
+def _read_txt(path: Path, flag: str) -> Iterator[tuple[str, Any, None]]:
+    for lineno, line in enumerate(_lines(path, flag), 1):
+        if line.strip():
+            yield f"line {lineno}", {"text": line}, None
 
 
-def _read_hub(name: str, split: str, flag: str) -> list[dict]:
+def _read_hub(name: str, split: str, flag: str) -> Iterator[tuple[str, Any, None]]:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split).to_list()
+        ds = datasets.load_dataset(name, split=split)
     except Exception as exc:
         raise ConfigError(
             f"{flag}: {name!r} is not a local file and could not be loaded as a hub "
             f"dataset ({type(exc).__name__}); offline, pass a file"
         ) from None
+
+    def rows():
+        for batch in ds.iter(batch_size=WRITE_BATCH):  # a dict of columns
+            for values in zip(*batch.values(), strict=True):
+                yield dict(zip(batch, values, strict=True))
+
+    return _numbered(rows())
 
 
 def stdlib_docstrings(min_chars: int = 40) -> list[str]:
@@ -180,94 +235,125 @@ def stdlib_docstrings(min_chars: int = 40) -> list[str]:
     return texts
 
 
-# -- formats and rendering ----------------------------------------------------------------
 def detect_format(records: list[dict], cfg: DataConfig, source: str) -> str:
-    """The record format, checking that the fields it needs are there."""
-    fields = list(records[0].keys())
-    need = {
-        "text": [cfg.text_field],
-        "messages": [cfg.messages_field],
-        "prompt_completion": [cfg.prompt_field, cfg.completion_field],
-    }
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = next(
-            (
-                f
-                for f in ("messages", "prompt_completion", "text")
-                if all(k in records[0] for k in need[f])
-            ),
-            None,
-        )
-        if fmt is None:
-            raise ConfigError(
-                f"{source}: records have fields {', '.join(fields)}; expected "
-                f"{cfg.text_field!r}, {cfg.prompt_field!r}+{cfg.completion_field!r} or "
-                f"{cfg.messages_field!r} (rename with --text-field etc.)"
-            )
-    for i, record in enumerate(records):
-        missing = [k for k in need[fmt] if k not in record]
-        if missing:
-            raise ConfigError(
-                f"{source}: record {i + 1} has no field {', '.join(missing)} "
-                f"(fields found: {', '.join(record.keys())})"
-            )
-    return fmt
+    """The format of a list of records, checking that every record has its fields."""
+    check = RecordChecker(cfg, source)
+    for i, record in enumerate(records, 1):
+        check(record, f"record {i}")
+    return check.format
 
 
-def _render(record: dict, fmt: str, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if fmt == "text":
-        ids = tokenizer(str(record[cfg.text_field]))["input_ids"] + eos
-        return ids, list(ids)
-    if fmt == "prompt_completion":
-        prompt = tokenizer(str(record[cfg.prompt_field]))["input_ids"]
-        completion = tokenizer(str(record[cfg.completion_field]), add_special_tokens=False)
-        completion = completion["input_ids"] + eos
-        return prompt + completion, [IGNORE] * len(prompt) + completion
-    return _render_chat(record[cfg.messages_field], tokenizer)
+# -- records to an Arrow file, tokens to packed blocks ----------------------------------------
+def _write_arrow(source: str, cfg: DataConfig, flag: str, path: Path) -> tuple[int, str]:
+    """Check every record and write it as JSON text to an Arrow stream file.
+
+    One string column keeps records of any shape (Arrow would otherwise unify the
+    schemas of nested messages, adding null keys the chat template would see).
+    Returns the number of records and their format.
+    """
+    import pyarrow as pa
+
+    check = RecordChecker(cfg, f"{flag}: {source}")
+    schema = pa.schema([("where", pa.string()), ("json", pa.large_string())])
+    n, wheres, texts = 0, [], []
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for where, record, text in _iter_source(source, cfg, flag):
+            check(record, where)
+            wheres.append(where)
+            texts.append(text if text is not None else json.dumps(record, default=str))
+            n += 1
+            if len(texts) == WRITE_BATCH:
+                writer.write_batch(pa.record_batch([wheres, texts], schema=schema))
+                wheres, texts = [], []
+        if texts:
+            writer.write_batch(pa.record_batch([wheres, texts], schema=schema))
+    if n == 0:
+        raise ConfigError(f"{flag}: {source} holds no records")
+    return n, check.format
 
 
-def _render_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    """Chat template rendering; labels only on the characters of assistant turns."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--format messages: the tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m.get("role") == "assistant":
-            start = (
-                len(
-                    tokenizer.apply_chat_template(
-                        messages[:i], tokenize=False, add_generation_prompt=True
-                    )
-                )
-                if i
-                else 0
-            )
-            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-            spans.append((start, end))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        tok if any(s <= a and b <= e for s, e in spans) and b > a else IGNORE
-        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    ]
-    return enc["input_ids"], labels
+class _Render:
+    """``Dataset.map`` batch function: JSON records in, token ids and labels out."""
+
+    def __init__(self, fmt: str, tokenizer, cfg: DataConfig, source: str):
+        self.fmt, self.tokenizer, self.cfg, self.source = fmt, tokenizer, cfg, source
+
+    def __call__(self, batch: dict) -> dict:
+        records = [json.loads(t) for t in batch["json"]]
+        where = [f"{self.source}, {w}" for w in batch["where"]]
+        pairs = render_batch(records, self.fmt, self.tokenizer, self.cfg, where)
+        return {"input_ids": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
 
 
-def _pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
+def _tokenise(ds, render: _Render, out: Path, num_proc: int):
+    """Rendered examples (``input_ids``, ``labels`` as int32 lists) in Arrow files at ``out``."""
+    from datasets import Features, Sequence, Value
+
+    features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))})
+    return ds.map(
+        render,
+        batched=True,
+        batch_size=MAP_BATCH,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=ds.column_names,
+        features=features,
+        cache_file_name=str(out),
+        load_from_cache_file=False,
+        new_fingerprint=out.stem,  # skips hashing the tokenizer to name a cache entry
+    )
+
+
+def _record_batches(rendered) -> Iterator:
+    """The rendered table's record batches, read from its files (not memory-mapped).
+
+    Reading through ``read()`` rather than the memory map keeps the pages out of this
+    process's resident set: peak memory stays the packed tensor plus one batch.
+    """
+    import pyarrow as pa
+
+    files = [f["filename"] for f in rendered.cache_files]
+    if not files:  # an in-memory table
+        yield from rendered.data.to_batches()
+        return
+    for name in files:
+        with pa.OSFile(name) as src:
+            yield from pa.ipc.open_stream(src)
+
+
+def _pack(rendered, seq_len: int, pad_id: int):
+    """Concatenate every example, then cut into ``[N, seq_len]`` blocks (tail padded).
+
+    Returns the ids, the labels and how many labels carry loss (counted per batch: a
+    whole-tensor ``(labels != IGNORE).sum()`` would allocate another int64 copy).
+    """
+    import numpy as np
+    import pyarrow.compute as pc
     import torch
 
-    ids = [t for ex in examples for t in ex[0]]
-    labels = [t for ex in examples for t in ex[1]]
-    n = -(-len(ids) // seq_len)
-    pad = n * seq_len - len(ids)
-    ids += [pad_id] * pad
-    labels += [IGNORE] * pad  # causal attention: trailing pads never influence real tokens
-    return (
-        torch.tensor(ids, dtype=torch.long).view(n, seq_len),
-        torch.tensor(labels, dtype=torch.long).view(n, seq_len),
-    )
+    total = pc.sum(pc.list_value_length(rendered.data.column("input_ids"))).as_py() or 0
+    n = -(-total // seq_len)
+    ids = torch.full((n * seq_len,), pad_id, dtype=torch.long)
+    # causal attention: trailing pads never influence real tokens
+    labels = torch.full((n * seq_len,), IGNORE, dtype=torch.long)
+    ids_np, labels_np, pos, learned = ids.numpy(), labels.numpy(), 0, 0
+    for batch in _record_batches(rendered):
+        chunk = batch.column("input_ids").flatten().to_numpy()
+        ids_np[pos : pos + len(chunk)] = chunk
+        chunk = batch.column("labels").flatten().to_numpy()
+        labels_np[pos : pos + len(chunk)] = chunk
+        learned += int(np.count_nonzero(chunk != IGNORE))
+        pos += len(chunk)
+    assert pos == total, (pos, total)
+    return ids.view(n, seq_len), labels.view(n, seq_len), learned
+
+
+def _num_proc(cfg: DataConfig, n_records: int) -> int:
+    if cfg.num_proc:
+        return max(1, min(cfg.num_proc, n_records))
+    if n_records < PARALLEL_FROM:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores or 1))
 
 
 # -- the whole preparation, cached ----------------------------------------------------------
@@ -283,8 +369,10 @@ class TokenData:
 
 
 def _fingerprint(cfg: DataConfig, tokenizer, seed: int) -> str:
+    options = asdict(cfg)
+    options.pop("num_proc")  # how many processes tokenise does not change the tokens
     parts = [
-        json.dumps(asdict(cfg), sort_keys=True),
+        json.dumps(options, sort_keys=True),
         str(seed),
         str(len(tokenizer)),
         type(tokenizer).__name__,
@@ -299,67 +387,80 @@ def _fingerprint(cfg: DataConfig, tokenizer, seed: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def split_records(records: list, cfg: DataConfig, seed: int) -> tuple[list, list]:
-    """Seeded, deterministic subsample (``max_examples``) and train/validation split."""
-    order = list(range(len(records)))
+def _split_order(n: int, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
+    """Record indices of the training and validation sets (see :func:`split_records`)."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     if cfg.max_examples:
         order = order[: cfg.max_examples]
     if cfg.val:
-        return [records[i] for i in order], []
+        return order, []
     n_val = int(len(order) * cfg.val_fraction)
     if n_val == 0:
         raise ConfigError(
             f"--val-fraction {cfg.val_fraction}: the validation set would be empty "
             f"({len(order)} records); give more data, a larger fraction, or --val FILE"
         )
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+    return order[n_val:], order[:n_val]
+
+
+def split_records(records: list, cfg: DataConfig, seed: int) -> tuple[list, list]:
+    """Seeded, deterministic subsample (``max_examples``) and train/validation split."""
+    train, val = _split_order(len(records), cfg, seed)
+    return [records[i] for i in train], [records[i] for i in val]
+
+
+def _load_cache(cache: Path, key: str) -> TokenData | None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not cache.exists():
+        return None
+    with safe_open(str(cache), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("fingerprint") != key:
+        return None
+    t = load_file(str(cache))
+    info = json.loads(meta["info"])
+    return TokenData(t["train_ids"], t["train_labels"], t["val_ids"], t["val_labels"], info)
 
 
 def prepare_data(cfg: DataConfig, tokenizer, run_dir: str | Path, seed: int = 0) -> TokenData:
     """Read, split, render and pack — or reuse ``DIR/data/tokens.safetensors``.
 
     Nothing is written here (bad input must leave the run directory untouched);
-    :func:`save_tokens` caches the result once the run is set up.
+    :func:`save_tokens` caches the result once the run is set up. Intermediate Arrow
+    files live in a temporary directory, removed on return.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from datasets.utils import logging as ds_logging
 
-    cache = Path(run_dir) / "data" / TOKENS_FILE
     key = _fingerprint(cfg, tokenizer, seed)
-    if cache.exists():
-        with safe_open(str(cache), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("fingerprint") == key:
-            t = load_file(str(cache))
-            return TokenData(
-                t["train_ids"],
-                t["train_labels"],
-                t["val_ids"],
-                t["val_labels"],
-                json.loads(meta["info"]),
-            )
-    records = load_records(cfg.train, cfg, "--train")
-    fmt = detect_format(records, cfg, cfg.train)
-    train, val = split_records(records, cfg, seed)
-    if cfg.val:
-        val = load_records(cfg.val, cfg, "--val")
-        detect_format(val, DataConfig(**{**asdict(cfg), "format": fmt}), cfg.val)
+    cached = _load_cache(Path(run_dir) / "data" / TOKENS_FILE, key)
+    if cached is not None:
+        return cached
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # the run has its own progress display
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    blocks = {}
-    for name, recs in (("train", train), ("val", val)):
-        rendered = [_render(r, fmt, tokenizer, cfg) for r in recs]
-        ids, labels = _pack(rendered, cfg.seq_len, pad)
-        if int((labels != IGNORE).sum()) == 0:
-            raise ConfigError(
-                f"--{name}: no tokens to train on after rendering ({len(recs)} "
-                "records; are the completions/assistant turns empty?)"
-            )
-        blocks[f"{name}_ids"], blocks[f"{name}_labels"] = ids, labels
+    blocks, counts = {}, {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="rankwise-data-") as tmp:
+            fmt, rendered = _tokenise_splits(cfg, tokenizer, seed, Path(tmp))
+            for name, ds in rendered.items():
+                ids, labels, learned = _pack(ds, cfg.seq_len, pad)
+                if learned == 0:
+                    raise ConfigError(
+                        f"--{name}: no tokens to train on after rendering ({len(ds)} "
+                        "records; are the completions/assistant turns empty?)"
+                    )
+                blocks[f"{name}_ids"], blocks[f"{name}_labels"], counts[name] = ids, labels, len(ds)
+            del rendered, ds  # unmap the Arrow files before their directory goes
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
     info = {
         "format": fmt,
-        "train_records": len(train),
-        "val_records": len(val),
+        "train_records": counts["train"],
+        "val_records": counts["val"],
         "train_blocks": int(blocks["train_ids"].shape[0]),
         "val_blocks": int(blocks["val_ids"].shape[0]),
         "seq_len": cfg.seq_len,
@@ -368,6 +469,33 @@ def prepare_data(cfg: DataConfig, tokenizer, run_dir: str | Path, seed: int = 0)
     return TokenData(
         blocks["train_ids"], blocks["train_labels"], blocks["val_ids"], blocks["val_labels"], info
     )
+
+
+def _tokenise_splits(cfg: DataConfig, tokenizer, seed: int, tmp: Path) -> tuple[str, dict]:
+    """The format, and the train and validation examples tokenised into Arrow files.
+
+    The records' own Arrow files are released on return, before packing allocates the
+    blocks, so their memory-mapped pages do not add to the peak.
+    """
+    from datasets import Dataset
+
+    n, fmt = _write_arrow(cfg.train, cfg, "--train", tmp / "train-records.arrow")
+    train_idx, val_idx = _split_order(n, cfg, seed)
+    records = Dataset.from_file(str(tmp / "train-records.arrow"))
+    parts = {"train": (records.select(train_idx), f"--train: {cfg.train}")}
+    if cfg.val:
+        _write_arrow(cfg.val, replace(cfg, format=fmt), "--val", tmp / "val-records.arrow")
+        parts["val"] = (Dataset.from_file(str(tmp / "val-records.arrow")), f"--val: {cfg.val}")
+    else:
+        parts["val"] = (records.select(val_idx), f"--train: {cfg.train}")
+    if fmt in ("messages", "sharegpt") and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"--format {fmt}: the tokenizer has no chat template")
+    rendered = {}
+    for name, (ds, source) in parts.items():
+        render = _Render(fmt, tokenizer, cfg, source)
+        out = tmp / f"{name}-tokens.arrow"
+        rendered[name] = _tokenise(ds, render, out, _num_proc(cfg, len(ds)))
+    return fmt, rendered
 
 
 def save_tokens(data: TokenData, run_dir: str | Path) -> Path:

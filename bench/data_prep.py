@@ -1,0 +1,223 @@
+"""Data preparation at scale: time and peak memory of ``prepare_data`` on generated records.
+
+The data: ``--records`` JSON Lines records ``{"text": ...}`` of about 100 characters (words
+drawn from a fixed list with a fixed seed), tokenised by rankwise's test tokenizer
+(``rankwise.testing.make_tokenizer``: one token per character, so about 100 tokens a
+record), packed into 256-token blocks with a 10% validation split.
+
+Each measurement runs in a fresh Python process that imports torch, transformers, datasets
+and rankwise, notes its resident memory (the baseline), then times one ``prepare_data``
+call (``save_tokens`` is not included: it is the same in both): wall time, and CPU time
+(user + system, of the process and its workers; on a shared machine it moves less with
+other people's load than wall time does). Peak memory is reported
+two ways: the process's own high-water mark (``ru_maxrss``), and, while datasets' worker
+processes run, the peak of the summed memory of the process and its workers, sampled every
+250 ms (proportional set size, so pages the workers share with the parent count once).
+
+- **before**: ``prepare_data`` as of commit 9887486 (loaded with ``git show``): every
+  record read into a list of dicts, rendered into Python lists of token ids, flattened
+  and packed.
+- **after**: today's ``prepare_data``: streamed through Arrow files and
+  ``datasets.map`` (``--num-proc``: worker processes; 1 = tokenise in the main process).
+
+Both must produce the same token blocks; the table says whether they did (a digest of
+the blocks).
+
+Usage::
+
+    .venv/bin/python bench/data_prep.py                  # 1,000,000 records; a few minutes each
+    .venv/bin/python bench/data_prep.py --smoke          # 3,000 records, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEFORE = "9887486"
+WORDS = "the of a to in rank adapter loss model token value layer step data search".split()
+
+
+def write_records(path: Path, n: int, seed: int = 0) -> int:
+    """``n`` JSON Lines records of ~100 characters; returns the file size in bytes."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            words, size = [], 0
+            while size < 100:
+                words.append(rng.choice(WORDS))
+                size += len(words[-1]) + 1
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path.stat().st_size
+
+
+# -- the measured process -----------------------------------------------------------------------
+def _old_prepare(commit: str):
+    """``prepare_data`` of an earlier commit, run against today's config module."""
+    import types
+
+    src = subprocess.run(
+        ["git", "show", f"{commit}:src/rankwise/data.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    mod = types.ModuleType(f"rankwise._data_{commit}")
+    mod.__package__ = "rankwise"
+    sys.modules[mod.__name__] = mod
+    exec(compile(src, f"data.py@{commit}", "exec"), mod.__dict__)
+    return mod.prepare_data
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the workers)."""
+    import resource
+
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+
+
+def child(args) -> None:
+    import hashlib
+    import resource
+
+    import datasets  # noqa: F401  (imported by both arms: the same baseline)
+    import psutil
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from rankwise.config import DataConfig
+    from rankwise.data import prepare_data
+    from rankwise.testing import make_tokenizer
+
+    prepare = _old_prepare(BEFORE) if args.impl == "before" else prepare_data
+    tokenizer = make_tokenizer()
+    cfg = DataConfig(train=args.data, seq_len=args.seq_len, num_proc=args.num_proc)
+    baseline = psutil.Process().memory_info().rss
+    start, cpu0 = time.perf_counter(), _cpu_seconds()
+    data = prepare(cfg, tokenizer, Path(args.data).parent / "no-run", 0)
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before hashing
+    h = hashlib.sha256()
+    for t in (data.train_ids, data.train_labels, data.val_ids, data.val_labels):
+        h.update(t.numpy().data)  # the buffer itself: .tobytes() would copy 0.7 GiB
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "seconds": seconds,
+                "cpu": cpu,
+                "baseline": baseline,
+                "maxrss": maxrss,
+                "tokens": int(data.train_ids.numel() + data.val_ids.numel()),
+                "blocks": int(data.train_ids.shape[0] + data.val_ids.shape[0]),
+                "digest": h.hexdigest()[:12],
+            }
+        ),
+        flush=True,
+    )
+
+
+# -- the driver -----------------------------------------------------------------------------
+def measure(impl: str, data: Path, seq_len: int, num_proc: int | None) -> dict:
+    """Run one arm in a fresh process; sample the summed RSS of its process tree."""
+    import psutil
+
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, __file__, "--child", "--impl", impl, "--data", str(data)]
+    cmd += ["--seq-len", str(seq_len)] + (["--num-proc", str(num_proc)] if num_proc else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak, p = None, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:  # only while there are workers: alone, the process's ru_maxrss is exact
+            if children := p.children(recursive=True):
+                peak = max(peak or 0, sum(_pss(q) for q in [p, *children]))
+        except (psutil.Error, OSError):
+            pass
+        time.sleep(0.25)
+    out, err = proc.communicate()
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"{impl} failed ({proc.returncode}):\n{err[-3000:]}")
+    return {**json.loads(line[len("RESULT ") :]), "tree_peak": peak}
+
+
+def _pss(proc) -> int:
+    """Proportional set size: a page shared by k processes counts 1/k in each (forked
+    workers share the parent's torch and transformers pages; RSS would count them twice)."""
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
+    except FileNotFoundError:  # not Linux: resident set size
+        return proc.memory_info().rss
+
+
+def _git_has(commit: str) -> bool:
+    cmd = ["git", "cat-file", "-e", f"{commit}^{{commit}}"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--arms", default="before,after:1,after", help="before, after[:num_proc]")
+    p.add_argument("--smoke", action="store_true", help="3,000 records; before and after")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--num-proc", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+    n = 3_000 if args.smoke else args.records
+    arms = ("before,after" if args.smoke else args.arms).split(",")
+    if "before" in arms and not _git_has(BEFORE):
+        print(f"(commit {BEFORE} is not in this checkout: measuring 'after' only)")
+        arms = [a for a in arms if a != "before"]
+    with tempfile.TemporaryDirectory(prefix="rankwise-bench-") as tmp:
+        data = Path(tmp) / "records.jsonl"
+        size = write_records(data, n)
+        print(f"{n:,} records, {size / 2**20:,.1f} MiB of JSON Lines; seq_len {args.seq_len}\n")
+        print(
+            "| implementation | records | tokens (blocks) | time | CPU time | baseline RSS "
+            "| peak RSS, main process | peak PSS, all processes | blocks digest |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for arm in arms:
+            impl, _, procs = arm.partition(":")
+            r = measure(impl, data, args.seq_len, int(procs) if procs else None)
+            name = f"before ({BEFORE})" if impl == "before" else "after"
+            if impl == "after":
+                name += f", num_proc {procs}" if procs else ", num_proc auto"
+            print(
+                f"| {name} | {n:,} | {r['tokens']:,} ({r['blocks']:,}) | {r['seconds']:.1f} s "
+                f"| {r['cpu']:.1f} s "
+                f"| {mib(r['baseline'])} | {mib(r['maxrss'])} "
+                f"| {mib(r['tree_peak']) if r['tree_peak'] else 'no workers'} "
+                f"| {r['digest']} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
