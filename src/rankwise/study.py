@@ -107,7 +107,7 @@ class Study:
             n += len(tc.lr_candidates) * (2 if tc.lr_check_largest_rank else 1)
         if s.tune:
             n += 2 * (2 * ("dropout" in s.tune) + 4 * ("alpha" in s.tune))
-        return n + (s.strategy == "nested" and s.final)
+        return n + (s.strategy == "nested" and s.final) + 2 * s.seeds * s.per_layer
 
     def warnings(self) -> list[str]:
         """Settings that make the rank comparison unfair, said before the search spends time."""
@@ -333,7 +333,7 @@ class Study:
         return section, [final] if final.ok else curve.results
 
     def _finish(self, strategy) -> SearchResult:
-        from . import compare
+        from . import compare, perlayer
 
         s, runner = self.opts.search, self.runner
         scores = strategy.scores()
@@ -350,6 +350,8 @@ class Study:
             extras["tuning"], rec, lora, source = compare.cotune(runner, rec, lora, source)
         if s.strategy == "nested" and s.final and rec.rank is not None:
             extras["final"], source = self.final_trial(rec, strategy)
+        if s.per_layer and rec.rank is not None:
+            extras["per_layer"], rec, lora, source = perlayer.per_layer(runner, rec, lora, source)
         if rec.rank is not None:
             best = min(
                 (r for r in source if r.rank == rec.rank and r.ok), key=lambda r: r.best_val_loss
