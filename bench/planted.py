@@ -1,8 +1,9 @@
 """Planted-rank tasks: data whose right LoRA rank is known, for benchmarking rank search.
 
 A tiny Llama (the *base*) gets a rank-k update ΔW = scale·U·Vᵀ on every target module
-(q_proj, v_proj, up_proj, down_proj); the result is the *teacher*. Sequences sampled from
-the teacher become ``train.jsonl`` / ``val.jsonl``. A LoRA student on the base model can
+(q_proj, v_proj, up_proj, down_proj; or only the types ``modules`` names, for a task whose
+needs differ by module type); the result is the *teacher*. Sequences sampled from the
+teacher become ``train.jsonl`` / ``val.jsonl``. A LoRA student on the base model can
 match the teacher exactly at rank k and not below, so its validation loss should fall until
 r ≈ k and then plateau.
 
@@ -46,6 +47,7 @@ Usage::
 
     python bench/planted.py --k 2 8 32          # full tasks (a few seconds to a minute each)
     python bench/planted.py --k 2 --smoke       # tiny task, for tests
+    python bench/planted.py --k 8 --modules q_proj+v_proj   # planted-k8-q_proj-v_proj
 """
 
 from __future__ import annotations
@@ -68,7 +70,16 @@ sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without inst
 
 from rankwise.testing import CHARS, make_tokenizer, tiny_model  # noqa: E402
 
-__all__ = ["PlantedParams", "make_task", "build_base", "plant", "sample", "mean_nll", "main"]
+__all__ = [
+    "PlantedParams",
+    "task_name",
+    "make_task",
+    "build_base",
+    "plant",
+    "sample",
+    "mean_nll",
+    "main",
+]
 
 CACHE = ROOT / ".cache"
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
@@ -102,6 +113,11 @@ class PlantedParams:
     gain: float = _opt(0.0, "ΔW = gain·‖W‖_F/√k·U·Vᵀ; 0 = 512/hidden (8 at 64, 4 at 128).")
     temperature: float = _opt(1.0, "Sampling temperature of the teacher.")
     version: int = _opt(VERSION, "Generator version (part of the cache key).")
+    modules: str = _opt(
+        "",
+        "Module types that get the update, joined by '+' (e.g. q_proj+v_proj); '' = every "
+        "type in TARGETS. The others stay as in the base: a task whose needs differ by type.",
+    )
 
     def __post_init__(self):
         if self.k < 1:
@@ -116,6 +132,21 @@ class PlantedParams:
                 raise ValueError(f"--{name.replace('_', '-')}: too small ({getattr(self, name)})")
         if self.temperature <= 0:
             raise ValueError(f"--temperature: must be > 0, got {self.temperature}")
+        unknown = [m for m in self.planted_types() if m not in TARGETS]
+        if unknown or not self.planted_types():
+            raise ValueError(
+                f"--modules: expected types among {'+'.join(TARGETS)}, got {self.modules!r}"
+            )
+
+    def planted_types(self) -> tuple[str, ...]:
+        return tuple(m for m in self.modules.split("+") if m) if self.modules else TARGETS
+
+    def key(self) -> dict:
+        """The cache key: every field, ``modules`` only when set (older tasks stay valid)."""
+        d = dataclasses.asdict(self)
+        if not self.modules:
+            del d["modules"]
+        return d
 
 
 def build_base(p: PlantedParams):
@@ -157,7 +188,7 @@ def plant(base, p: PlantedParams):
     factors = {}
     with torch.no_grad():
         for name, module in teacher.named_modules():
-            if name.rsplit(".", 1)[-1] not in TARGETS:
+            if name.rsplit(".", 1)[-1] not in p.planted_types():
                 continue
             out_dim, in_dim = module.weight.shape
             u = torch.randn(out_dim, p.k, generator=gen)
@@ -260,7 +291,7 @@ def _cached(out: Path, p: PlantedParams) -> bool:
     except (OSError, ValueError):
         return False
     files = ("train.jsonl", "val.jsonl", "model/model.safetensors")
-    return meta.get("params") == dataclasses.asdict(p) and all((out / f).exists() for f in files)
+    return meta.get("params") == p.key() and all((out / f).exists() for f in files)
 
 
 def _generate(out: Path, p: PlantedParams) -> dict:
@@ -301,11 +332,12 @@ def _describe(p: PlantedParams, body: dict) -> dict:
     return {
         "name": f"planted-k{p.k}",
         "k": p.k,
-        "params": dataclasses.asdict(p),
+        "params": p.key(),
         "model": cfg
         | {
             "vocab": 128,
             "target_modules": list(TARGETS),
+            "planted_modules": list(p.planted_types()),
             "max_rank": p.hidden,  # min(in, out) over the target modules
             "hidden_note": "hidden 128 for k > 16 so that ranks up to 4k exist"
             if p.hidden == 128
@@ -331,18 +363,23 @@ def _describe(p: PlantedParams, body: dict) -> dict:
     } | body
 
 
+def task_name(k: int, modules: str = "") -> str:
+    """``planted-k8``, or ``planted-k8-q_proj-v_proj`` when only some types get the update."""
+    return f"planted-k{k}" + (f"-{modules.replace('+', '-')}" if modules else "")
+
+
 def make_task(k: int, out_dir: str | Path | None = None, force: bool = False, **params) -> Path:
     """Generate (or reuse) the planted-rank task for rank ``k``; return its folder.
 
     ``params`` are :class:`PlantedParams` fields. The folder defaults to
-    ``bench/.cache/planted-k{k}``. Example::
+    ``bench/.cache/`` + :func:`task_name`. Example::
 
         >>> path = make_task(2, "/tmp/planted-doc", n_train=8, n_val=4)  # doctest: +SKIP
         >>> sorted(p.name for p in path.iterdir())
         ['model', 'planted.safetensors', 'task.json', 'train.jsonl', 'val.jsonl']
     """
     p = PlantedParams(k=k, **params)
-    out = Path(out_dir) if out_dir is not None else CACHE / f"planted-k{k}"
+    out = Path(out_dir) if out_dir is not None else CACHE / task_name(k, p.modules)
     if not force and _cached(out, p):
         return out
     meta = _describe(p, _generate(out, p))
@@ -356,11 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help=f"tiny tasks {SMOKE}, -smoke dirs")
     parser.add_argument("--out-root", type=Path, default=CACHE, help="parent folder of tasks")
     parser.add_argument("--force", action="store_true", help="regenerate even when cached")
+    parser.add_argument(
+        "--modules", default="", help=PlantedParams.__dataclass_fields__["modules"].metadata["help"]
+    )
     args = parser.parse_args(argv)
     for k in args.k:
         start = time.perf_counter()
-        name = f"planted-k{k}" + ("-smoke" if args.smoke else "")
-        extra = SMOKE if args.smoke else {}
+        name = task_name(k, args.modules) + ("-smoke" if args.smoke else "")
+        extra = (SMOKE if args.smoke else {}) | ({"modules": args.modules} if args.modules else {})
         out = make_task(k, args.out_root / name, force=args.force, **extra)
         meta = json.loads((out / "task.json").read_text())
         loss = meta["losses"]

@@ -98,3 +98,13 @@ def test_parameters_are_checked():
     assert planted.PlantedParams(k=32).gain == 4.0
     with pytest.raises(ValueError, match="--k"):
         planted.PlantedParams(k=0)
+
+
+def test_only_the_named_module_types_get_the_update():
+    p = planted.PlantedParams(k=2, modules="up_proj+down_proj", **SMALL)
+    _, factors = planted.plant(planted.build_base(p), p)
+    assert {name.rsplit(".", 1)[-1] for name in factors} == {"up_proj", "down_proj"}
+    assert "modules" in p.key() and "modules" not in planted.PlantedParams(k=2).key()
+    assert planted.task_name(8, p.modules) == "planted-k8-up_proj-down_proj"
+    with pytest.raises(ValueError, match="--modules"):
+        planted.PlantedParams(k=2, modules="o_proj")

@@ -69,6 +69,7 @@ class LoraSpec:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     init_lora_weights: bool | str = True
     use_dora: bool = False
+    eva_config: dict[str, Any] | None = None  # peft.EvaConfig fields, with init "eva"
 
     def kwargs(self) -> dict[str, Any]:
         """``LoraConfig(**spec.kwargs())`` builds exactly what was recorded."""

@@ -477,7 +477,11 @@ def _rec_lines(view: RunView) -> list[str]:
             f"final ordinary trial at r={final['rank']}: val loss {final['final_val_loss']:.4f}"
             + (f" (nested curve at r={final['rank']}: {nested:.4f})" if nested is not None else "")
         )
-    for key, label in (("targets", "target sets"), ("tuning", "co-tuning")):
+    for key, label in (
+        ("targets", "target sets"),
+        ("tuning", "co-tuning"),
+        ("per_layer", "per-layer ranks"),
+    ):
         section = rec.get(key)
         if isinstance(section, dict) and section.get("verdict"):
             lines.append(f"{label}: {section['verdict']}")

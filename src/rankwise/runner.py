@@ -72,10 +72,8 @@ class TrialRunner:
     def lora_config(self, rank: int, target_modules=None, overrides: tuple = ()) -> dict:
         """The recommended ``LoraConfig`` kwargs (what the delivered adapter was trained with)."""
         spec = self.lora_spec(rank, target_modules).replace(**dict(overrides))
-        kw = {k: v for k, v in spec.kwargs().items() if k not in ("rank_pattern", "alpha_pattern")}
-        kw.update(
-            {k: getattr(spec, k) for k in ("rank_pattern", "alpha_pattern") if getattr(spec, k)}
-        )
+        optional = ("rank_pattern", "alpha_pattern", "eva_config")  # shown only when set
+        kw = {k: v for k, v in spec.kwargs().items() if k not in optional or v}
         return {**kw, "task_type": "CAUSAL_LM"}
 
     def train_spec(self, seed: int, variant: Variant) -> TrainSpec:

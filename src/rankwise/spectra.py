@@ -57,6 +57,7 @@ __all__ = [
     "update_singular_values",
     "effective_rank",
     "stable_rank",
+    "module_kinds",
     "format_inspection",
     "write_heatmap",
 ]
@@ -294,7 +295,7 @@ def inspect_adapter(path: str | Path, energy: float = 0.9) -> AdapterSpectra:
     path = Path(path)
     config = read_adapter_config(path)
     factors = _read_factors(path / WEIGHTS_FILE)
-    kinds = _module_kinds(list(factors))
+    kinds = module_kinds(list(factors))
     modules = []
     for name, (a, b) in factors.items():
         rank = a.shape[0]
@@ -371,7 +372,7 @@ def _kind_order(kind: str) -> tuple[int, str]:
     return (_KIND_ORDER.index(kind) if kind in _KIND_ORDER else len(_KIND_ORDER), kind)
 
 
-def _module_kinds(names: list[str]) -> dict[str, tuple[str, int | None]]:
+def module_kinds(names: list[str]) -> dict[str, tuple[str, int | None]]:
     """Module name -> (type, layer): ``model.layers.3.self_attn.q_proj`` -> (q_proj, 3).
 
     The type is what follows the layer index, other indices as ``*``, shortened to its

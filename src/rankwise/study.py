@@ -132,7 +132,7 @@ class Study:
             )
         if s.tune:
             n += 2 * (2 * ("dropout" in s.tune) + 4 * ("alpha" in s.tune))
-        return n + (s.strategy == "nested" and s.final)
+        return n + (s.strategy == "nested" and s.final) + 2 * s.seeds * s.per_layer
 
     def warnings(self) -> list[str]:
         """Settings that make the rank comparison unfair, said before the search spends time."""
@@ -428,7 +428,7 @@ class Study:
         return section, [final] if final.ok else curve.results
 
     def _finish(self, strategy) -> SearchResult:
-        from . import compare
+        from . import compare, perlayer
 
         s, runner = self.opts.search, self.runner
         # Ranks excluded before training are part of the answer's evidence: listed, skipped.
@@ -455,6 +455,10 @@ class Study:
             )
         if s.strategy == "nested" and s.final and rec.rank is not None:
             extras["final"], source = self.final_trial(rec, strategy)
+        if s.per_layer and rec.rank is not None:
+            extras["per_layer"], rec, lora, source = perlayer.per_layer(
+                runner, self.judge, rec, lora, source
+            )
         if rec.rank is not None:
             best = min(
                 (r for r in source if r.rank == rec.rank and r.ok), key=lambda r: r.best_val_loss

@@ -28,12 +28,14 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from .config import ConfigError
 from .records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
 from .resources import PeakMemory
 
@@ -117,7 +119,11 @@ def attached(model: torch.nn.Module, spec: TrialSpec) -> Iterator:
     snapshot: dict[str, torch.Tensor] = {}
     torch.manual_seed(spec.seed)
     try:
-        peft_model = get_peft_model(model, lora_config(spec))
+        with warnings.catch_warnings():
+            # A stray pattern key is an error below, named once (PEFT would also warn).
+            warnings.filterwarnings("ignore", message="The following .*_pattern keys did not")
+            peft_model = get_peft_model(model, lora_config(spec))
+        _verify_patterns(peft_model, spec)
         snapshot = {name: p.detach().clone() for name, p in params.items() if p.requires_grad}
         yield peft_model
     finally:
@@ -129,6 +135,15 @@ def attached(model: torch.nn.Module, spec: TrialSpec) -> Iterator:
             p.requires_grad_(grad_flags[name])
         if hasattr(model, "peft_config"):
             del model.peft_config
+
+
+def _verify_patterns(peft_model, spec: TrialSpec) -> None:
+    """A rank/alpha pattern key that matched nothing is a user error, not a trial failure:
+    PEFT only warns (peft#3582), so read back what it built (rankwise.patterns)."""
+    if spec.lora.rank_pattern or spec.lora.alpha_pattern:
+        from .patterns import verify_ranks
+
+        verify_ranks(peft_model, peft_model.peft_config["default"])
 
 
 def _put_back(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
@@ -236,11 +251,14 @@ def run_lifecycle(
     peak = PeakMemory(ctx.device)
     try:
         with peak, attached(ctx.model, spec) as peft_model:
-            run.trainable = peft_model.get_nb_trainable_parameters()[0]
             hooks.attached(peft_model, run)
+            # Counted after the hook: a data-driven init (EVA) may change every module's rank.
+            run.trainable = peft_model.get_nb_trainable_parameters()[0]
             _fit(peft_model, run, ctx, hooks, progress)
             if spec.adapter_dir:
                 hooks.save(peft_model, run)
+    except ConfigError:  # a bad pattern: the user's to fix, every trial would fail alike
+        raise
     except Exception as exc:  # a failed trial is a record, not the end of the search
         run.status, run.reason = FAILED, failure_reason(exc, peak)
     finally:
@@ -258,8 +276,15 @@ def run_lifecycle(
 def run_trial(
     spec: TrialSpec, ctx: TrialContext | None = None, progress: Progress | None = None
 ) -> TrialResult:
-    """Train and evaluate one adapter (the plain lifecycle)."""
-    return run_lifecycle(spec, ctx or TrialContext.for_spec(spec), None, progress)[0]
+    """Train and evaluate one adapter: the plain lifecycle, or with EVA's data-driven
+    initialisation when the spec asks for ``init_lora_weights="eva"``."""
+    ctx = ctx or TrialContext.for_spec(spec)
+    hooks = None
+    if spec.lora.init_lora_weights == "eva":
+        from .perlayer import EvaInit
+
+        hooks = EvaInit(ctx)
+    return run_lifecycle(spec, ctx, hooks, progress)[0]
 
 
 def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progress | None):
