@@ -425,11 +425,11 @@ def _reason(pick, best, ok, c: Criterion, base, params) -> str:
             f"({_fmt(best)} at r={best.rank}){' or the noise' if noise(pick, best) else ''}, "
             f"with {_fewer(pick, best, params)} fewer trainable parameters"
         )
-    knee = f"r={pick.rank} is at the knee of the curve and " if c.kind == "knee" else ""
+    who = f"r={pick.rank}" + (" is at the knee of the curve and" if c.kind == "knee" else "")
     if pick.rank == best.rank:
         why = (
-            f"{knee}r={pick.rank} has the best val loss ({_fmt(pick)}), {base - pick.mean:.4f} "
-            f"below the base model ({base:.4f})"
+            f"{who} has the best val loss ({_fmt(pick)}), {base - pick.mean:.4f} below the "
+            f"base model ({base:.4f})"
         )
         below = [s for s in ok if s.rank < pick.rank]
         if below:
@@ -438,9 +438,8 @@ def _reason(pick, best, ok, c: Criterion, base, params) -> str:
             why += f"; r={nxt.rank} reaches {_share(share)} of that improvement"
         return why
     share = improvement_share(pick.mean, base, best.mean)
-    start = knee or f"r={pick.rank} "
     return (
-        f"{start}reaches {_share(share)} of the improvement over the base model that the best "
+        f"{who} reaches {_share(share)} of the improvement over the base model that the best "
         f"rank (r={best.rank}) reached, with {_fewer(pick, best, params)} fewer trainable "
         f"parameters (val loss {_fmt(pick)} vs {_fmt(best)}; base model {base:.4f})"
     )
