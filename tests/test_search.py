@@ -355,11 +355,12 @@ def test_a_bare_number_is_the_relative_threshold():
 def test_search_config_names_the_flag_on_bad_criterion_input():
     from rankwise.config import SearchConfig
 
-    assert SearchConfig().search_criterion() == Criterion("share", 0.95)
+    assert SearchConfig().search_criterion() == Criterion("knee", 0.01) == Criterion()
     assert SearchConfig(criterion="knee", threshold=0.05).search_criterion().threshold == 0.05
     cases = [
         ({"criterion": "elbow"}, "--criterion: expected one of relative, share, knee"),
-        ({"threshold": 1.5}, "--threshold: the share criterion takes a share of the improvement"),
+        ({"threshold": 1.5}, "--threshold: the knee criterion takes a share of the improvement"),
+        ({"criterion": "share", "threshold": 0}, "--threshold: the share criterion takes"),
         ({"criterion": "relative", "threshold": -0.1}, "--threshold: the relative criterion"),
         ({"max_rank": 2, "ranks": [4, 8]}, "--max-rank: 2 is below the smallest rank in --ranks"),
     ]
