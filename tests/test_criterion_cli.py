@@ -55,11 +55,11 @@ def test_base_score_and_share_are_reported(tmp_path, llama_dir, text_jsonl, caps
     rec = _rec(out)
     base = rec["base_val_loss"]
     assert base is not None and rec["best_loss"] < base
-    assert rec["criterion"] == {"kind": "share", "threshold": 0.95}
+    assert rec["criterion"] == {"kind": "knee", "threshold": 0.01}  # the measured default
     best = rec["best_loss"]
     for s in rec["scores"]:
         assert s["share"] == pytest.approx((base - s["mean"]) / (base - best))
-    assert "of the improvement over the base model" in rec["reason"]
+    assert f"base model ({base:.4f})" in rec["reason"] and "improvement" in rec["reason"]
     base_rows = [r for r in RunStore(out, readonly=True).results() if r.kind == "base"]
     assert len(base_rows) == 1 and base_rows[0].best_val_loss == base
     capsys.readouterr()
