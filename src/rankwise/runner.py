@@ -74,7 +74,9 @@ class TrialRunner:
         kw.update(
             {k: getattr(spec, k) for k in ("rank_pattern", "alpha_pattern") if getattr(spec, k)}
         )
-        return {**kw, "task_type": "CAUSAL_LM"}
+        from .trial import task_type
+
+        return {**kw, "task_type": task_type(self.opts.model.task)}
 
     def train_spec(self, seed: int, variant: Variant) -> TrainSpec:
         tc = self.opts.train
@@ -119,6 +121,7 @@ class TrialRunner:
             batch_size=self.opts.train.batch_size,
             seq_len=self.opts.data.seq_len,
             dtype=str(self.ctx.model.dtype).rsplit(".", 1)[-1],
+            quantize=self.opts.model.quantize,
             bias=self.opts.lora.bias,
             device=self.ctx.device,
             baseline_bytes=self.baseline_bytes,

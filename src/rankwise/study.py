@@ -21,9 +21,10 @@ import gc
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from . import metrics
 from .config import DEFAULT_RANKS, ConfigError, Options
 from .diagnose import diagnose_search
 from .records import SKIPPED, TrialKind, TrialResult
@@ -44,6 +45,8 @@ class SearchResult:
     scores: list[RankScore]
     recommendation: Recommendation
     lora_config: dict | None
+    quantization_config: dict | None = None
+    """``BitsAndBytesConfig`` keywords of the base the adapter was trained on (--quantize)."""
 
     def to_lora_config(self):
         """The recommended ``peft.LoraConfig``."""
@@ -118,11 +121,18 @@ class Study:
                 "Adam a higher rank also acts like a larger learning rate; gains on the curve mix "
                 "capacity with step size (--alpha-policy fixed compares capacity)"
             )
+        n_val = self.ctx.data.val_ids.shape[0] if hasattr(self, "ctx") else None
+        if self.opts.train.metric != "loss" and n_val and n_val < 200:
+            out.append(
+                f"--metric {self.opts.train.metric}: {n_val} validation examples, so the score "
+                f"moves in steps of about {1 / n_val:.1%}; a larger --val set makes the rank "
+                "curve finer"
+            )
         return out
 
     def _setup(self) -> None:
         from .data import prepare_data, save_tokens
-        from .models import check_targets, load_model
+        from .models import check_targets, load_model, param_count
         from .store import RunStore
         from .tracking import make_tracker
         from .trial import TrialContext
@@ -130,15 +140,25 @@ class Study:
         identity = self.opts.identity()
         if not self.opts.run.force:  # refuse a mismatch before loading anything
             self.dir.check_identity(identity, ignore=("data_sha256",))
-        model, tokenizer, device = load_model(self.opts.model)
+        labelled = None
+        if self.opts.model.task == "seq-cls":  # labels first: they size the model's head
+            from .classify import read_labelled
+
+            labelled = read_labelled(self.opts.data, self.opts.train.seed)
+        model, tokenizer, device = load_model(self.opts.model, labelled and labelled.labels)
         self.ranks = self._fit_ranks(model)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = param_count(model)
         start = self.opts.search.start_rank_for(n_params)
         self.start_rank = (
             start if start in self.ranks else min(self.ranks, key=lambda r: abs(r - start))
         )
         targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
-        data = prepare_data(self.opts.data, tokenizer, self.dir.path, self.opts.train.seed)
+        if labelled:
+            from .classify import encode
+
+            data = encode(labelled, tokenizer, self.opts.data.seq_len)
+        else:
+            data = prepare_data(self.opts.data, tokenizer, self.dir.path, self.opts.train.seed)
         identity["data_sha256"] = data_fingerprint(data)
         if not self.opts.run.force:
             self.dir.check_identity(identity)
@@ -222,7 +242,8 @@ class Study:
         best = min(ok)[1]
         table = {f"{lr:g}": r.best_val_loss for lr, r in tried}
         self.store.set_meta(meta_key, {"rank": rank, "steps": steps, "lr": best, "losses": table})
-        self.progress.log(f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps)")
+        score = metrics.label(self.opts.train.metric)
+        self.progress.log(f"learning rate: {best:g} (best {score} at r={rank} in {steps} steps)")
         return best
 
     # -- the loop ------------------------------------------------------------------------
@@ -338,6 +359,10 @@ class Study:
         s, runner = self.opts.search, self.runner
         scores = strategy.scores()
         rec = recommend(scores, s.tolerance, strategy.stop_reason)
+        if self.opts.train.metric != "loss":  # the reason in the metric's terms
+            rec = replace(
+                rec, reason=metrics.reason(rec, scores, s.tolerance, self.opts.train.metric)
+            )
         extras: dict = {}
         lora, source = None, strategy.results
         if rec.rank is not None:
@@ -361,7 +386,19 @@ class Study:
         self._refresh(final=True)
         self.tracker.close()
         self.progress.done(rec, self.dir.path)
-        return SearchResult(self.dir.path, strategy.results, scores, rec, lora)
+        quantization = self.quantization_config()
+        return SearchResult(self.dir.path, strategy.results, scores, rec, lora, quantization)
+
+    def quantization_config(self) -> dict | None:
+        """``BitsAndBytesConfig`` keywords of the base (None when not quantized)."""
+        m = self.opts.model
+        if m.quantize == "none":
+            return None
+        from .models import pick_dtype
+        from .quantize import bnb_config_kwargs
+
+        dtype = str(pick_dtype(m.dtype, self.ctx.device)).rsplit(".", 1)[-1]
+        return bnb_config_kwargs(m.quantize, dtype)
 
     def _write_recommendation(self, rec, lora, trials, scores, extras=None) -> None:
         keys = (
@@ -392,10 +429,25 @@ class Study:
             "trials": [{k: getattr(t, k) for k in keys} for t in trials],
             "scores": [asdict(s) for s in scores],
             "alpha_policy": self.opts.lora.alpha_policy,
+            "task": self.opts.model.task,
+            "quantize": self.opts.model.quantize,
+            "quantization_config": self.quantization_config(),
+            **self._metric_fields(rec),
             "warnings": self.warnings(),
             **(extras or {}),
         }
         self.dir.write_json("recommendation.json", doc)
+
+    def _metric_fields(self, rec) -> dict:
+        """The metric, and for a classifier its labels and the recommendation in its terms."""
+        metric = self.opts.train.metric
+        out: dict = {"metric": metric}
+        if self.opts.model.task == "seq-cls":
+            out["labels"] = self.ctx.data.info.get("labels")
+        if metric != "loss":
+            out["metric_value"] = metrics.shown(metric, rec.loss)
+            out["best_metric_value"] = metrics.shown(metric, rec.best_loss)
+        return out
 
     def _refresh(self, final: bool = False) -> None:
         """Rewrite summary.md and report.html so a running search can be watched.
