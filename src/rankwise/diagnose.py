@@ -271,7 +271,7 @@ def diagnose(result: TrialResult, **thresholds) -> Diagnosis:
     if result.val_loss_curve:
         # Scored by a metric (rankwise.metrics): the curves are judged on the validation loss,
         # which moves smoothly and compares with the training loss; an error rate moves in
-        # steps of one example (one more mistake in 30 is a 20% "jump" at 15% error).
+        # steps of one example (a sixth mistake after five is a 20% "jump").
         result = result.replace(val_curve=result.val_loss_curve)
     if result.status == FAILED and result.reason.startswith("unstable"):
         return _verdict(
