@@ -72,9 +72,11 @@ class TrialRunner:
     def lora_config(self, rank: int, target_modules=None, overrides: tuple = ()) -> dict:
         """The recommended ``LoraConfig`` kwargs (what the delivered adapter was trained with)."""
         spec = self.lora_spec(rank, target_modules).replace(**dict(overrides))
+        from .trial import task_type
+
         optional = ("rank_pattern", "alpha_pattern", "eva_config")  # shown only when set
         kw = {k: v for k, v in spec.kwargs().items() if k not in optional or v}
-        return {**kw, "task_type": "CAUSAL_LM"}
+        return {**kw, "task_type": task_type(self.opts.model.task)}
 
     def train_spec(self, seed: int, variant: Variant) -> TrainSpec:
         tc = self.opts.train
@@ -119,6 +121,7 @@ class TrialRunner:
             batch_size=self.opts.train.batch_size,
             seq_len=self.opts.data.seq_len,
             dtype=str(self.ctx.model.dtype).rsplit(".", 1)[-1],
+            quantize=self.opts.model.quantize,
             bias=self.opts.lora.bias,
             device=self.ctx.device,
             baseline_bytes=self.baseline_bytes,
