@@ -17,9 +17,9 @@ from rankwise.cli import main
 from rankwise.config import ConfigError
 from rankwise.patterns import verify_ranks
 from rankwise.spectra import (
-    _module_kinds,
     effective_rank,
     inspect_adapter,
+    module_kinds,
     stable_rank,
     update_singular_values,
 )
@@ -136,7 +136,7 @@ def test_gpt2_conv1d_adapter(gpt2_adapter):
 
 
 def test_module_types_and_layers_from_names():
-    kinds = _module_kinds(
+    kinds = module_kinds(
         [
             "model.layers.3.self_attn.q_proj",
             "transformer.h.0.attn.c_proj",
