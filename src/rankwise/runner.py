@@ -212,14 +212,19 @@ class TrialRunner:
         Stored once per run as a ``base`` record (resume keeps it)."""
         import time
 
-        from .trial import validation_loss
+        from .metrics import objective
+        from .trial import validation_loss, validation_scores
 
         spec = self.spec_for(0, 0, Variant(TrialKind.BASE)).replace(key="base", adapter_dir=None)
         stored = self.store.result(spec.key)
         if stored is not None:
             return stored
         t0 = time.perf_counter()
-        loss = validation_loss(self.ctx.model, self.ctx, spec)
+        metric = spec.train.metric
+        if self.opts.model.task == "seq-cls":  # the same objective the trials are scored by
+            loss = objective(validation_scores(self.ctx.model, self.ctx, spec), metric)
+        else:
+            loss = validation_loss(self.ctx.model, self.ctx, spec)
         result = TrialResult(
             key=spec.key,
             rank=0,
@@ -234,7 +239,9 @@ class TrialRunner:
             wall_seconds=time.perf_counter() - t0,
         )
         self.store.finish(result, spec)
-        self.progress.log(f"base model (no adapter): val loss {loss:.4f}")
+        from .metrics import describe
+
+        self.progress.log(f"base model (no adapter): {describe(metric, loss)}")
         return result
 
     def run(self, rank: int, seed: int, variant: Variant = MAIN) -> TrialResult:
