@@ -220,9 +220,10 @@ class TrialRunner:
         if stored is not None:
             return stored
         t0 = time.perf_counter()
-        metric = spec.train.metric
+        metric, scores = spec.train.metric, {}
         if self.opts.model.task == "seq-cls":  # the same objective the trials are scored by
-            loss = objective(validation_scores(self.ctx.model, self.ctx, spec), metric)
+            scores = validation_scores(self.ctx.model, self.ctx, spec)
+            loss = objective(scores, metric)
         else:
             loss = validation_loss(self.ctx.model, self.ctx, spec)
         result = TrialResult(
@@ -237,6 +238,8 @@ class TrialRunner:
             val_curve=[(0, loss)],
             trainable_params=0,
             wall_seconds=time.perf_counter() - t0,
+            metric=metric,
+            val_metrics=scores,
         )
         self.store.finish(result, spec)
         from .metrics import describe
