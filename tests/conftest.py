@@ -102,3 +102,21 @@ def search_argv(model, train, out, ranks: str = "1,2,4", **over) -> list[str]:
     for k, v in fast_args(**over).items():
         args += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
     return args
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """A tiny BERT-style encoder (no head): the backbone of ``--task seq-cls`` tests."""
+    from rankwise.testing import save_tiny_encoder
+
+    return save_tiny_encoder(tmp_path_factory.mktemp("models") / "bert")
+
+
+@pytest.fixture(scope="session")
+def topics_jsonl(tmp_path_factory):
+    """Standard-library docstrings labelled by their package (rankwise.testing.stdlib_topics)."""
+    from rankwise.testing import stdlib_topics
+
+    path = tmp_path_factory.mktemp("data") / "topics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in stdlib_topics()))
+    return path

@@ -6,7 +6,10 @@
 """
 
 from .config import Options
+from .quantize import hold_back_bitsandbytes
 from .study import SearchResult, search
+
+hold_back_bitsandbytes()  # bitsandbytes only for a quantized base (rankwise.quantize)
 
 __all__ = ["search", "SearchResult", "Options", "estimate"]
 __version__ = "0.1.0"

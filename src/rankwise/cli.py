@@ -240,6 +240,7 @@ def _cmd_estimate(ns) -> int:
         gradient_checkpointing=cfg.gradient_checkpointing,
         trust_remote_code=cfg.trust_remote_code,
         baseline_bytes=current_rss(),
+        quantize=cfg.quantize,
     )
     try:
         if cfg.calibrate:
@@ -251,6 +252,7 @@ def _cmd_estimate(ns) -> int:
                     device=cfg.device,
                     dtype=cfg.dtype,
                     trust_remote_code=cfg.trust_remote_code,
+                    quantize=cfg.quantize,
                 )
             )
             timing = calibrate(

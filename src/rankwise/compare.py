@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ConfigError
+from .metrics import describe, shown
 from .records import TrialKind, TrialResult
 from .runner import Variant
 from .search import RankScore, Recommendation, rank_scores
@@ -73,6 +74,7 @@ def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialRes
     current = next(
         row for row in rows if row["rank"] == rec.rank and row["variant"] == "as searched"
     )
+    metric = runner.opts.train.metric
     gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
     as_good = judge(
         _score(current["best_val_loss"], current["rank"]),
@@ -81,18 +83,20 @@ def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialRes
     if best is current or as_good:
         verdict = (
             f"co-tuning does not change the choice: best variant {best['variant']} at "
-            f"r={best['rank']} ({best['best_val_loss']:.4f}) does not beat r={rec.rank} as "
-            f"searched ({current['best_val_loss']:.4f}) under the search's criterion"
+            f"r={best['rank']} ({describe(metric, best['best_val_loss'])}) does not beat "
+            f"r={rec.rank} as searched ({describe(metric, current['best_val_loss'])}) under the "
+            "search's criterion"
         )
         return {"rows": rows, "verdict": verdict, "changed": False}, rec, lora, source
     overrides = next(
         v for lab, v in _tune_variants(runner, best["rank"]) if lab == best["variant"]
     ).lora
     lora = runner.lora_config(best["rank"], overrides=overrides)
+    below = f"{gain:.1%} below" if metric == "loss" else f"with {gain:.1%} less error than"
     verdict = (
         f"co-tuning changes the choice: r={best['rank']} with {best['variant']} reaches "
-        f"{best['best_val_loss']:.4f}, {gain:.1%} below r={rec.rank} as searched "
-        f"({current['best_val_loss']:.4f})"
+        f"{describe(metric, best['best_val_loss'])}, {below} r={rec.rank} as searched "
+        f"({describe(metric, current['best_val_loss'])})"
     )
     picked = [r for r in results if r.key == best["key"]]
     rec = dataclasses.replace(
@@ -163,10 +167,11 @@ def compare_targets(
         {"targets": n, "rank": s.rank, "trainable_params": p, "mean": s.mean, "se": s.se, "n": s.n}
         for p, s, n in sorted(points, key=lambda p: (p[2], p[1].rank))
     ]
+    metric = runner.opts.train.metric
     verdict = (
         f"best per trainable parameter: {name} at r={score.rank} ({params:,} params, "
-        f"val loss {score.mean:.4f}; lowest overall {best[1].mean:.4f} with {best[2]} "
-        f"at r={best[1].rank})"
+        f"{describe(metric, score.mean)}; best overall {shown(metric, best[1].mean):.4f} with "
+        f"{best[2]} at r={best[1].rank})"
     )
     section = {"rows": rows, "verdict": verdict, "pick": {"targets": name, "rank": score.rank}}
     if name == "as searched":

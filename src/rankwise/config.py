@@ -179,9 +179,24 @@ class ModelConfig:
     trust_remote_code: bool = opt(
         False, "Allow model code from the hub/directory to run (off unless asked)."
     )
+    quantize: str = opt(
+        "none",
+        "Load the base quantized (QLoRA) with bitsandbytes: 4bit (NF4, double quantisation, "
+        "computing in --dtype), 8bit (LLM.int8), or none. Needs pip install rankwise[quantize].",
+        choices=["none", "4bit", "8bit"],
+    )
+    task: str = opt(
+        "causal-lm",
+        "What the model is trained for: causal-lm (next-token loss) or seq-cls (sequence "
+        "classification: a classifier head on the base, labels from --label-field, the head "
+        "trained and saved with the adapter).",
+        choices=["causal-lm", "seq-cls"],
+    )
 
     def __post_init__(self):
         _choice(self, "dtype")
+        _choice(self, "quantize")
+        _choice(self, "task")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
             raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -217,6 +232,11 @@ class DataConfig:
     messages_field: str = opt("messages", "Field holding the chat messages (format messages).")
     conversations_field: str = opt(
         "conversations", "Field holding the ShareGPT turns (format sharegpt)."
+    )
+    label_field: str = opt(
+        "label",
+        "Field holding the class label (--task seq-cls): strings or integers. The label set "
+        "is read from --train; a --val label outside it is an error.",
     )
     txt_per_file: bool = opt(
         False, "Plain text: one example per .txt file (train is a directory) instead of per line."
@@ -329,8 +349,16 @@ class TrainConfig:
     seed: int = opt(
         0, "Seed for the data order and the adapter initialisation (same for every rank)."
     )
+    metric: str = opt(
+        "loss",
+        "What each evaluation scores and the search compares: loss (validation cross-entropy), "
+        "or with --task seq-cls accuracy or f1 (macro-F1). Accuracy and F1 are compared as "
+        "the error 1 - metric, which --criterion judges.",
+        choices=["loss", "accuracy", "f1"],
+    )
 
     def __post_init__(self):
+        _choice(self, "metric")
         if isinstance(self.lr_candidates, str):
             self.lr_candidates = [
                 _float_item(x, "lr_candidates") for x in self.lr_candidates.split(",")
@@ -452,7 +480,7 @@ class SearchConfig:
         "the chosen adapter's spectra (each module keeps --per-layer-energy of its update's "
         "energy) and by PEFT's EVA initialisation at that pattern's rank budget. Each is "
         "trained with the same data, steps and seeds; the fewest trainable parameters whose "
-        "val loss r does not beat (by --tolerance and the noise) is recommended and delivered.",
+        "score is as good as r's (by --criterion and the noise) is recommended and delivered.",
     )
     per_layer_energy: float = opt(
         0.99,
@@ -596,8 +624,15 @@ class EstimateConfig:
     max_steps: int = opt(100, "Steps per trial, for the predicted trial time.")
     json: bool = opt(False, "Print a JSON list, one object per rank.")
     trust_remote_code: bool = opt(False, "Allow model code from the hub/directory to run.")
+    quantize: str = opt(
+        "none",
+        "Predict for a base loaded in 4bit or 8bit (bitsandbytes; linear layers at 0.5 or 1 "
+        "byte per weight plus their quantisation state), or none.",
+        choices=["none", "4bit", "8bit"],
+    )
 
     def __post_init__(self):
+        _choice(self, "quantize")
         SearchConfig(ranks=self.ranks, strategy="grid")  # the same rank validation
         if isinstance(self.ranks, str):
             self.ranks = SearchConfig(ranks=self.ranks, strategy="grid").ranks
@@ -739,6 +774,25 @@ class Options:
                 raise ConfigError(f"{where}unknown option {key!r}")
             grouped[index[norm]][norm] = value
         return cls(**{g: GROUPS[g](**kw) for g, kw in grouped.items()})
+
+    def __post_init__(self):
+        # Options that are valid alone but not together.
+        seq_cls = self.model.task == "seq-cls"
+        if self.train.metric != "loss" and not seq_cls:
+            raise ConfigError(
+                f"--metric {self.train.metric}: needs --task seq-cls (a causal LM is scored by "
+                "its loss)"
+            )
+        if seq_cls and self.data.format not in ("auto", "text"):
+            raise ConfigError(
+                f"--format {self.data.format}: --task seq-cls reads --text-field and "
+                "--label-field; expected --format auto or text"
+            )
+        if seq_cls and self.search.strategy == "nested":
+            raise ConfigError(
+                "--strategy nested: supports --task causal-lm only (every truncation would "
+                "share one classifier head trained at whichever rank each step drew)"
+            )
 
     def to_flat(self) -> dict[str, Any]:
         return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}

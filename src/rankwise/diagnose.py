@@ -40,6 +40,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from .metrics import label, shown
 from .records import COMPLETE, FAILED, TrialResult
 from .search import rank_scores
 
@@ -267,6 +268,11 @@ def _last_interval(result: TrialResult, window: int, t: Thresholds) -> Diagnosis
 def diagnose(result: TrialResult, **thresholds) -> Diagnosis:
     """Label one trial from its curves (see the module docstring); thresholds: :class:`Thresholds`."""
     t = Thresholds(**thresholds)
+    if result.val_loss_curve:
+        # Scored by a metric (rankwise.metrics): the curves are judged on the validation loss,
+        # which moves smoothly and compares with the training loss; an error rate moves in
+        # steps of one example (a sixth mistake after five is a 20% "jump").
+        result = result.replace(val_curve=result.val_loss_curve)
     if result.status == FAILED and result.reason.startswith("unstable"):
         return _verdict(
             UNSTABLE,
@@ -327,9 +333,12 @@ def _capacity(results, diagnoses, rank_gain, plateau, tail) -> dict[str, Any] | 
       ``plateau`` against the stretch before, so more steps would not help;
     - its train loss is high: not below the best val loss by more than ``plateau``, so the
       adapter fits its own training data no better than held-out data (not memorising).
+
+    Ranks are compared by their score (the loss, or a metric's error); train and val are
+    compared as losses.
     """
     scores = [s for s in rank_scores(results) if s.ok]
-    if len(scores) < 2:
+    if len(scores) < 2 or scores[-2].mean <= 0:
         return None
     prev, top = scores[-2], scores[-1]
     gain = (prev.mean - top.mean) / prev.mean
@@ -341,8 +350,11 @@ def _capacity(results, diagnoses, rank_gain, plateau, tail) -> dict[str, Any] | 
     if not changes or None in changes or None in finals:
         return None
     change, final = max(changes), sum(finals) / len(finals)
-    if change < -plateau or final < top.mean * (1 - plateau):
+    val_losses = [_best_val_loss(r) for r, _ in trials if r.ok]
+    val_loss = sum(val_losses) / len(val_losses)
+    if change < -plateau or final < val_loss * (1 - plateau):
         return None
+    metric = trials[0][0].metric
     return {
         "rank": top.rank,
         "next_rank": prev.rank,
@@ -351,11 +363,26 @@ def _capacity(results, diagnoses, rank_gain, plateau, tail) -> dict[str, Any] | 
         "train_tail_change": change,
         "val": top.mean,
         "evidence": (
-            f"r={top.rank} still beats r={prev.rank} by {gain:.1%} (val {_g(top.mean)} vs"
-            f" {_g(prev.mean)}) and its train loss has flattened at {_g(final)}"
+            f"r={top.rank} still {_beats(metric)} r={prev.rank} by {gain:.1%}"
+            f" ({_score(metric, top.mean)} vs {_g(shown(metric, prev.mean))}) and its train loss"
+            f" has flattened at {_g(final)}"
             f" ({_pct(change)} over the last {tail:.0%} of steps), no lower than its val loss"
         ),
     }
+
+
+def _best_val_loss(r: TrialResult) -> float:
+    """The lowest finite validation loss of a trial (its score, when scored by loss)."""
+    values = [v for _, v in (r.val_loss_curve or r.val_curve) if math.isfinite(v)]
+    return min(values) if values else r.best_val_loss
+
+
+def _beats(metric: str) -> str:
+    return "beats" if metric == "loss" else "cuts the error of"
+
+
+def _score(metric: str, value: float) -> str:
+    return f"{'val' if metric == 'loss' else label(metric)} {_g(shown(metric, value))}"
 
 
 def diagnose_search(

@@ -5,7 +5,10 @@ For every candidate rank: the trainable parameters (exactly what PEFT's
 the peak training memory, broken into
 
     baseline     the process before the model is loaded (CPU only: Python, torch, ...)
-    weights      base parameters x dtype size (frozen; no gradients, no optimiser state)
+    weights      base parameters x dtype size (frozen; no gradients, no optimiser state);
+                 with ``quantize`` the linear layers at 0.5 (4bit) or 1 (8bit) byte per
+                 weight plus their quantisation state, the rest in fp32
+                 (rankwise.quantize)
     adapter      LoRA parameters in fp32 x 4: the parameter, its gradient and AdamW's
                  exp_avg and exp_avg_sq (PEFT keeps adapters in fp32: autocast_adapter_dtype)
     activations  tensors autograd saves for backward for a B x L batch, plus the logits
@@ -13,6 +16,8 @@ the peak training memory, broken into
 
 A model given by name is built on the meta device from its config, so nothing is read
 but ``config.json`` (or the GGUF header). An already-loaded model is inspected in place.
+A classifier (``--task seq-cls``) also trains and saves its head (PEFT's
+``modules_to_save``) and computes no vocabulary logits.
 :func:`calibrate` times a few real steps at two ranks to turn trainable parameters into
 seconds per step.
 
@@ -21,6 +26,9 @@ Example:
     >>> rows = estimate(tiny_model("llama"), ranks=(4, 16), baseline_bytes=0)
     >>> rows[0].trainable_params, rows[1].trainable_params
     (2048, 8192)
+    >>> [estimate(tiny_model("llama"), ranks=(4,), quantize=q, baseline_bytes=0)[0].weights_bytes
+    ...  for q in ("none", "8bit", "4bit")]  # embeddings, head and norms stay in fp32
+    [394496, 153344, 110064]
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ __all__ = [
     "resolve_target_modules",
     "adapter_file_bytes",
     "activation_bytes",
+    "weights_bytes",
     "DEFAULT_RANKS",
 ]
 
@@ -181,7 +190,8 @@ def resolve_target_modules(model, target_modules=None) -> list[str]:
         check_target_module_exists,
     )
 
-    config = LoraConfig(r=1, target_modules=_peft_targets(model, target_modules))
+    task = "SEQ_CLS" if _classifier_head(model) is not None else None
+    config = LoraConfig(r=1, target_modules=_peft_targets(model, target_modules), task_type=task)
     config = _maybe_include_all_linear_layers(config, model)
     names = [
         name
@@ -217,11 +227,35 @@ def _bias_params(model, targets: list[str], bias: str) -> dict[str, int]:
     return out
 
 
+def _classifier_head(model):
+    """(name, module) of a sequence classifier's head, which PEFT trains and saves beside the
+    adapter (SEQ_CLS ``modules_to_save``); None for a model with an LM head."""
+    import torch
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is not None:
+        return None
+    for name in SEQ_CLS_HEAD_NAMES:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return name, getattr(model, name)
+    return None
+
+
+def _head_params(model) -> dict[str, tuple[list[int], int]]:
+    """The classifier head's tensors as saved: name -> (shape, numel)."""
+    head = _classifier_head(model)
+    if head is None:
+        return {}
+    name, module = head
+    return {f"{name}.{k}": (list(p.shape), p.numel()) for k, p in module.named_parameters()}
+
+
 def lora_param_count(model, target_modules=None, rank: int = 8, bias: str = "none") -> int:
     """Trainable parameters of a LoRA adapter, exactly as PEFT counts them."""
     targets = resolve_target_modules(model, target_modules)
     lora = sum(rank * sum(_linear_shape(m)) for _, m in _modules(model, targets))
-    return lora + sum(_bias_params(model, targets, bias).values())
+    head = sum(n for _, n in _head_params(model).values())
+    return lora + sum(_bias_params(model, targets, bias).values()) + head
 
 
 _SAFETENSORS_TAG = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
@@ -244,6 +278,8 @@ def _lora_tensors(model, targets, rank, bias, bias_dtype):
     tag, size = _SAFETENSORS_TAG[bias_dtype]
     for name, numel in _bias_params(model, targets, bias).items():
         rows.append((f"base_model.model.{name}", [numel], tag, size))
+    for name, (shape, _) in _head_params(model).items():  # the trained copy, in fp32
+        rows.append((f"base_model.model.{name}", shape, "F32", 4))
     return rows
 
 
@@ -375,6 +411,8 @@ def activation_bytes(
     else:
         layers, attention = s.layers * per_layer + lora, s.layers * attention
     logits = LOGIT_COPIES * 4 + (size if size != 4 else 0)
+    if _classifier_head(model) is not None:
+        logits = 0  # a classifier's logits are B x num_labels, not B x L x V
     hidden_scale = _scale(device, tokens * s.hidden * size)
     attention_scale = _scale(device, batch_size * s.heads * seq_len**2 * size)
     return int(
@@ -416,9 +454,36 @@ def _meta_model(model: str, trust_remote_code: bool):
 def _base_params(model) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from .models import param_count
+
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise ValueError("model: already carries a PEFT adapter; pass the base model")
-    return sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
+    return param_count(model)  # parameters() skips tied duplicates; 4-bit unpacked
+
+
+def weights_bytes(model, dtype: str = "float32", quantize: str = "none") -> int:
+    """Bytes of the frozen base weights in memory.
+
+    Unquantized: every parameter at the dtype's size. Quantized: every linear layer but the
+    output head (transformers keeps the LM head, and rankwise a classifier's head, in
+    full precision) at its 4-/8-bit size with its quantisation state, and every other
+    parameter in fp32 (``prepare_model_for_kbit_training`` upcasts fp16/bf16 ones).
+    """
+    import torch
+
+    from .models import output_head_name
+    from .quantize import linear_weight_bytes
+
+    if quantize == "none":
+        return _base_params(model) * _DTYPE_BYTES[dtype]
+    head = output_head_name(model)
+    quantized, covered = 0, set()
+    for name, module in model.named_modules():
+        if name != head and isinstance(module, torch.nn.Linear):  # bnb's layers subclass it
+            quantized += linear_weight_bytes(module.in_features, module.out_features, quantize)
+            covered.add(id(module.weight))
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in covered)
+    return quantized + 4 * rest
 
 
 def estimate(
@@ -435,6 +500,7 @@ def estimate(
     baseline_bytes: int | None = None,
     timing: StepTimeModel | None = None,
     max_steps: int | None = None,
+    quantize: str = "none",
 ) -> list[RankEstimate]:
     """Predict trainable parameters, adapter size and peak training memory per rank.
 
@@ -446,6 +512,8 @@ def estimate(
     """
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPE_BYTES)}, got {dtype!r}")
+    if quantize not in ("none", "4bit", "8bit"):
+        raise ValueError(f"quantize: expected none, 4bit or 8bit, got {quantize!r}")
     if isinstance(model, (str, Path)):
         model = _meta_model(str(model), trust_remote_code)
     if baseline_bytes is None:
@@ -454,7 +522,7 @@ def estimate(
         baseline_bytes = current_rss() if str(device) == "cpu" else 0
     targets = resolve_target_modules(model, target_modules)
     base = _base_params(model)
-    weights = base * _DTYPE_BYTES[dtype]
+    weights = weights_bytes(model, dtype, quantize)
     rows = []
     for rank in sorted(ranks):
         trainable = lora_param_count(model, target_modules, rank, bias)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ __all__ = [
     "pick_device",
     "pick_dtype",
     "pick_autocast",
+    "param_count",
     "linear_module_names",
     "default_target_modules",
     "check_targets",
+    "output_head_name",
     "EMBEDDED_MODEL",
 ]
 
@@ -182,15 +185,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="peft")
 
 
-def load_model(cfg: ModelConfig):
-    """Load (model, tokenizer, device) for training adapters; the base model is frozen."""
+def load_model(cfg: ModelConfig, labels: list | None = None):
+    """Load (model, tokenizer, device) for training adapters; the base model is frozen.
+
+    ``--task seq-cls`` loads the architecture's sequence-classification model with a head
+    over ``labels``. A new head is initialised from a fixed seed: it is part of the base,
+    the same in every trial and on every worker. ``--quantize`` loads the base through
+    bitsandbytes and prepares it once for k-bit training (:mod:`rankwise.quantize`).
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quiet_libraries()
     source = resolve_source(cfg.model)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.task == "seq-cls" and not labels:
+        raise ValueError("load_model: --task seq-cls needs the label set")
+    kw = _quantized(cfg, dtype, device) if cfg.quantize != "none" else {}
     path = _load_gguf(source, cfg.trust_remote_code) if source.gguf_file else source.path
     offline = {} if source.is_local else {"local_files_only": _offline()}
     # transformers raises many kinds for a model it cannot load (truncated safetensors,
@@ -203,21 +215,58 @@ def load_model(cfg: ModelConfig):
         raise ConfigError(
             f"--model: {cfg.model}: cannot load its tokenizer ({_first_line(exc)})"
         ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.task == "seq-cls":
+        kw.update(_head(labels, tokenizer))
+        torch.manual_seed(0)  # the new head's initialisation: one base for every trial
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **offline
+        model = _auto_class(cfg.task).from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **offline, **kw
         )
     except Exception as exc:
         raise ConfigError(
             f"--model: {cfg.model}: cannot load the model ({_first_line(exc)})"
         ) from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if cfg.quantize == "none":
+        model.to(device)
+    else:
+        from .quantize import prepare
+
+        model = prepare(model)
     model.requires_grad_(False)
     model.eval()
     torch.set_grad_enabled(True)
     return model, tokenizer, device
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+
+
+def _head(labels: list, tokenizer) -> dict:
+    """from_pretrained keywords of a classifier head over ``labels``."""
+    names = [str(v) for v in labels]
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+        # pooling (last non-pad token for decoder models) and padding need it
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _quantized(cfg: ModelConfig, dtype, device: str) -> dict:
+    """from_pretrained keywords of a bitsandbytes base (imports bitsandbytes)."""
+    from .quantize import bnb_config
+
+    config = bnb_config(cfg.quantize, dtype)
+    if cfg.task == "seq-cls":
+        # The new head is trained (modules_to_save): it must stay a plain Linear.
+        config.llm_int8_skip_modules = ["classifier", "score"]
+    return {"quantization_config": config, "device_map": {"": device}}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -227,6 +276,17 @@ def _first_line(exc: BaseException) -> str:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+
+
+def param_count(model) -> int:
+    """Parameters of the model (tied weights once), counting a 4-bit weight as its
+    unpacked shape: bitsandbytes stores two 4-bit values per uint8 element."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        shape = getattr(state, "shape", None)
+        total += int(math.prod(shape)) if shape is not None else p.numel()
+    return total
 
 
 def linear_module_names(model) -> dict[str, tuple[int, int]]:
@@ -257,7 +317,7 @@ def check_targets(model, target_modules: list[str] | None, ranks: list[int]) -> 
     Raises ConfigError naming the flag and listing what the model has.
     """
     linear = linear_module_names(model)
-    head = _output_head_name(model)
+    head = output_head_name(model)
     short = sorted({n.rsplit(".", 1)[-1] for n in linear if n != head})
     if target_modules is None:
         targets = default_target_modules(model)
@@ -288,8 +348,13 @@ def check_targets(model, target_modules: list[str] | None, ranks: list[int]) -> 
     return matched
 
 
-def _output_head_name(model) -> str | None:
+def output_head_name(model) -> str | None:
+    """The LM head, or a classifier's head: PEFT's all-linear leaves either out."""
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if hasattr(model, n)), None)
     if head is None:
         return None
     return next((n for n, m in model.named_modules() if m is head), None)

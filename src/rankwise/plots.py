@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .metrics import label as metric_label
+from .metrics import shown
 from .records import COMPLETE, FAILED, SKIPPED, TrialKind
 from .search import RankScore
 
@@ -52,28 +54,35 @@ def loss_figure(view: RunView) -> Any:
         _no_data(ax, "no trial has completed yet")
     _mark_unfinished(ax, view)
     _rank_axis(ax, view.ranks())
-    ax.set_ylabel("best validation loss")
+    ax.set_ylabel(_score_label(view))
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)  # off the data
     return fig
 
 
+def _score_label(view: RunView) -> str:
+    """'best validation loss', or the metric's name (scores are shown as users read them)."""
+    return "best validation loss" if view.metric == "loss" else f"best {metric_label(view.metric)}"
+
+
 def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
+    """Scores as users read them: a metric's error 1 - m is drawn as m (higher is better)."""
+    m = view.metric
     several = any(s.n > 1 for s in ok)
     ax.errorbar(
         [s.rank for s in ok],
-        [s.mean for s in ok],
+        [shown(m, s.mean) for s in ok],
         yerr=[s.se for s in ok] if several else None,
         fmt="o-",
         capsize=4,
         color="tab:blue",
-        label="mean ± SE over seeds" if several else "best val loss",
+        label="mean ± SE over seeds" if several else _score_label(view),
     )
     done = [r for r in view.results if r.ok]
     if several:
         ax.plot(
             [r.rank for r in done],
-            [r.best_val_loss for r in done],
+            [shown(m, r.best_val_loss) for r in done],
             ".",
             color="tab:blue",
             alpha=0.4,
@@ -82,7 +91,7 @@ def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
     if nested := [r for r in done if r.kind == TrialKind.NESTED]:
         ax.plot(
             [r.rank for r in nested],
-            [r.best_val_loss for r in nested],
+            [shown(m, r.best_val_loss) for r in nested],
             "s",
             mfc="none",
             ms=10,
@@ -92,22 +101,24 @@ def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
     best = min(s.mean for s in ok)
     if (limit := view.good_limit()) is not None:
         ax.axhspan(
-            best,
-            limit,
+            shown(m, best),
+            shown(m, limit),
             color="tab:green",
             alpha=0.18,
             label=view.criterion.resolve(view.base_loss).describe(),
         )
     if view.base_loss is not None:
         ax.axhline(
-            view.base_loss,
+            shown(m, view.base_loss),
             ls="--",
             color="tab:gray",
-            label=f"base model, no adapter ({view.base_loss:.4f})",
+            label=f"base model, no adapter ({shown(m, view.base_loss):.4f})",
         )
     if pick := next((s for s in ok if s.rank == view.recommendation["rank"]), None):
         label = f"recommended r={pick.rank}" + ("" if view.finished else " (provisional)")
-        ax.plot([pick.rank], [pick.mean], "*", ms=20, color="tab:red", label=label, zorder=5)
+        ax.plot(
+            [pick.rank], [shown(m, pick.mean)], "*", ms=20, color="tab:red", label=label, zorder=5
+        )
     lo, hi = ax.get_ylim()
     ax.set_ylim(lo, hi + 0.2 * (hi - lo))  # headroom for the markers of unfinished ranks
 
@@ -236,6 +247,9 @@ def pareto_figure(view: RunView) -> Any:
         _no_data(ax, "no completed trial yet")
         return fig
     front = _pareto(points)
+    m = view.metric
+    points = [(x, shown(m, y), rank) for x, y, rank in points]
+    front = [(x, shown(m, y), rank) for x, y, rank in front]
     ax.step(
         [p[0] for p in front],
         [p[1] for p in front],
@@ -249,7 +263,7 @@ def pareto_figure(view: RunView) -> Any:
         if rank == view.recommendation["rank"]:
             ax.plot([x], [y], "*", ms=18, color="tab:red", label="recommended", zorder=5)
     ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters", ylabel="best validation loss")
+    ax.set(xlabel="trainable parameters", ylabel=_score_label(view))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return fig
@@ -262,8 +276,12 @@ def curves_figure(view: RunView) -> Any:
     from matplotlib.colors import LogNorm
 
     fig, axes = _figure(2, 12.0, 4.2)
-    for ax, title in zip(axes, ("training loss", "validation loss"), strict=True):
-        ax.set(title=title, xlabel="step", ylabel="loss")
+    m = view.metric
+    val = "validation loss" if m == "loss" else f"validation {metric_label(m)}"
+    for ax, title in zip(axes, ("training loss", val), strict=True):
+        ax.set(
+            title=title, xlabel="step", ylabel="loss" if title.endswith("loss") else metric_label(m)
+        )
         ax.grid(alpha=0.3)
     trials = sorted(
         (r for r in view.results if r.train_curve or r.val_curve), key=lambda r: (r.rank, r.seed)
@@ -282,7 +300,8 @@ def curves_figure(view: RunView) -> Any:
             "alpha": 0.85,
             "ls": "--" if r.kind == TrialKind.NESTED else "-",
         }
-        for ax, curve, marker in ((axes[0], r.train_curve, ""), (axes[1], r.val_curve, "o")):
+        val_curve = [(step, shown(m, v)) for step, v in r.val_curve]
+        for ax, curve, marker in ((axes[0], r.train_curve, ""), (axes[1], val_curve, "o")):
             if curve:
                 ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=marker, ms=3, **style)
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, label="rank r", pad=0.01)

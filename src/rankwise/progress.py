@@ -10,9 +10,10 @@ import sys
 import time
 from contextlib import contextmanager
 
+from . import metrics
 from .records import COMPLETE, TrialResult, TrialSpec
 
-__all__ = ["Progress", "trial_line"]
+__all__ = ["Progress", "trial_line", "score_text"]
 
 
 def trial_line(r: TrialResult) -> str:
@@ -24,9 +25,16 @@ def trial_line(r: TrialResult) -> str:
     tps = f"{r.tokens_per_second:,.0f} tok/s" if r.tokens_per_second else "-"
     flag = " (stopped at --max-trial-time)" if r.time_limited else ""
     return (
-        f"{head} best val loss {r.best_val_loss:.4f} @ step {r.best_step}  "
+        f"{head} best {score_text(r)} @ step {r.best_step}  "
         f"params {r.trainable_params:,}  {r.wall_seconds:.1f}s  {tps}  peak {mem}{flag}"
     )
+
+
+def score_text(r: TrialResult) -> str:
+    """'val loss 2.1000', or for a classifier 'accuracy 0.9000 (val loss 0.3100, macro-F1 0.8800)'."""
+    main = metrics.describe(r.metric, r.best_val_loss)
+    others = [f"{metrics.label(k)} {v:.4f}" for k, v in r.val_metrics.items() if k != r.metric]
+    return main + (f" ({', '.join(others)})" if others else "")
 
 
 class Progress:

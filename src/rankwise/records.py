@@ -95,6 +95,7 @@ class TrainSpec:
     seed: int = 0
     max_trial_time: float | None = None
     autocast: str | None = None  # "bfloat16": autocast the forward/backward; weights stay fp32
+    metric: str = "loss"  # what evaluations score: loss, accuracy or f1 (rankwise.metrics)
 
     def replace(self, **changes) -> TrainSpec:
         return dataclasses.replace(self, **changes)
@@ -151,6 +152,13 @@ class TrialResult:
     final_train_loss: float | None = None
     train_curve: list[tuple[int, float]] = field(default_factory=list)
     val_curve: list[tuple[int, float]] = field(default_factory=list)
+    metric: str = "loss"
+    """What ``val_curve`` and ``best_val_loss`` hold: ``loss``, or ``accuracy``/``f1`` as the
+    error ``1 - metric`` (lower is better, as the search compares; rankwise.metrics)."""
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    """Every metric measured at the best checkpoint, as users read them (classification)."""
+    val_loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    """Validation loss at each evaluation, when ``val_curve`` holds an error instead."""
     trainable_params: int | None = None
     steps: int = 0
     train_tokens: int = 0
@@ -186,6 +194,7 @@ class TrialResult:
         d = json.loads(text)
         d["train_curve"] = [tuple(p) for p in d.get("train_curve", [])]
         d["val_curve"] = [tuple(p) for p in d.get("val_curve", [])]
+        d["val_loss_curve"] = [tuple(p) for p in d.get("val_loss_curve", [])]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

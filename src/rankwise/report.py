@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import metrics
 from .config import DEFAULT_RANKS, ConfigError, format_bytes
 from .plots import cost_figure, curves_figure, loss_figure, pareto_figure
 from .records import COMPLETE, FAILED, SKIPPED, TrialKind, TrialResult
@@ -136,6 +137,11 @@ class RunView:
         return improvement_share(loss, self.base_loss, best)
 
     @property
+    def metric(self) -> str:
+        """What the scores hold: ``loss``, or ``accuracy``/``f1`` as ``1 - metric``."""
+        return str(self.options.get("metric") or "loss")
+
+    @property
     def status(self) -> str:
         if self.finished:
             return "complete"
@@ -208,9 +214,12 @@ def _provisional(
 ) -> dict[str, Any]:
     """The recommendation the trials finished so far support; its LoraConfig is the one
     the recommended rank's trial was built from."""
-    criterion = Criterion(options.get("criterion") or "share", options.get("threshold"))
+    criterion = Criterion(options.get("criterion") or "knee", options.get("threshold"))
     base = next((r.best_val_loss for r in side if r.kind == TrialKind.BASE and r.ok), None)
-    rec = dataclasses.asdict(recommend(scores, criterion, base_loss=base))
+    found, metric = recommend(scores, criterion, base_loss=base), options.get("metric") or "loss"
+    if metric != "loss":
+        found = dataclasses.replace(found, reason=metrics.reason(found, scores, criterion, metric))
+    rec = dataclasses.asdict(found)
     lora: dict[str, Any] = {}
     key = next((r.key for r in results if r.ok and r.rank == rec["rank"]), None)
     if key is not None and (spec := store.spec(key)) is not None:
@@ -275,13 +284,20 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     pred_wall = _has_prediction(view, "wall_seconds")
     grouped = bool(view.side)
     workers = any(r.extra.get("worker") for r in view.results + view.side)
+    trials = sorted(view.results + view.side, key=lambda t: (t.group, t.rank, t.seed))
+    measured = list(dict.fromkeys(k for r in trials for k in r.val_metrics if k != view.metric))
+    score = "best val loss" if view.metric == "loss" else f"best {metrics.label(view.metric)}"
     rows = []
-    for r in sorted(view.results + view.side, key=lambda t: (t.group, t.rank, t.seed)):
+    for r in trials:
         row = {
             "rank": str(r.rank),
             "seed": str(r.seed),
             "status": r.status,
-            "best val loss": _num(r.best_val_loss, ".4f"),
+            score: _num(metrics.shown(r.metric, r.best_val_loss), ".4f"),
+        }
+        for key in measured:  # a classifier's other metrics at the same checkpoint
+            row[metrics.label(key)] = _num(r.val_metrics.get(key), ".4f")
+        row |= {
             "best step": _num(r.best_step, "d"),
             "trainable params": _num(r.trainable_params, ",d"),
             "peak memory": format_bytes(r.peak_memory_bytes),
@@ -321,12 +337,16 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
             for r in view.results
             if r.rank == s.rank and r.trainable_params is not None
         ]
-        loss = _num(s.mean, ".4f") + (f" ± {s.se:.4f}" if s.n > 1 else "")
+        loss = _num(metrics.shown(view.metric, s.mean), ".4f") + (
+            f" ± {s.se:.4f}" if s.n > 1 else ""
+        )
         verdict = ""
         if s.rank == rec["rank"]:
             verdict = "recommended" + ("" if view.finished else " (provisional)")
         elif s.rank == rec["best_rank"]:
-            verdict = "lowest loss"
+            verdict = (
+                "lowest loss" if view.metric == "loss" else f"best {metrics.label(view.metric)}"
+            )
         elif s.ok and limit is not None and s.mean <= limit:
             verdict = "as good as the best"
         share = view.share(s.mean)
@@ -334,7 +354,7 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
             {
                 "rank": str(s.rank),
                 "status": s.status,
-                "val loss": loss,
+                metrics.label(view.metric): loss,
                 "share of improvement": f"{share:.1%}" if share is not None else "-",
                 "seeds": str(s.n),
                 "trainable params": _num(params[0] if params else None, ",d"),
@@ -372,12 +392,39 @@ def config_snippet(run: str | Path | RunView) -> str:
         "",
         f"config = LoraConfig(\n{args})",
         "",
-        f"# base_model: the model the search trained on, {_py(view.model)}",
     ]
+    base = _base_lines(view)
+    lines += base or [f"# base_model: the model the search trained on, {_py(view.model)}"]
     if not rec["adapter_dir"]:
         lines.append("# the adapter is written there when the search finishes")
     lines.append(f"model = PeftModel.from_pretrained(base_model, {_py(adapter)})")
     return "\n".join(lines)
+
+
+def _base_lines(view: RunView) -> list[str]:
+    """How to load the base as the search did, when that takes more than the model's name:
+    a classifier head over the run's labels, a bitsandbytes quantization (rankwise.quantize)."""
+    rec = view.recommendation
+    quantization, labels = rec.get("quantization_config"), rec.get("labels")
+    if not quantization and not labels:
+        return []
+    auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
+    args = [_py(view.model)]
+    if labels:
+        names = [str(v) for v in labels]
+        args += [f"num_labels={len(names)}", f"id2label={_py(dict(enumerate(names)))}"]
+    lines = [f"from transformers import {auto}" + (", BitsAndBytesConfig" if quantization else "")]
+    if quantization:
+        lines.append("from peft import prepare_model_for_kbit_training")
+        args.append(f"quantization_config=BitsAndBytesConfig(**{_py(quantization)})")
+    if view.model == "smollm2" or view.model.endswith(".gguf"):
+        lines.append(f"# {view.model}: a GGUF model; pass the directory rankwise converted it to")
+    lines.append(f"base_model = {auto}.from_pretrained({', '.join(args)})")
+    if quantization:
+        lines.append(
+            "base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)"
+        )
+    return lines
 
 
 # -- summary.md --------------------------------------------------------------------------
@@ -421,6 +468,10 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         ("strategy", rec["strategy"] or o.get("strategy")),
         ("criterion", view.criterion.resolve(view.base_loss).describe()),
         ("base model val loss (no adapter)", _num(view.base_loss, ".4f")),
+        ("task", o.get("task") if o.get("task") not in (None, "causal-lm") else None),
+        ("labels", view.data.get("labels")),
+        ("quantized base", o.get("quantize") if o.get("quantize") not in (None, "none") else None),
+        ("metric", _metric_fact(view.metric)),
         ("alpha policy", o.get("alpha_policy")),
         ("target modules", o.get("target_modules")),
         ("learning rate", _lr_fact(rec.get("learning_rate"))),
@@ -447,6 +498,16 @@ def _lr_fact(lr: Any) -> str | None:
     extended = lr.get("extended") or []
     more = f"; range extended to {', '.join(f'{x:g}' for x in extended)}" if extended else ""
     return f"{lr['lr']:g} (calibrated at r={lr.get('rank')}, bracket {lo}..{hi}{more})"
+
+
+def _metric_fact(metric: str) -> str | None:
+    if metric == "loss":
+        return None
+    name = metrics.label(metric)
+    return (
+        f"{name} (higher is better); the search compares the error 1 - {name}, so gains and "
+        "the criterion judge that error"
+    )
 
 
 def _rec_lines(view: RunView) -> list[str]:
@@ -591,13 +652,15 @@ def _figure_html(title: str, fig: Any, caption: str) -> str:
 def report_html(run: str | Path | RunView) -> str:
     """The whole report as one self-contained HTML page."""
     view = _view(run)
+    name = metrics.label(view.metric).removeprefix("val ")
+    score = "loss" if view.metric == "loss" else name
     figures = [
         (
-            "Validation loss vs rank",
+            f"Validation {score} vs rank",
             loss_figure(view),
-            "Best validation loss per rank (mean ± standard error over seeds); the dashed line "
-            "is the base model without an adapter; the band holds the losses the criterion "
-            "counts as good as the best; x marks at the top are ranks that failed or were "
+            f"Best validation {score} per rank (mean ± standard error over seeds); the dashed line "
+            f"is the base model without an adapter; the band holds the {score}s the criterion "
+            f"counts as good as the best; x marks at the top are ranks that failed or were "
             "skipped.",
         ),
         (
@@ -606,14 +669,14 @@ def report_html(run: str | Path | RunView) -> str:
             "Filled markers: measured; hollow markers and dashed lines: predicted before training.",
         ),
         (
-            "Loss vs trainable parameters",
+            f"{score.capitalize()} vs trainable parameters",
             pareto_figure(view),
-            "Each rank's loss against its adapter size; the line is the Pareto front.",
+            f"Each rank's {score} against its adapter size; the line is the Pareto front.",
         ),
         (
             "Learning curves",
             curves_figure(view),
-            "Every trial's training and validation loss, coloured by rank.",
+            f"Every trial's training loss and validation {score}, coloured by rank.",
         ),
     ]
     body = [_header_html(view), _recommendation_html(view)]

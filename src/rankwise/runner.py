@@ -72,9 +72,11 @@ class TrialRunner:
     def lora_config(self, rank: int, target_modules=None, overrides: tuple = ()) -> dict:
         """The recommended ``LoraConfig`` kwargs (what the delivered adapter was trained with)."""
         spec = self.lora_spec(rank, target_modules).replace(**dict(overrides))
+        from .trial import task_type
+
         optional = ("rank_pattern", "alpha_pattern", "eva_config")  # shown only when set
         kw = {k: v for k, v in spec.kwargs().items() if k not in optional or v}
-        return {**kw, "task_type": "CAUSAL_LM"}
+        return {**kw, "task_type": task_type(self.opts.model.task)}
 
     def train_spec(self, seed: int, variant: Variant) -> TrainSpec:
         tc = self.opts.train
@@ -119,6 +121,7 @@ class TrialRunner:
             batch_size=self.opts.train.batch_size,
             seq_len=self.opts.data.seq_len,
             dtype=str(self.ctx.model.dtype).rsplit(".", 1)[-1],
+            quantize=self.opts.model.quantize,
             bias=self.opts.lora.bias,
             device=self.ctx.device,
             baseline_bytes=self.baseline_bytes,
@@ -209,14 +212,20 @@ class TrialRunner:
         Stored once per run as a ``base`` record (resume keeps it)."""
         import time
 
-        from .trial import validation_loss
+        from .metrics import objective
+        from .trial import validation_loss, validation_scores
 
         spec = self.spec_for(0, 0, Variant(TrialKind.BASE)).replace(key="base", adapter_dir=None)
         stored = self.store.result(spec.key)
         if stored is not None:
             return stored
         t0 = time.perf_counter()
-        loss = validation_loss(self.ctx.model, self.ctx, spec)
+        metric, scores = spec.train.metric, {}
+        if self.opts.model.task == "seq-cls":  # the same objective the trials are scored by
+            scores = validation_scores(self.ctx.model, self.ctx, spec)
+            loss = objective(scores, metric)
+        else:
+            loss = validation_loss(self.ctx.model, self.ctx, spec)
         result = TrialResult(
             key=spec.key,
             rank=0,
@@ -229,9 +238,13 @@ class TrialRunner:
             val_curve=[(0, loss)],
             trainable_params=0,
             wall_seconds=time.perf_counter() - t0,
+            metric=metric,
+            val_metrics=scores,
         )
         self.store.finish(result, spec)
-        self.progress.log(f"base model (no adapter): val loss {loss:.4f}")
+        from .metrics import describe
+
+        self.progress.log(f"base model (no adapter): {describe(metric, loss)}")
         return result
 
     def run(self, rank: int, seed: int, variant: Variant = MAIN) -> TrialResult:

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import metrics
 from .config import DEFAULT_RANKS, ConfigError, Options
 from .diagnose import diagnose_search
 from .executor import LocalExecutor, make_executor
@@ -60,6 +61,8 @@ class SearchResult:
     scores: list[RankScore]
     recommendation: Recommendation
     lora_config: dict | None
+    quantization_config: dict | None = None
+    """``BitsAndBytesConfig`` keywords of the base the adapter was trained on (--quantize)."""
 
     def to_lora_config(self):
         """The recommended ``peft.LoraConfig``."""
@@ -143,11 +146,18 @@ class Study:
                 "Adam a higher rank also acts like a larger learning rate; gains on the curve mix "
                 "capacity with step size (--alpha-policy fixed compares capacity)"
             )
+        n_val = self.ctx.data.val_ids.shape[0] if hasattr(self, "ctx") else None
+        if self.opts.train.metric != "loss" and n_val and n_val < 200:
+            out.append(
+                f"--metric {self.opts.train.metric}: {n_val} validation examples, so the score "
+                f"moves in steps of about {1 / n_val:.1%}; a larger --val set makes the rank "
+                "curve finer"
+            )
         return out
 
     def _setup(self) -> None:
         from .data import prepare_data, save_tokens
-        from .models import check_targets, load_model, pick_autocast
+        from .models import check_targets, load_model, param_count, pick_autocast
         from .store import RunStore
         from .tracking import make_tracker
         from .trial import TrialContext
@@ -155,12 +165,22 @@ class Study:
         identity = self.opts.identity()
         if not self.opts.run.force:  # refuse a mismatch before loading anything
             self.dir.check_identity(identity, ignore=("data_sha256",))
-        model, tokenizer, device = load_model(self.opts.model)
+        labelled = None
+        if self.opts.model.task == "seq-cls":  # labels first: they size the model's head
+            from .classify import read_labelled
+
+            labelled = read_labelled(self.opts.data, self.opts.train.seed)
+        model, tokenizer, device = load_model(self.opts.model, labelled and labelled.labels)
         self.ranks = self._fit_ranks(model)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = param_count(model)
         self.start_rank = self.opts.search.start_rank_for(n_params)
         targets = check_targets(model, self.opts.lora.target_modules, self.ranks)
-        data = prepare_data(self.opts.data, tokenizer, self.dir.path, self.opts.train.seed)
+        if labelled:
+            from .classify import encode
+
+            data = encode(labelled, tokenizer, self.opts.data.seq_len)
+        else:
+            data = prepare_data(self.opts.data, tokenizer, self.dir.path, self.opts.train.seed)
         identity["data_sha256"] = data_fingerprint(data)
         if not self.opts.run.force:
             self.dir.check_identity(identity)
@@ -287,8 +307,9 @@ class Study:
         self.store.set_meta(meta_key, record)
         self.lr_record = record if meta_key == "lr_calibration" else self.lr_record
         edge = "" if None not in bracket else " (at the edge of what could be tried)"
+        score = metrics.label(self.opts.train.metric)
         self.progress.log(
-            f"learning rate: {best:g} (best val loss at r={rank} in {steps} steps; bracket "
+            f"learning rate: {best:g} (best {score} at r={rank} in {steps} steps; bracket "
             f"{_fmt_rate(bracket[0])}..{_fmt_rate(bracket[1])}{edge})"
         )
         return best
@@ -437,6 +458,10 @@ class Study:
         params = {r.rank: r.trainable_params for r in trials if r.ok}
         stop = "; ".join([strategy.stop_reason, *self.plan_notes]).strip("; ")
         rec = recommend(scores, self.criterion, stop, self.base_loss, params)
+        if self.opts.train.metric != "loss":  # the reason in the metric's terms
+            rec = dataclasses.replace(
+                rec, reason=metrics.reason(rec, scores, self.criterion, self.opts.train.metric)
+            )
         extras: dict = {}
         lora, source = None, strategy.results
         if rec.rank is not None:
@@ -470,7 +495,19 @@ class Study:
         self._refresh(final=True)
         self.tracker.close()
         self.progress.done(rec, self.dir.path)
-        return SearchResult(self.dir.path, trials, scores, rec, lora)
+        quantization = self.quantization_config()
+        return SearchResult(self.dir.path, trials, scores, rec, lora, quantization)
+
+    def quantization_config(self) -> dict | None:
+        """``BitsAndBytesConfig`` keywords of the base (None when not quantized)."""
+        m = self.opts.model
+        if m.quantize == "none":
+            return None
+        from .models import pick_dtype
+        from .quantize import bnb_config_kwargs
+
+        dtype = str(pick_dtype(m.dtype, self.ctx.device)).rsplit(".", 1)[-1]
+        return bnb_config_kwargs(m.quantize, dtype)
 
     def _write_recommendation(self, rec, lora, trials, scores, extras=None) -> None:
         keys = (
@@ -519,10 +556,25 @@ class Study:
                 if self.runner.autocast
                 else str(self.ctx.model.dtype).rsplit(".", 1)[-1]
             ),
+            "task": self.opts.model.task,
+            "quantize": self.opts.model.quantize,
+            "quantization_config": self.quantization_config(),
+            **self._metric_fields(rec),
             "warnings": self.warnings(),
             **(extras or {}),
         }
         self.dir.write_json("recommendation.json", doc)
+
+    def _metric_fields(self, rec) -> dict:
+        """The metric, and for a classifier its labels and the recommendation in its terms."""
+        metric = self.opts.train.metric
+        out: dict = {"metric": metric}
+        if self.opts.model.task == "seq-cls":
+            out["labels"] = self.ctx.data.info.get("labels")
+        if metric != "loss":
+            out["metric_value"] = metrics.shown(metric, rec.loss)
+            out["best_metric_value"] = metrics.shown(metric, rec.best_loss)
+        return out
 
     def _refresh(self, final: bool = False) -> None:
         """Rewrite summary.md and report.html so a running search can be watched.

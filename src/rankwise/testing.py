@@ -1,7 +1,9 @@
 """Tiny models and tokenizers built in-process, for tests, benchmarks and examples.
 
 Nothing is downloaded: a character-level tokenizer over printable ASCII and a
-2-layer, hidden-64 Llama or GPT-2 built from a config with a fixed seed.
+2-layer, hidden-64 Llama or GPT-2 built from a config with a fixed seed, a BERT-style
+encoder for sequence classification, and a labelled text set read from the Python
+standard library (:func:`stdlib_topics`).
 
 Example:
     >>> import tempfile
@@ -24,6 +26,9 @@ __all__ = [
     "tiny_model",
     "save_tiny_model",
     "save_tiny_adapter",
+    "tiny_encoder",
+    "save_tiny_encoder",
+    "stdlib_topics",
     "TINY_VOCAB",
     "CHAT_TEMPLATE",
     "FakePool",
@@ -247,3 +252,72 @@ class FakePool:
     def cancel(self, key: str) -> None:
         self.running.pop(key)
         self.cancelled.append(key)
+
+
+def tiny_encoder(seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A randomly initialised BERT-style encoder (no head) over the tiny vocabulary: a
+    classifier's backbone, to which ``--task seq-cls`` adds a new head."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return BertModel(config).eval()
+
+
+def save_tiny_encoder(path: str | Path, seed: int = 0, **kw) -> Path:
+    """Write a tiny BERT-style encoder and the character tokenizer to ``path``."""
+    path = Path(path)
+    tiny_encoder(seed, **kw).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+STDLIB_TOPICS = ("asyncio", "email", "xml")
+
+
+def stdlib_topics(
+    packages: tuple[str, ...] = STDLIB_TOPICS, per_label: int = 40, min_chars: int = 40
+) -> list[dict]:
+    """A labelled text set no one here wrote, available offline: docstrings (of modules,
+    classes and functions) of the Python standard library's packages, each labelled by
+    the top-level package it comes from, ``per_label`` of each in file order.
+
+    Source: the running interpreter's standard library (``sysconfig``'s ``stdlib`` path),
+    test modules left out. The texts change with the Python version, not between runs.
+
+    Example:
+        >>> rows = stdlib_topics(("json", "email"), per_label=3)
+        >>> [r["label"] for r in rows], sorted(rows[0])
+        (['json', 'json', 'json', 'email', 'email', 'email'], ['label', 'text'])
+    """
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for package in packages:
+        texts: list[str] = []
+        for file in sorted((root / package).rglob("*.py")):
+            if {"test", "tests"} & set(file.relative_to(root).parts) or len(texts) >= per_label:
+                continue
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(
+                    node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+                ):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= min_chars:
+                        texts.append(doc)
+        if len(texts) < per_label:
+            raise ValueError(f"stdlib package {package!r} has only {len(texts)} docstrings")
+        rows += [{"text": t, "label": package} for t in texts[:per_label]]
+    return rows

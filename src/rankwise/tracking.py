@@ -88,6 +88,7 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
         "wall_seconds": result.wall_seconds,
         "peak_memory_bytes": result.peak_memory_bytes,
         "tokens_per_second": result.tokens_per_second,
+        **{f"best_val_{k}": v for k, v in result.val_metrics.items()},
     }
     return {k: float(v) for k, v in values.items() if v is not None}
 
@@ -95,7 +96,13 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
 def step_scalars(result: TrialResult) -> dict[int, dict[str, float]]:
     """``{step: {"train/loss": x, "eval/loss": y}}`` in step order (wandb wants steps ascending)."""
     out: dict[int, dict[str, float]] = {}
-    for name, curve in (("train/loss", result.train_curve), ("eval/loss", result.val_curve)):
+    curves = [("train/loss", result.train_curve)]
+    if result.metric == "loss":
+        curves.append(("eval/loss", result.val_curve))
+    else:  # the curve holds the error 1 - metric (rankwise.metrics): log the metric itself
+        shown = [(s, 1.0 - v) for s, v in result.val_curve]
+        curves += [("eval/loss", result.val_loss_curve), (f"eval/{result.metric}", shown)]
+    for name, curve in curves:
         for step, loss in curve:
             out.setdefault(int(step), {})[name] = float(loss)
     return dict(sorted(out.items()))

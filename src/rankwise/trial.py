@@ -21,11 +21,15 @@ The loss of an optimizer step is the sum of the token losses of its micro-batche
 divided by the number of loss tokens in all of them (transformers'
 ``num_items_in_batch``), so ``grad_accum=2 × batch 4`` is the same update as ``batch 8``
 even when masks leave different numbers of loss tokens per micro-batch.
+A classifier (``spec.model["task"] == "seq-cls"``) has one label per block instead of one
+per token (:mod:`rankwise.classify`); its evaluations measure loss, accuracy and macro-F1,
+and the trial is scored by the one ``spec.train.metric`` names (:mod:`rankwise.metrics`).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 import warnings
@@ -48,7 +52,10 @@ __all__ = [
     "attached",
     "attach_adapter",
     "evaluate",
+    "validation_loss",
+    "validation_scores",
     "lora_config",
+    "task_type",
     "failure_reason",
 ]
 
@@ -67,6 +74,7 @@ class TrialContext:
     @classmethod
     def for_spec(cls, spec: TrialSpec) -> TrialContext:
         """Load (once per process) the model and cached tokens a spec names."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         from .config import ModelConfig
@@ -76,9 +84,12 @@ class TrialContext:
         key = (repr(sorted(spec.model.items())), spec.data_dir)
         cache = _PROCESS_CACHE.get(key)
         if cache is None:
-            model, tokenizer, device = load_model(ModelConfig(**spec.model))
-            t = load_file(f"{spec.data_dir}/tokens.safetensors")
-            data = TokenData(t["train_ids"], t["train_labels"], t["val_ids"], t["val_labels"], {})
+            path = f"{spec.data_dir}/tokens.safetensors"
+            with safe_open(path, "pt") as f:
+                info = json.loads((f.metadata() or {}).get("info") or "{}")
+            model, tokenizer, device = load_model(ModelConfig(**spec.model), info.get("labels"))
+            t = load_file(path)
+            data = TokenData(t["train_ids"], t["train_labels"], t["val_ids"], t["val_labels"], info)
             cache = _PROCESS_CACHE[key] = cls(model, tokenizer, device, data)
             gc.freeze()  # the model's objects are permanent: keep them out of every collection
         return cache
@@ -88,9 +99,20 @@ _PROCESS_CACHE: dict = {}
 
 
 def lora_config(spec: TrialSpec):
+    """The spec's ``LoraConfig``. For a classifier, PEFT's SEQ_CLS task type puts the head
+    (``classifier``/``score``) in ``modules_to_save``: trained beside the adapter, saved with it."""
     from peft import LoraConfig
 
-    return LoraConfig(task_type="CAUSAL_LM", **spec.lora.kwargs())
+    return LoraConfig(task_type=task_type(spec.model.get("task")), **spec.lora.kwargs())
+
+
+def task_type(task: str | None) -> str:
+    """PEFT's task type for ``--task``."""
+    return "SEQ_CLS" if task == "seq-cls" else "CAUSAL_LM"
+
+
+def _is_seq_cls(spec: TrialSpec) -> bool:
+    return spec.model.get("task") == "seq-cls"
 
 
 def attach_adapter(model: torch.nn.Module, spec: TrialSpec):
@@ -98,8 +120,11 @@ def attach_adapter(model: torch.nn.Module, spec: TrialSpec):
     tests. Trials use :func:`attached`, which also takes it off again."""
     from peft import get_peft_model
 
+    from .quantize import without_bitsandbytes
+
     torch.manual_seed(spec.seed)
-    return get_peft_model(model, lora_config(spec))
+    with without_bitsandbytes():  # PEFT's dispatch would import it for nothing
+        return get_peft_model(model, lora_config(spec))
 
 
 # -- attach and detach, leaving the base exactly as it was -----------------------------------
@@ -113,14 +138,17 @@ def attached(model: torch.nn.Module, spec: TrialSpec) -> Iterator:
     """
     from peft import get_peft_model
 
+    from .quantize import without_bitsandbytes
+
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     grad_flags = {name: p.requires_grad for name, p in params.items()}
     snapshot: dict[str, torch.Tensor] = {}
     torch.manual_seed(spec.seed)
     try:
-        with warnings.catch_warnings():
-            # A stray pattern key is an error below, named once (PEFT would also warn).
+        # PEFT's dispatch would import bitsandbytes for nothing on a plain base; a stray
+        # pattern key is an error below, named once (PEFT would also warn).
+        with warnings.catch_warnings(), without_bitsandbytes():
             warnings.filterwarnings("ignore", message="The following .*_pattern keys did not")
             peft_model = get_peft_model(model, lora_config(spec))
         _verify_patterns(peft_model, spec)
@@ -177,12 +205,20 @@ class Run:
     status: str = COMPLETE
     reason: str = ""
     peak_bytes: int | None = None
+    scores: list[tuple[int, dict]] = field(default_factory=list)
+    best_scores: dict = field(default_factory=dict)
 
-    def record_eval(self, peft_model, loss: float) -> bool:
-        """Add a validation point; keep the adapter's state if it is the best so far."""
+    def record_eval(self, peft_model, loss: float, scores: dict | None = None) -> bool:
+        """Add a validation point; keep the adapter's state if it is the best so far.
+
+        ``loss`` is the objective (lower is better: the loss, or 1 - metric); ``scores``,
+        when the task has more than a loss, every metric measured (rankwise.metrics)."""
         self.val_curve.append((self.step, loss))
+        if scores:
+            self.scores.append((self.step, scores))
         if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
             self.best = (loss, self.step)
+            self.best_scores = dict(scores or {})
             # The adapter delivered is the best checkpoint, so it reproduces the score.
             self.best_state = trainable_state(peft_model)
             return True
@@ -222,7 +258,13 @@ class Hooks:
         optimizer.step()
 
     def evaluate(self, peft_model, run: Run, ctx: TrialContext) -> None:
-        run.record_eval(peft_model, validation_loss(peft_model, ctx, run.spec))
+        if not _is_seq_cls(run.spec):
+            run.record_eval(peft_model, validation_loss(peft_model, ctx, run.spec))
+            return
+        from .metrics import objective
+
+        scores = validation_scores(peft_model, ctx, run.spec)
+        run.record_eval(peft_model, objective(scores, run.spec.train.metric), scores)
 
     def save(self, peft_model, run: Run) -> None:
         """Write the best checkpoint as a PEFT adapter folder."""
@@ -293,10 +335,11 @@ def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progre
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tc.warmup_steps, tc.max_steps))
     batches = _Batches(ctx.data.train_ids.shape[0], tc.batch_size, tc.seed)
+    loss_fn = _loss_fn(run.spec)
     peft_model.train()
     for step in range(1, tc.max_steps + 1):
         with hooks.step(peft_model, step):
-            loss, tokens = _train_step(peft_model, batches, ctx, tc)
+            loss, tokens = _train_step(peft_model, batches, ctx, tc, loss_fn)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}")
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -334,18 +377,34 @@ def _token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return loss, int((target != -100).sum())
 
 
-def _train_step(model, batches: _Batches, ctx: TrialContext, tc) -> tuple[float, int]:
+def _loss_items(labels: torch.Tensor) -> int:
+    """Loss terms in a batch: next-token targets (2-D labels) or one label per example."""
+    return int((labels[:, 1:] != -100).sum()) if labels.dim() == 2 else labels.numel()
+
+
+def _loss_fn(spec: TrialSpec):
+    """(model, ids, labels) -> (summed loss, loss terms) for the spec's task."""
+    if _is_seq_cls(spec):
+        from .classify import class_loss
+
+        return class_loss
+    return _token_loss
+
+
+def _train_step(
+    model, batches: _Batches, ctx: TrialContext, tc, loss_fn=_token_loss
+) -> tuple[float, int]:
     """Forward/backward over ``grad_accum`` micro-batches, weighted by loss tokens.
 
     Returns (the step's mean loss per loss token, tokens processed)."""
     data = ctx.data
     micro = [batches.next() for _ in range(tc.grad_accum)]
-    n_loss = sum(int((data.train_labels[idx][:, 1:] != -100).sum()) for idx in micro)
+    n_loss = sum(_loss_items(data.train_labels[idx]) for idx in micro)
     total, tokens = 0.0, 0
     for idx in micro:
         x, y = data.train_ids[idx].to(ctx.device), data.train_labels[idx].to(ctx.device)
         with _autocast(ctx.device, tc.autocast):
-            loss_sum, _ = _token_loss(model, x, y)
+            loss_sum, _ = loss_fn(model, x, y)
         (loss_sum / max(n_loss, 1)).backward()
         total += float(loss_sum.detach())
         tokens += x.numel()
@@ -383,8 +442,26 @@ def validation_loss(model, ctx: TrialContext, spec: TrialSpec) -> float:
     """The validation loss a trial reports (the same blocks and batches for every rank)."""
     tc = spec.train
     d = ctx.data
+    if _is_seq_cls(spec):
+        return validation_scores(model, ctx, spec)["loss"]
     return evaluate(
         model, d.val_ids, d.val_labels, tc.batch_size, ctx.device, tc.eval_batches, tc.autocast
+    )
+
+
+def validation_scores(model, ctx: TrialContext, spec: TrialSpec) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 of a classifier on the validation blocks."""
+    from .classify import evaluate_classes
+
+    tc, d = spec.train, ctx.data
+    return evaluate_classes(
+        model,
+        d.val_ids,
+        d.val_labels,
+        tc.batch_size,
+        ctx.device,
+        tc.eval_batches,
+        lambda: _autocast(ctx.device, tc.autocast),
     )
 
 
@@ -444,6 +521,11 @@ def trial_result(run: Run, **changes) -> TrialResult:
         final_train_loss=run.train_curve[-1][1] if run.train_curve else None,
         train_curve=list(run.train_curve),
         val_curve=list(run.val_curve),
+        metric=spec.train.metric,
+        val_metrics=dict(run.best_scores),
+        val_loss_curve=[(s, m["loss"]) for s, m in run.scores]
+        if spec.train.metric != "loss"
+        else [],
         trainable_params=run.trainable,
         steps=run.step,
         train_tokens=run.tokens,
