@@ -65,15 +65,15 @@ RANKS = {**se.RANKS, "planted-k4": se.RANKS["planted-k8"]}
 # search_efficiency.py's command-line defaults for planted tasks (--steps, --batch,
 # --eval-every); the identity check below proves they still match its stored grids.
 PLANTED_ARGS = SimpleNamespace(steps=500, batch=16, eval_every=100)
-SMOKE_ARGS = SimpleNamespace(steps=4, batch=4, eval_every=2)
+SMOKE_ARGS = SimpleNamespace(steps=8, batch=4, eval_every=4)
 
 
 def task_options(name: str, smoke: bool = False) -> dict:
     k = TASKS[name]
     if k is None:
         return se.smollm2_options()
-    if smoke:
-        return se.planted_options(k, SMOKE_ARGS, smoke=True)
+    if smoke:  # a rate at which a few steps beat the base model by more than 1%
+        return {**se.planted_options(k, SMOKE_ARGS, smoke=True), "lr": 3e-2}
     planted.make_task(k)  # cached for 2, 8, 32; generates planted-k4 (~30 s) once
     return se.planted_options(k, PLANTED_ARGS)
 
@@ -155,9 +155,11 @@ def _finished_nested(run_dir: Path, flat: dict, ranks: list[int], final: bool):
         store.close()
     records = [t for t in results if t.kind == "nested"]
     finals = [t for t in results if t.kind == "final"]
-    if sorted(t.rank for t in records) != sorted(ranks) or (final and not finals):
+    doc = json.loads(doc_path.read_text())
+    # No final trial when nothing was recommended (LoRA did not help at this budget).
+    if sorted(t.rank for t in records) != sorted(ranks) or (final and doc["rank"] and not finals):
         return None
-    return records, (finals[0] if finals else None), json.loads(doc_path.read_text())
+    return records, (finals[0] if finals else None), doc
 
 
 def variant_label(args) -> str:
@@ -191,8 +193,8 @@ def run_task(name: str, args) -> dict:
     records, final, doc = done
     grid = grid_for(name, options, ranks, args)
     by_rank = {t.rank: t for t in grid["trials"] if t.status == COMPLETE}
-    n_rec = recommend(rank_scores(records), TOLERANCE)
-    g_rec = recommend(rank_scores(grid["trials"]), TOLERANCE)
+    n_rec = recommend(rank_scores(records), TOLERANCE, base_loss=doc.get("base_val_loss"))
+    g_rec = recommend(rank_scores(grid["trials"]), TOLERANCE, base_loss=doc.get("base_val_loss"))
     assert n_rec.rank == doc["rank"], (n_rec, doc["rank"])
     tokens = {
         "nested": sum(t.train_tokens for t in records),

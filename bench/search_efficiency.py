@@ -82,6 +82,7 @@ def planted_options(k: int, args, smoke: bool = False) -> dict:
         "target_modules": list(planted.TARGETS),
         "alpha": 8.0,
         "lr": 3e-3,
+        "criterion": "relative",  # the rule these results were measured with (TOLERANCE)
         "batch_size": args.batch,
         "max_steps": args.steps,
         "eval_every": args.eval_every,
@@ -102,6 +103,7 @@ def smollm2_options(smoke: bool = False) -> dict:
         "lr": 1e-3,
         "max_examples": 2000,
         "eval_batches": 16,
+        "criterion": "relative",  # the rule these results were measured with (TOLERANCE)
     }
 
 

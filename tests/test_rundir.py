@@ -73,7 +73,8 @@ def test_second_search_on_a_live_directory_is_refused(tmp_path, llama_dir, text_
     finally:
         first.kill()
     store = RunStore(out, readonly=True)
-    assert sorted(r.rank for r in store.results()) == [1, 2] and not store.running()
+    trials = [r for r in store.results() if r.kind == "main"]
+    assert sorted(r.rank for r in trials) == [1, 2] and not store.running()
     assert (out / "adapter" / "adapter_config.json").exists() and _owner(out) is None
 
 
@@ -108,9 +109,9 @@ def test_edited_training_file_is_refused_on_resume(tmp_path, llama_dir, text_jso
     out = tmp_path / "run"
     argv = search_argv(llama_dir, text_jsonl, out, ranks="1")
     assert main(argv) == 0
-    before = RunStore(out, readonly=True).results()
+    before = [r for r in RunStore(out, readonly=True).results() if r.kind == "main"]
     assert main(argv) == 0  # unchanged: resumes, trains nothing new
-    assert RunStore(out, readonly=True).results() == before
+    assert [r for r in RunStore(out, readonly=True).results() if r.kind == "main"] == before
     rec = (out / "recommendation.json").read_text()
     lines = text_jsonl.read_text().splitlines()
     text_jsonl.write_text("\n".join(lines[:-10] + [json.dumps({"text": "new words here"})] * 10))
@@ -118,10 +119,11 @@ def test_edited_training_file_is_refused_on_resume(tmp_path, llama_dir, text_jso
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data_sha256:" in err and "--force" in err
-    assert RunStore(out, readonly=True).results() == before  # nothing recorded was lost
+    kept = [r for r in RunStore(out, readonly=True).results() if r.kind == "main"]
+    assert kept == before  # nothing recorded was lost
     assert (out / "recommendation.json").read_text() == rec
     assert main(argv + ["--force"]) == 0
-    after = RunStore(out, readonly=True).results()
+    after = [r for r in RunStore(out, readonly=True).results() if r.kind == "main"]
     assert len(after) == 1 and after[0].best_val_loss != before[0].best_val_loss
 
 

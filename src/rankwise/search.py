@@ -265,8 +265,11 @@ class Criterion:
         if not c.helps(best, base):
             return None
         if c.kind == "knee":
-            steep = [hi for lo, hi in zip(ok, ok[1:], strict=False) if c.steep(lo, hi, base)]
-            return steep[-1] if steep else ok[0]
+            # Only steps up to the best rank can lead to it: a steep step up to a rank that
+            # is still worse than a smaller one is noise on the curve, not its knee.
+            upto = [s for s in ok if s.rank <= best.rank]
+            steep = [hi for lo, hi in zip(upto, upto[1:], strict=False) if c.steep(lo, hi, base)]
+            return steep[-1] if steep else upto[0]
         return next(s for s in ok if c.as_good(s, best, base))
 
     def settled(self, scores: list[RankScore], base: float | None = None) -> bool:
