@@ -72,8 +72,8 @@ def task_options(name: str, smoke: bool = False) -> dict:
     k = TASKS[name]
     if k is None:
         return se.smollm2_options()
-    if smoke:  # a rate at which a few steps beat the base model by more than 1%
-        return {**se.planted_options(k, SMOKE_ARGS, smoke=True), "lr": 3e-2}
+    if smoke:
+        return se.planted_options(k, SMOKE_ARGS, smoke=True)
     planted.make_task(k)  # cached for 2, 8, 32; generates planted-k4 (~30 s) once
     return se.planted_options(k, PLANTED_ARGS)
 
