@@ -147,16 +147,7 @@ class _Job:
 
 
 def lost_result(spec: TrialSpec, reason: str) -> TrialResult:
-    return TrialResult(
-        key=spec.key,
-        rank=spec.rank,
-        seed=spec.seed,
-        status=FAILED,
-        reason=reason,
-        kind=spec.kind,
-        group=spec.group,
-        lora_alpha=spec.lora.lora_alpha,
-    )
+    return TrialResult.of(spec, FAILED, reason)
 
 
 class _Scheduler:

@@ -174,6 +174,19 @@ class TrialResult:
     def __post_init__(self):
         object.__setattr__(self, "kind", TrialKind(self.kind))
 
+    @classmethod
+    def of(cls, spec: TrialSpec, status: str, reason: str = "", **fields) -> TrialResult:
+        """A record of ``spec`` (its key, rank, seed, kind, group and alpha) with ``fields``."""
+        base = dict(
+            key=spec.key,
+            rank=spec.rank,
+            seed=spec.seed,
+            kind=spec.kind,
+            group=spec.group,
+            lora_alpha=spec.lora.lora_alpha,
+        )
+        return cls(status=status, reason=reason, **{**base, **fields})
+
     @property
     def ok(self) -> bool:
         return self.status == COMPLETE and self.best_val_loss is not None

@@ -172,15 +172,11 @@ class TrialRunner:
         return reason, predicted
 
     def skipped(self, spec: TrialSpec, reason: str, predicted: dict, key: str | None = None):
-        return TrialResult(
+        return TrialResult.of(
+            spec,
+            SKIPPED,
+            reason,
             key=key or spec.key,
-            rank=spec.rank,
-            seed=spec.seed,
-            kind=spec.kind,
-            group=spec.group,
-            status=SKIPPED,
-            reason=reason,
-            lora_alpha=spec.lora.lora_alpha,
             predicted=predicted,
             trainable_params=predicted["trainable_params"],
             extra={"diagnosis": {"label": "n/a", "advice": "", "evidence": reason}},
@@ -226,12 +222,9 @@ class TrialRunner:
             loss = objective(scores, metric)
         else:
             loss = validation_loss(self.ctx.model, self.ctx, spec)
-        result = TrialResult(
-            key=spec.key,
-            rank=0,
-            seed=0,
-            kind=TrialKind.BASE,
-            status="complete",
+        result = TrialResult.of(
+            spec,
+            "complete",
             lora_alpha=None,
             best_val_loss=loss,
             best_step=0,
