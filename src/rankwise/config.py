@@ -349,6 +349,14 @@ class TrainConfig:
     seed: int = opt(
         0, "Seed for the data order and the adapter initialisation (same for every rank)."
     )
+    early_stopping_patience: int | None = opt(
+        None,
+        "Stop a trial after N evaluations without a new best validation score (as "
+        "transformers' EarlyStoppingCallback); the best checkpoint is kept. Default: off.",
+    )
+    early_stopping_threshold: float = opt(
+        0.0, "--early-stopping-patience: how much an evaluation must beat the best by to count."
+    )
     metric: str = opt(
         "loss",
         "What each evaluation scores and the search compares: loss (validation cross-entropy), "
@@ -382,6 +390,7 @@ class TrainConfig:
             "eval_every",
             "eval_batches",
             "seed",
+            "early_stopping_patience",
         )
         _positive(
             self,
@@ -394,6 +403,8 @@ class TrainConfig:
             "max_grad_norm",
         )
         _positive(self, "warmup_steps", "weight_decay", "seed", allow_zero=True)
+        _positive(self, "early_stopping_patience")
+        _positive(self, "early_stopping_threshold", allow_zero=True)
 
 
 @dataclass
@@ -493,6 +504,26 @@ class SearchConfig:
         "nested strategy: train one ordinary adapter at the recommended rank at the end "
         "(--no-final delivers the truncated nested adapter).",
     )
+    final_init: str = opt(
+        "fresh",
+        "nested strategy: the final trial starts from a fresh adapter, or from the nested "
+        "run's truncation at the recommended rank (nested; it keeps the truncation's "
+        "lora_alpha, so the delivered config reproduces the scale it was trained at).",
+        choices=["fresh", "nested"],
+    )
+    final_steps: float = opt(
+        1.0,
+        "nested strategy: the final trial's steps as a share of --max-steps (0.5 = half; "
+        "with --final-init nested the run already trained those components).",
+    )
+    nested_scale: str = opt(
+        "policy",
+        "nested strategy: the LoRA scale of each drawn rank b. policy: the alpha policy's "
+        "scale of a rank-b adapter (fixed alpha: alpha/b); shared: one scale for every "
+        "truncation, the policy's scale at the geometric middle of --ranks, so a larger "
+        "truncation only adds components to a smaller one.",
+        choices=["policy", "shared"],
+    )
     nested_distribution: str = opt(
         "uniform-list",
         "nested strategy: how each step draws its rank (uniform over --ranks, i.e. log-uniform "
@@ -520,7 +551,13 @@ class SearchConfig:
                 f"--max-rank: {self.max_rank} is below the smallest rank in --ranks "
                 f"({self.ranks[0]}); allowed: {self.ranks[0]} or more"
             )
-        _choice(self, "nested_distribution")
+        for name in ("nested_distribution", "nested_scale", "final_init"):
+            _choice(self, name)
+        fs = self.final_steps
+        if isinstance(fs, bool) or not isinstance(fs, int | float) or not 0 < fs <= 1:
+            raise ConfigError(
+                f"--final-steps: expected a share of --max-steps in (0, 1], got {fs!r}"
+            )
         energy = self.per_layer_energy
         if isinstance(energy, bool) or not isinstance(energy, int | float) or not 0 < energy <= 1:
             raise ConfigError(

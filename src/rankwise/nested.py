@@ -71,6 +71,7 @@ __all__ = [
     "nested_key",
     "nested_adapter_dir",
     "NestedHooks",
+    "SharedScale",
 ]
 
 ScaleFor = Callable[[int], float]
@@ -94,6 +95,32 @@ def lora_alpha_for(scale: float, r: int, use_rslora: bool = False) -> float:
     alpha = scale * (math.sqrt(r) if use_rslora else r)
     alpha = float(f"{alpha:.12g}")  # 8/2*2 → 8.0, not 7.999999999999999
     return int(alpha) if alpha.is_integer() else alpha
+
+
+class SharedScale:
+    """One LoRA scale for every truncation (``--nested-scale shared``): a larger truncation
+    then only adds components to a smaller one, instead of rescaling them.
+
+    Example (fixed alpha 8 over ranks 1..32: the policy's scale at the middle rank 8):
+        >>> s = SharedScale.middle([1, 2, 4, 8, 16, 32], lambda r: 8 / r)
+        >>> s(1), s(32), s
+        (1.0, 1.0, SharedScale(1.0))
+    """
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+
+    @classmethod
+    def middle(cls, ranks: list[int], scaling: ScaleFor) -> SharedScale:
+        """The scale the policy gives the geometric middle of ``ranks``."""
+        ranks = sorted(ranks)
+        return cls(scaling(ranks[len(ranks) // 2]))
+
+    def __call__(self, rank: int) -> float:
+        return self.scale
+
+    def __repr__(self) -> str:
+        return f"SharedScale({self.scale:g})"
 
 
 # -- the rank mask on PEFT's layers ---------------------------------------------------------

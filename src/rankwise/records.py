@@ -96,6 +96,10 @@ class TrainSpec:
     max_trial_time: float | None = None
     autocast: str | None = None  # "bfloat16": autocast the forward/backward; weights stay fp32
     metric: str = "loss"  # what evaluations score: loss, accuracy or f1 (rankwise.metrics)
+    # Stop after this many evaluations without a new best (by more than the threshold).
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
+    init_adapter: str | None = None  # a PEFT adapter folder (same rank) the trial starts from
 
     def replace(self, **changes) -> TrainSpec:
         return dataclasses.replace(self, **changes)
@@ -168,6 +172,7 @@ class TrialResult:
     tokens_per_second: float | None = None
     peak_memory_bytes: int | None = None
     time_limited: bool = False
+    early_stopped: bool = False
     predicted: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -32,6 +32,7 @@ class Variant:
     lr: float | None = None
     max_steps: int | None = None
     lora: tuple = ()  # (LoraSpec field, value) overrides
+    init_adapter: str | None = None  # start from this adapter folder (a warm start)
 
 
 MAIN = Variant()
@@ -90,6 +91,7 @@ class TrialRunner:
                 "max_steps": variant.max_steps or tc.max_steps,
                 "max_trial_time": self.opts.search.max_trial_time,
                 "autocast": self.autocast,
+                "init_adapter": variant.init_adapter,
             }
         )
 

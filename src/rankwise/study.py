@@ -412,7 +412,12 @@ class Study:
                 self.store.start(spec)
                 with self.progress.trial(spec) as bar:
                     stored = self.executor.nested(
-                        spec, allowed, self.ctx, self.opts.lora.scaling, s.nested_distribution, bar
+                        spec,
+                        allowed,
+                        self.ctx,
+                        self.nested_scale(allowed),
+                        s.nested_distribution,
+                        bar,
                     )
                 stored = [runner.record(r, spec) for r in stored]
             for r in stored:
@@ -432,21 +437,51 @@ class Study:
         self._refresh()
         return curve
 
-    def final_trial(self, rec: Recommendation, curve) -> tuple[dict, list[TrialResult]]:
-        """An ordinary trial at the nested curve's choice, compared with the curve's point."""
-        final = self.runner.run(rec.rank, 0, Variant(TrialKind.FINAL, "final"))
+    def nested_scale(self, ranks: list[int]):
+        """The LoRA scale of each drawn rank of a nested run (``--nested-scale``)."""
+        from .nested import SharedScale
+
+        scaling = self.opts.lora.scaling
+        if self.opts.search.nested_scale == "shared":
+            return SharedScale.middle(ranks, scaling)
+        return scaling
+
+    def final_trial(self, rec: Recommendation, curve) -> tuple[dict, list[TrialResult], tuple]:
+        """An ordinary trial at the nested curve's choice (``--final-steps`` of the steps,
+        from a fresh adapter or the curve's truncation), compared with the curve's point.
+        Returns its section, the results to deliver from, and its LoraConfig overrides."""
+        s = self.opts.search
         point = next(
             (r for r in curve.results if r.rank == rec.rank and r.ok and r.seed == 0), None
         )
+        steps = max(1, round(s.final_steps * self.opts.train.max_steps))
+        variant = Variant(TrialKind.FINAL, "final", max_steps=steps)
+        if s.final_init == "nested" and point is not None:
+            variant = dataclasses.replace(
+                variant,
+                lora=(("lora_alpha", point.lora_alpha),),
+                init_adapter=str(self.dir.trial_adapter(point.key)),
+            )
+        final = self.runner.run(rec.rank, 0, variant)
         section = {
             "rank": rec.rank,
             "status": final.status,
+            "init": "nested" if variant.init_adapter else "fresh",
+            "steps": steps,
+            "train_tokens": final.train_tokens,
             "final_val_loss": final.best_val_loss,
             "nested_val_loss": point.best_val_loss if point else None,
         }
         if final.ok and point:
             section["difference"] = final.best_val_loss - point.best_val_loss
-        return section, [final] if final.ok else curve.results
+        if not final.ok:
+            return section, curve.results, ()
+        if point is not None and point.best_val_loss < final.best_val_loss:
+            # The truncation is better than the trial that started from it: deliver it.
+            section["delivered"] = "nested"
+            return section, [point], (("lora_alpha", point.lora_alpha),)
+        section["delivered"] = "final"
+        return section, [final], variant.lora
 
     def _finish(self, strategy) -> SearchResult:
         from . import compare, perlayer
@@ -479,7 +514,8 @@ class Study:
                 rec, share=improvement_share(rec.loss, self.base_loss, rec.best_loss)
             )
         if s.strategy == "nested" and s.final and rec.rank is not None:
-            extras["final"], source = self.final_trial(rec, strategy)
+            extras["final"], source, overrides = self.final_trial(rec, strategy)
+            lora = runner.lora_config(rec.rank, overrides=overrides) if overrides else lora
         if s.per_layer and rec.rank is not None:
             extras["per_layer"], rec, lora, source = perlayer.per_layer(
                 runner, self.judge, rec, lora, source

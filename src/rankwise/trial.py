@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -174,6 +175,25 @@ def _verify_patterns(peft_model, spec: TrialSpec) -> None:
         verify_ranks(peft_model, peft_model.peft_config["default"])
 
 
+def _warm_start(peft_model, folder: str) -> None:
+    """Start from a saved adapter's weights (a PEFT folder of the same rank and targets):
+    e.g. the final trial of a nested search starts from the nested run's truncation."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"init adapter {folder}: no adapter_model.safetensors there")
+    state = load_file(str(path))
+    result = set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ConfigError(
+            f"init adapter {folder}: does not match the trial's adapter "
+            f"(unexpected {list(result.unexpected_keys)[:3]}, missing {missing[:3]})"
+        )
+
+
 def _put_back(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
     """Re-seat every recorded module at its path (undoes PEFT's wrappers and LoRA layers)."""
     for path, module in modules.items():
@@ -199,6 +219,7 @@ class Run:
     step: int = 0
     trainable: int | None = None
     time_limited: bool = False
+    early_stopped: bool = False
     first_step_at: float | None = None
     last_step_at: float | None = None
     started_at: float = field(default_factory=time.perf_counter)
@@ -293,6 +314,8 @@ def run_lifecycle(
     peak = PeakMemory(ctx.device)
     try:
         with peak, attached(ctx.model, spec) as peft_model:
+            if spec.train.init_adapter:
+                _warm_start(peft_model, spec.train.init_adapter)
             hooks.attached(peft_model, run)
             # Counted after the hook: a data-driven init (EVA) may change every module's rank.
             run.trainable = peft_model.get_nb_trainable_parameters()[0]
@@ -351,13 +374,38 @@ def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progre
         run.first_step_at = run.first_step_at or time.perf_counter()
         run.last_step_at = time.perf_counter()
         over = tc.max_trial_time is not None and run.wall_seconds > tc.max_trial_time
-        if step % tc.eval_every == 0 or step == tc.max_steps or over:
+        evaluated = step % tc.eval_every == 0 or step == tc.max_steps or over
+        if evaluated:
             hooks.evaluate(peft_model, run, ctx)
         if progress:
             progress(step, tc.max_steps, loss)
         if over and step < tc.max_steps:
             run.time_limited = True
             break
+        if evaluated and step < tc.max_steps and _patience_spent(run.val_curve, tc):
+            run.early_stopped = True
+            break
+
+
+def _patience_spent(val: list[tuple[int, float]], tc) -> bool:
+    """Early stopping (as transformers' EarlyStoppingCallback): the last
+    ``early_stopping_patience`` evaluations did not beat the best before them by more than
+    ``early_stopping_threshold``.
+
+    Example:
+        >>> from rankwise.records import TrainSpec
+        >>> tc = TrainSpec(early_stopping_patience=2)
+        >>> _patience_spent([(10, 3.0), (20, 2.9), (30, 2.95), (40, 2.91)], tc)
+        True
+        >>> _patience_spent([(10, 3.0), (20, 2.9), (30, 2.95), (40, 2.89)], tc)
+        False
+    """
+    n = tc.early_stopping_patience
+    if not n or len(val) <= n:
+        return False
+    before = min(loss for _, loss in val[:-n])
+    recent = min(loss for _, loss in val[-n:])
+    return not (math.isfinite(before) and recent < before - tc.early_stopping_threshold)
 
 
 def _autocast(device: str, dtype: str | None):
@@ -535,5 +583,6 @@ def trial_result(run: Run, **changes) -> TrialResult:
         tokens_per_second=run.tokens / wall if run.tokens else None,
         peak_memory_bytes=run.peak_bytes,
         time_limited=run.time_limited,
+        early_stopped=run.early_stopped,
     )
     return TrialResult(**{**fields, **changes})

@@ -1,0 +1,121 @@
+"""What makes a search cheaper: early stopping, warm starts, the shared nested scale and
+a final trial that starts from the nested run's truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import rankwise
+from rankwise.config import ConfigError, Options
+from rankwise.data import TokenData
+from rankwise.records import TrialSpec
+from rankwise.testing import tiny_model
+from rankwise.trial import TrialContext, evaluate, run_trial
+
+from .conftest import fast_args
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    torch.manual_seed(0)
+    ids = torch.randint(4, 100, (24, 16))
+    val = torch.randint(4, 100, (6, 16))
+    model = tiny_model("llama").requires_grad_(False)
+    return TrialContext(model, None, "cpu", TokenData(ids, ids.clone(), val, val.clone(), {}))
+
+
+def spec(key="t", adapter_dir=None, **train) -> TrialSpec:
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    base = {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_every": 3}
+    return TrialSpec(
+        key=key,
+        rank=4,
+        seed=0,
+        lora=lora,
+        train={**base, **train},
+        model={},
+        data_dir="",
+        adapter_dir=str(adapter_dir) if adapter_dir else None,
+    )
+
+
+def test_early_stopping_ends_a_trial_that_stopped_improving(ctx):
+    # A rate too small to move the loss by the threshold: the first evaluation is the best,
+    # the next one spends the patience.
+    r = run_trial(spec(lr=1e-9, early_stopping_patience=1, early_stopping_threshold=1e-3), ctx)
+    assert r.ok and r.early_stopped
+    assert r.steps == 6 and [s for s, _ in r.val_curve] == [3, 6]
+    assert r.train_tokens == 6 * 4 * 16
+    # Without the threshold the same run trains every step (each evaluation is a new best).
+    full = run_trial(spec(lr=1e-2, early_stopping_patience=1), ctx)
+    assert not full.early_stopped and full.steps == 12
+
+
+def test_a_warm_start_begins_where_the_adapter_ended(ctx, tmp_path):
+    first = run_trial(spec("a", tmp_path / "a"), ctx)
+    assert first.ok
+    # One step at a vanishing rate: the val loss is the saved adapter's, not a fresh one's.
+    warm = run_trial(spec("b", max_steps=1, lr=1e-12, init_adapter=str(tmp_path / "a")), ctx)
+    fresh = run_trial(spec("c", max_steps=1, lr=1e-12), ctx)
+    assert warm.best_val_loss == pytest.approx(first.best_val_loss, abs=1e-6)
+    assert abs(fresh.best_val_loss - first.best_val_loss) > 1e-3
+
+
+def test_a_warm_start_from_a_folder_without_an_adapter_is_refused(ctx, tmp_path):
+    with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
+        run_trial(spec(init_adapter=str(tmp_path)), ctx)
+
+
+def test_final_steps_and_scale_options_are_checked():
+    with pytest.raises(ConfigError, match="--final-steps"):
+        Options.from_flat({"model": "m", "train": "t", "final_steps": 1.5})
+    with pytest.raises(ConfigError, match="--nested-scale"):
+        Options.from_flat({"model": "m", "train": "t", "nested_scale": "wide"})
+    with pytest.raises(ConfigError, match="--early-stopping-patience"):
+        Options.from_flat({"model": "m", "train": "t", "early_stopping_patience": 0})
+
+
+def test_shared_scale_and_a_warm_final_trial(tmp_path, llama_dir, text_jsonl):
+    out = tmp_path / "run"
+    result = rankwise.search(
+        model=str(llama_dir),
+        train=str(text_jsonl),
+        out=str(out),
+        strategy="nested",
+        ranks=[1, 2, 4, 8],
+        nested_scale="shared",
+        final_init="nested",
+        final_steps=0.5,
+        alpha=8.0,
+        **fast_args(),
+    )
+    # One scale for every truncation: the policy's at the middle rank 4 (alpha 8 / 4 = 2).
+    assert {t.rank: t.lora_alpha for t in result.trials if t.kind == "nested"} == {
+        1: 2,
+        2: 4,
+        4: 8,
+        8: 16,
+    }
+    rec = json.loads((out / "recommendation.json").read_text())
+    final = rec["final"]
+    assert final["init"] == "nested" and final["steps"] == 3
+    assert final["train_tokens"] == 3 * 4 * 32  # half of the 6 steps
+    rank = rec["rank"]
+    assert final["rank"] == rank
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == rank and cfg["lora_alpha"] == 2 * rank
+    assert rec["lora_config"]["lora_alpha"] == 2 * rank
+    # The delivered adapter reproduces the reported loss.
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(llama_dir), str(out / "adapter")
+    )
+    tokens = load_file(str(out / "data" / "tokens.safetensors"))
+    loss = evaluate(model, tokens["val_ids"], tokens["val_labels"], 4, "cpu")
+    delivered = min(final["final_val_loss"], final["nested_val_loss"])
+    assert loss == pytest.approx(delivered, abs=1e-4)
