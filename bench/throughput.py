@@ -23,6 +23,15 @@ from a forward pre-hook on the base model (start of the first step), the progres
 (rankwise) or ``TrainerCallback.on_step_end`` (baseline), and a timer around
 ``rankwise.trial.evaluate``.
 
+Precision (``--precisions``), each arm's setting said in the table:
+
+- ``default``: each side's default. rankwise ``--dtype auto`` (bf16 autocast of the
+  forward/backward where the CPU or GPU has bf16, fp32 weights and optimizer state); Trainer's
+  ``TrainingArguments`` default (``bf16=False``: fp32 throughout).
+- ``fp32``: both fp32 throughout (rankwise ``--dtype float32``).
+- ``bf16``: both under bf16 autocast with fp32 weights (Trainer ``bf16=True``, which on a
+  CPU is accelerate's autocast).
+
 Usage::
 
     .venv/bin/python bench/throughput.py                 # SmolLM2-135M, then the tiny Llama
@@ -51,6 +60,7 @@ from rankwise.trial import TrialContext, _Batches, run_trial
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / ".cache" / "runs" / "throughput"
 TARGETS = ["q_proj", "v_proj"]  # PEFT's default for Llama-family models
+PRECISIONS = ("default", "fp32", "bf16")
 WORDS = "the of a to in rank adapter loss model token value layer step data search".split()
 
 
@@ -88,7 +98,19 @@ def load(model: str, args, work: Path):
     return net, tok, prepare_data(cfg, tok, work / model, seed=0)
 
 
-def make_spec(args, steps: int) -> TrialSpec:
+def rankwise_autocast(precision: str) -> str | None:
+    """What rankwise's trial runs under: ``--dtype auto`` picks bf16 autocast where the
+    hardware has it (rankwise.models.pick_autocast); ``fp32`` is ``--dtype float32``."""
+    from rankwise.models import pick_autocast
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return "bfloat16"
+    return pick_autocast("auto", "cpu", 135_000_000)  # as for SmolLM2; --precisions bf16 forces it
+
+
+def make_spec(args, steps: int, autocast: str | None = None) -> TrialSpec:
     lora = {"r": args.rank, "lora_alpha": 16.0, "target_modules": TARGETS, "lora_dropout": 0.0}
     train = {
         "max_steps": steps,
@@ -101,6 +123,7 @@ def make_spec(args, steps: int) -> TrialSpec:
         "eval_every": steps + 1,  # only the final evaluation (always done at the last step)
         "eval_batches": args.eval_batches,
         "seed": 0,
+        "autocast": autocast,
     }
     return TrialSpec("bench", args.rank, 0, lora, train, {}, "", adapter_dir=None)
 
@@ -140,7 +163,7 @@ def run_rankwise(ctx: TrialContext, spec: TrialSpec) -> dict:
     ) | {"record_setup_seconds": result.setup_seconds, "record_wall": result.wall_seconds}
 
 
-def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path) -> dict:
+def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path, bf16: bool = False) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -178,6 +201,7 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path) -> dict:
         report_to="none",
         disable_tqdm=True,
         use_cpu=True,
+        bf16=bf16,
         dataloader_pin_memory=False,
         seed=spec.seed,
     )
@@ -222,24 +246,39 @@ def _figures(t0, t1, first_begin, first_end, last_end, eval_seconds, tokens, n, 
     }
 
 
-def bench_model(model: str, args, work: Path) -> dict:
-    net, tok, data = load(model, args, work)
+def bench_model(model: str, args, work: Path, precision: str = "default", loaded=None) -> dict:
+    net, tok, data = loaded or load(model, args, work)
     ctx = TrialContext(net, tok, "cpu", data)
-    spec = make_spec(args, args.steps)
-    run_rankwise(ctx, make_spec(args, 2)), run_baseline(ctx, make_spec(args, 2), work)  # warm-up
+    autocast, bf16 = rankwise_autocast(precision), precision == "bf16"
+    # The baseline is evaluated as it trained: under autocast when Trainer used bf16.
+    spec_a = make_spec(args, args.steps, autocast)
+    spec_b = make_spec(args, args.steps, "bfloat16" if bf16 else None)
+    run_rankwise(ctx, make_spec(args, 2, autocast))  # warm-up, unmeasured
+    run_baseline(ctx, make_spec(args, 2, spec_b.train.autocast), work, bf16)
     pairs = []
     for i in range(args.pairs):  # A B, B A, A B, ...: a linear drift in load cancels out
         if i % 2 == 0:
-            a, b = run_rankwise(ctx, spec), run_baseline(ctx, spec, work)
+            a, b = run_rankwise(ctx, spec_a), run_baseline(ctx, spec_b, work, bf16)
         else:
-            b, a = run_baseline(ctx, spec, work), run_rankwise(ctx, spec)
+            b, a = run_baseline(ctx, spec_b, work, bf16), run_rankwise(ctx, spec_a)
         pairs.append({"rankwise": a, "baseline": b, "order": "AB" if i % 2 == 0 else "BA"})
         print(
-            f"{model} pair {i + 1}: rankwise {a['tok_s']:.0f} tok/s, baseline {b['tok_s']:.0f} "
-            f"tok/s, ratio {a['tok_s'] / b['tok_s']:.3f}",
+            f"{model} {precision} pair {i + 1}: rankwise {a['tok_s']:.0f} tok/s, baseline "
+            f"{b['tok_s']:.0f} tok/s, ratio {a['tok_s'] / b['tok_s']:.3f}",
             flush=True,
         )
-    return {"model": model, "settings": _settings(args), "pairs": pairs, **_summary(pairs)}
+    arms = {
+        "rankwise": "bf16 autocast" if autocast else "fp32",
+        "baseline": "bf16 autocast (bf16=True)" if bf16 else "fp32",
+    }
+    return {
+        "model": model,
+        "precision": precision,
+        "arms": arms,
+        "settings": _settings(args),
+        "pairs": pairs,
+        **_summary(pairs),
+    }
 
 
 def _settings(args) -> dict:
@@ -267,16 +306,18 @@ def _summary(pairs: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | steps × batch × seq | pairs | tok/s rankwise | tok/s baseline | ratio "
+        "| model | precision: rankwise / Trainer | steps × batch × seq | pairs | tok/s rankwise | tok/s baseline | ratio "
         "(median of pairs) | train-span tok/s rankwise / baseline (ratio) | rankwise setup / "
         "teardown / overhead share | baseline setup / teardown / overhead share | "
         "mean train loss rankwise / baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s, a, b = r["settings"], r["median"]["rankwise"], r["median"]["baseline"]
+        arms = r.get("arms", {"rankwise": "fp32", "baseline": "fp32"})
         lines.append(
-            f"| {r['model']} | {s['steps']} × {s['batch']} × {s['seq_len']} | {s['pairs']} | "
+            f"| {r['model']} | {r.get('precision', 'fp32')}: {arms['rankwise']} / "
+            f"{arms['baseline']} | {s['steps']} × {s['batch']} × {s['seq_len']} | {s['pairs']} | "
             f"{a['tok_s']:.0f} | {b['tok_s']:.0f} | {r['ratio_end_to_end']:.3f} | "
             f"{a['tok_s_train_span']:.0f} / {b['tok_s_train_span']:.0f} "
             f"({r['ratio_train_span']:.3f}) | "
@@ -301,11 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=4, help="even: as many AB as BA")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--precisions", nargs="+", default=["default", "fp32", "bf16"], choices=PRECISIONS
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.models, args.tiny_steps, args.pairs, args.eval_batches = ["tiny"], 5, 1, 1
+        args.precisions = ["default"]
         args.out = Path(tempfile.mkdtemp(prefix="rankwise-throughput-"))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -313,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps
         if model == "tiny":
             args.steps = args.tiny_steps
-        rows.append(bench_model(model, args, args.out))
+        loaded = load(model, args, args.out)
+        for precision in args.precisions:
+            rows.append(bench_model(model, args, args.out, precision, loaded))
         args.steps = steps
     if not args.smoke:
         (args.out / "throughput.json").write_text(json.dumps(rows, indent=2) + "\n")

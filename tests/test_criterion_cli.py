@@ -104,12 +104,19 @@ def test_bad_criterion_options(extra, fragments, tmp_path, llama_dir, text_jsonl
     assert not out.exists()
 
 
-def test_dtype_auto_picks_bf16_autocast_where_the_cpu_has_it(tmp_path, llama_dir, text_jsonl):
-    from rankwise.models import cpu_has_bf16
+@pytest.mark.parametrize("min_params", [0, None])
+def test_dtype_auto_picks_bf16_autocast_where_the_cpu_has_it(
+    tmp_path, llama_dir, text_jsonl, monkeypatch, min_params
+):
+    """bf16 autocast where the CPU has bf16, except for a base too small to gain from it
+    (the tiny test model: 0 lowers the size floor so that it counts as large enough)."""
+    from rankwise import models
 
+    if min_params is not None:
+        monkeypatch.setattr(models, "AUTOCAST_MIN_PARAMS_CPU", min_params)
     out = tmp_path / "run"
     assert main(search_argv(llama_dir, text_jsonl, out, ranks="1", dtype="auto")) == 0
     spec = RunStore(out, readonly=True).spec("r1-s0")
-    expected = "bfloat16" if cpu_has_bf16() else None
+    expected = "bfloat16" if models.cpu_has_bf16() and min_params == 0 else None
     assert spec.train.autocast == expected
     assert _rec(out)["precision"] == ("fp32 weights, bfloat16 autocast" if expected else "float32")

@@ -100,13 +100,26 @@ def pick_dtype(dtype: str, device: str):
     return torch.float32 if dtype == "auto" else getattr(torch, dtype)
 
 
-def pick_autocast(dtype: str, device: str) -> str | None:
+# Below this many base parameters a CPU spends more on autocast's casts than bf16 matmuls
+# save: planted-rank models of 0.1-0.5M parameters trained 0.41-0.64x as fast under autocast,
+# SmolLM2-135M 1.52x as fast (bench/RESULTS.md, "Precision").
+AUTOCAST_MIN_PARAMS_CPU = 10_000_000
+
+
+def pick_autocast(dtype: str, device: str, n_params: int | None = None) -> str | None:
     """``"bfloat16"`` when ``--dtype auto`` runs on hardware with bf16 arithmetic, else None.
 
     bf16 autocast keeps the weights, the LoRA parameters and AdamW's state in fp32 and runs
     the matmuls in bf16: measured on SmolLM2-135M on a 2-core avx512_bf16 CPU, 0.71 s
     against 1.63 s per step with the same losses, where bf16 *weights* ended 0.6% worse
-    (bench/RESULTS.md, "Precision").
+    (bench/RESULTS.md, "Precision"). On a CPU, a base of fewer than
+    ``AUTOCAST_MIN_PARAMS_CPU`` parameters stays in fp32 (faster there).
+
+    Example:
+        >>> pick_autocast("float32", "cpu") is None
+        True
+        >>> pick_autocast("auto", "cpu", n_params=500_000) is None  # a tiny model: fp32
+        True
     """
     import torch
 
@@ -114,6 +127,8 @@ def pick_autocast(dtype: str, device: str) -> str | None:
         return None
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else None
+    if n_params is not None and n_params < AUTOCAST_MIN_PARAMS_CPU:
+        return None
     return "bfloat16" if device == "cpu" and cpu_has_bf16() else None
 
 

@@ -208,7 +208,7 @@ class Study:
             targets=targets,
             baseline_bytes=self.baseline_bytes,
             elapsed=self.elapsed,
-            autocast=pick_autocast(self.opts.model.dtype, device),
+            autocast=pick_autocast(self.opts.model.dtype, device, n_params),
             execute=self.executor.execute,
         )
         self._plan_ranks()
