@@ -120,3 +120,19 @@ def topics_jsonl(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "topics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in stdlib_topics()))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx():
+    """A tiny Llama and 24 train / 6 val random blocks of 16 tokens, as a TrialContext."""
+    import torch
+
+    from rankwise.data import TokenData
+    from rankwise.testing import tiny_model
+    from rankwise.trial import TrialContext
+
+    torch.manual_seed(0)
+    ids = torch.randint(4, 100, (24, 16))
+    val = torch.randint(4, 100, (6, 16))
+    model = tiny_model("llama").requires_grad_(False)
+    return TrialContext(model, None, "cpu", TokenData(ids, ids.clone(), val, val.clone(), {}))

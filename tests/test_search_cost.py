@@ -6,28 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import rankwise
 from rankwise.config import ConfigError, Options
-from rankwise.data import TokenData
 from rankwise.records import TrialSpec
-from rankwise.testing import tiny_model
-from rankwise.trial import TrialContext, evaluate, run_trial
+from rankwise.trial import evaluate, run_trial
 
 from .conftest import fast_args
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    torch.manual_seed(0)
-    ids = torch.randint(4, 100, (24, 16))
-    val = torch.randint(4, 100, (6, 16))
-    model = tiny_model("llama").requires_grad_(False)
-    return TrialContext(model, None, "cpu", TokenData(ids, ids.clone(), val, val.clone(), {}))
+@pytest.fixture
+def ctx(tiny_ctx):
+    return tiny_ctx
 
 
 def spec(key="t", adapter_dir=None, **train) -> TrialSpec:

@@ -7,10 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from rankwise.data import TokenData
 from rankwise.records import TrialSpec
-from rankwise.testing import tiny_model
-from rankwise.trial import TrialContext, attach_adapter, run_trial
+from rankwise.trial import attach_adapter, run_trial
 
 
 def digest(model) -> str:
@@ -21,13 +19,9 @@ def digest(model) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    torch.manual_seed(0)
-    ids = torch.randint(4, 100, (24, 16))
-    val = torch.randint(4, 100, (6, 16))
-    model = tiny_model("llama").requires_grad_(False)
-    return TrialContext(model, None, "cpu", TokenData(ids, ids.clone(), val, val.clone(), {}))
+@pytest.fixture
+def ctx(tiny_ctx):
+    return tiny_ctx
 
 
 def spec(rank, **lora):
