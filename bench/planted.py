@@ -43,6 +43,9 @@ Layout of one task (kept stable: benchmarks read it)::
 Every file is a pure function of the parameters: rerunning writes the same bytes, and a
 folder whose ``task.json`` records the same parameters is reused as is.
 
+``bench/planted2.py`` (a second family) reuses the helpers below: where the two differ only
+by a constant, the constant is a parameter here.
+
 Usage::
 
     python bench/planted.py --k 2 8 32          # full tasks (a few seconds to a minute each)
@@ -53,6 +56,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -60,6 +64,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,10 +84,26 @@ __all__ = [
     "sample",
     "mean_nll",
     "main",
+    # shared with bench/planted2.py
+    "opt",
+    "module_types",
+    "check_fields",
+    "add_bias_channel",
+    "directions",
+    "with_update",
+    "val_losses",
+    "decode",
+    "check_round_trip",
+    "is_cached",
+    "one_thread",
+    "write_files",
+    "data_meta",
+    "cli",
 ]
 
 CACHE = ROOT / ".cache"
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
+WRITERS = ("o_proj", "down_proj")  # modules that write the residual stream (bias channel)
 FIRST_CHAR, END_CHAR = 4, 4 + len(CHARS)  # character ids are 4..99; the rest is masked
 EOS = 3
 GEN_BATCH = 256  # sequences per sampling forward pass; fixed, since it can change float bits
@@ -91,55 +112,64 @@ BIAS_READ = -30.0  # LM-head weight of non-character ids on the bias channel (lo
 SMOKE = {"n_train": 48, "n_val": 16, "seq_chars": 31}
 
 
-def _opt(default, help: str):
+def opt(default, help: str):
+    """A dataclass field with its ``--help`` text."""
     return field(default=default, metadata={"help": help})
+
+
+def module_types(modules: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """The types in ``modules`` (joined by '+'), or all of ``known`` when it is ''."""
+    return tuple(m for m in modules.split("+") if m) if modules else known
+
+
+def check_fields(p, known: tuple[str, ...]) -> None:
+    """The checks both families' parameters share: k, the sizes, and ``modules``."""
+    if p.k < 1:
+        raise ValueError(f"--k: the planted rank must be >= 1, got {p.k}")
+    for name in ("layers", "seq_chars", "n_train", "n_val"):
+        if getattr(p, name) < (2 if name == "seq_chars" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: too small ({getattr(p, name)})")
+    types = module_types(p.modules, known)
+    if not types or any(m not in known for m in types):
+        raise ValueError(f"--modules: expected types among {'+'.join(known)}, got {p.modules!r}")
 
 
 @dataclass(frozen=True)
 class PlantedParams:
     """Everything that determines a planted-rank task; 0 means 'choose from k'."""
 
-    k: int = _opt(4, "Rank of the planted update (the answer a rank search should find).")
-    hidden: int = _opt(0, "Hidden size; 0 = 64 if 4k <= 64 else 128, so ranks up to 4k exist.")
-    layers: int = _opt(2, "Transformer layers of the tiny Llama.")
-    seq_chars: int = _opt(127, "Characters per record; train with seq_len = seq_chars + 1.")
-    n_train: int = _opt(2048, "Training records.")
-    n_val: int = _opt(256, "Validation records.")
-    base_seed: int = _opt(0, "Seed of the base model's random initialisation.")
-    plant_seed: int = _opt(1, "Seed of the planted directions U, V.")
-    data_seed: int = _opt(2, "Seed of sampling (train uses it, val uses it + 1).")
-    embed_scale: float = _opt(10.0, "Factor on the embeddings (FIELD.md: makes outputs peaked).")
-    head_scale: float = _opt(10.0, "Factor on the LM head.")
-    gain: float = _opt(0.0, "ΔW = gain·‖W‖_F/√k·U·Vᵀ; 0 = 512/hidden (8 at 64, 4 at 128).")
-    temperature: float = _opt(1.0, "Sampling temperature of the teacher.")
-    version: int = _opt(VERSION, "Generator version (part of the cache key).")
-    modules: str = _opt(
+    k: int = opt(4, "Rank of the planted update (the answer a rank search should find).")
+    hidden: int = opt(0, "Hidden size; 0 = 64 if 4k <= 64 else 128, so ranks up to 4k exist.")
+    layers: int = opt(2, "Transformer layers of the tiny Llama.")
+    seq_chars: int = opt(127, "Characters per record; train with seq_len = seq_chars + 1.")
+    n_train: int = opt(2048, "Training records.")
+    n_val: int = opt(256, "Validation records.")
+    base_seed: int = opt(0, "Seed of the base model's random initialisation.")
+    plant_seed: int = opt(1, "Seed of the planted directions U, V.")
+    data_seed: int = opt(2, "Seed of sampling (train uses it, val uses it + 1).")
+    embed_scale: float = opt(10.0, "Factor on the embeddings (FIELD.md: makes outputs peaked).")
+    head_scale: float = opt(10.0, "Factor on the LM head.")
+    gain: float = opt(0.0, "ΔW = gain·‖W‖_F/√k·U·Vᵀ; 0 = 512/hidden (8 at 64, 4 at 128).")
+    temperature: float = opt(1.0, "Sampling temperature of the teacher.")
+    version: int = opt(VERSION, "Generator version (part of the cache key).")
+    modules: str = opt(
         "",
         "Module types that get the update, joined by '+' (e.g. q_proj+v_proj); '' = every "
         "type in TARGETS. The others stay as in the base: a task whose needs differ by type.",
     )
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"--k: the planted rank must be >= 1, got {self.k}")
+        check_fields(self, TARGETS)
         hidden = self.hidden or (64 if 4 * self.k <= 64 else 128)
         object.__setattr__(self, "hidden", hidden)
         object.__setattr__(self, "gain", self.gain or 512.0 / hidden)
         if hidden % 4 or self.k > hidden:
             raise ValueError(f"--hidden {hidden}: must be a multiple of 4 and >= k ({self.k})")
-        for name in ("layers", "seq_chars", "n_train", "n_val"):
-            if getattr(self, name) < (2 if name == "seq_chars" else 1):
-                raise ValueError(f"--{name.replace('_', '-')}: too small ({getattr(self, name)})")
         if self.temperature <= 0:
             raise ValueError(f"--temperature: must be > 0, got {self.temperature}")
-        unknown = [m for m in self.planted_types() if m not in TARGETS]
-        if unknown or not self.planted_types():
-            raise ValueError(
-                f"--modules: expected types among {'+'.join(TARGETS)}, got {self.modules!r}"
-            )
 
     def planted_types(self) -> tuple[str, ...]:
-        return tuple(m for m in self.modules.split("+") if m) if self.modules else TARGETS
+        return module_types(self.modules, TARGETS)
 
     def key(self) -> dict:
         """The cache key: every field, ``modules`` only when set (older tasks stay valid)."""
@@ -152,25 +182,34 @@ class PlantedParams:
 def build_base(p: PlantedParams):
     """The tiny Llama with scaled embeddings/head and a constant bias channel (dimension 0)."""
     model = tiny_model("llama", seed=p.base_seed, hidden=p.hidden, layers=p.layers)
+    return add_bias_channel(model, p, head_scale=p.head_scale)
+
+
+@torch.no_grad()
+def add_bias_channel(model, p, head_scale: float):
+    """``model`` with embeddings × ``p.embed_scale``, LM head × ``head_scale`` and the bias
+    channel: residual dimension 0 held at 1, read by the non-character ids (weight BIAS_READ)
+    and by EOS (weight from :func:`_eos_read`). ``p``: either family's parameters."""
     other = torch.ones(model.config.vocab_size, dtype=torch.bool)
     other[FIRST_CHAR:END_CHAR] = False
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(p.embed_scale)
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        head = model.lm_head.weight
-        head.mul_(p.head_scale)
-        head[:, 0] = 0.0  # characters do not read the bias channel ...
-        head[other] = 0.0
-        head[other, 0] = BIAS_READ  # ... the other ids read it and lose
-        for layer in model.model.layers:  # nothing writes to the bias channel
-            layer.self_attn.o_proj.weight[0] = 0.0
-            layer.mlp.down_proj.weight[0] = 0.0
-        head[EOS, 0] = _eos_read(model.eval(), p)
+    model.model.embed_tokens.weight.mul_(p.embed_scale)
+    model.model.embed_tokens.weight[:, 0] = 1.0
+    head = model.lm_head.weight
+    head.mul_(head_scale)
+    head[:, 0] = 0.0  # characters do not read the bias channel ...
+    head[other] = 0.0
+    head[other, 0] = BIAS_READ  # ... the other ids read it and lose
+    for layer in model.model.layers:  # nothing writes to the bias channel
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            proj.weight[0] = 0.0
+            if proj.bias is not None:
+                proj.bias[0] = 0.0
+    head[EOS, 0] = _eos_read(model.eval(), p)
     return model
 
 
 @torch.no_grad()
-def _eos_read(model, p: PlantedParams) -> float:
+def _eos_read(model, p) -> float:
     """Bias-channel weight that gives EOS a logit of logsumexp(characters) - ln(seq_chars),
     i.e. p(EOS) ≈ 1/(seq_chars + 1), averaged over random character sequences."""
     gen = torch.Generator().manual_seed(p.base_seed)
@@ -183,23 +222,40 @@ def _eos_read(model, p: PlantedParams) -> float:
 
 def plant(base, p: PlantedParams):
     """The teacher (a copy of ``base``) and the planted factors {module: (U, V, scale)}."""
+    dirs = directions(base, p.planted_types(), p.k, p.plant_seed)
+    factors = {name: (u, v, p.gain * norm / math.sqrt(p.k)) for name, (u, v, norm) in dirs.items()}
+    return with_update(base, factors), factors
+
+
+@torch.no_grad()
+def directions(model, types: tuple[str, ...], k: int, seed: int) -> dict:
+    """Random directions {module: (U, V, ‖W‖_F)} for the modules of ``types``, in module
+    order; U, V have ``k`` orthonormal columns, and U none on the bias channel."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in model.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in types:
+            continue
+        out_dim, in_dim = module.weight.shape
+        u = torch.randn(out_dim, k, generator=gen)
+        if kind in WRITERS:
+            u[0] = 0.0  # keep the bias channel constant in the teacher too
+        u = torch.linalg.qr(u).Q
+        v = torch.linalg.qr(torch.randn(in_dim, k, generator=gen)).Q
+        out[name] = (u, v, module.weight.norm().item())
+    return out
+
+
+@torch.no_grad()
+def with_update(base, factors: dict):
+    """A copy of ``base`` with W += (U·s)·Vᵀ per {module: (U, V, s)}; s is a scale or the
+    singular values, a vector of k."""
     teacher = copy.deepcopy(base)
-    gen = torch.Generator().manual_seed(p.plant_seed)
-    factors = {}
-    with torch.no_grad():
-        for name, module in teacher.named_modules():
-            if name.rsplit(".", 1)[-1] not in p.planted_types():
-                continue
-            out_dim, in_dim = module.weight.shape
-            u = torch.randn(out_dim, p.k, generator=gen)
-            if name.endswith("down_proj"):
-                u[0] = 0.0  # keep the bias channel constant in the teacher too
-            u = torch.linalg.qr(u).Q
-            v = torch.linalg.qr(torch.randn(in_dim, p.k, generator=gen)).Q
-            scale = p.gain * module.weight.norm().item() / math.sqrt(p.k)
-            module.weight += scale * u @ v.T
-            factors[name] = (u, v, scale)
-    return teacher.eval(), factors
+    modules = dict(teacher.named_modules())
+    for name, (u, v, s) in factors.items():
+        modules[name].weight += (u * s) @ v.T
+    return teacher.eval()
 
 
 def _mask(logits: torch.Tensor) -> torch.Tensor:
@@ -211,9 +267,9 @@ def _mask(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(teacher, n: int, p: PlantedParams, seed: int) -> torch.Tensor:
-    """``n`` sequences of ``p.seq_chars`` character ids: a uniform first character, then
-    the teacher's next-token distribution (characters only, at ``p.temperature``)."""
+def sample(teacher, n: int, seq_chars: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
+    """``n`` sequences of ``seq_chars`` character ids: a uniform first character, then the
+    teacher's next-token distribution (characters only, at ``temperature``)."""
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(seed)
@@ -224,8 +280,8 @@ def sample(teacher, n: int, p: PlantedParams, seed: int) -> torch.Tensor:
         # transformers 5.x and cache after; DynamicCache fills itself in place.
         cache = DynamicCache()
         logits = teacher(ids, None, None, cache, use_cache=True).logits
-        for _ in range(p.seq_chars - 1):
-            probs = (_mask(logits[:, -1].double()) / p.temperature).softmax(-1)
+        for _ in range(seq_chars - 1):
+            probs = (_mask(logits[:, -1].double()) / temperature).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=gen)
             ids = torch.cat([ids, nxt], dim=1)
             logits = teacher(nxt, None, None, cache, use_cache=True).logits
@@ -250,7 +306,7 @@ def with_eos(ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([ids, torch.full((len(ids), 1), EOS)], dim=1)
 
 
-def _losses(base, teacher, train, val) -> dict:
+def val_losses(base, teacher, train, val) -> dict:
     """Validation losses in nats/token: on the characters (the clean measure) and on
     records + EOS (what a packing trainer such as rankwise reports at seq_len seq_chars+1)."""
     return {
@@ -264,15 +320,19 @@ def _losses(base, teacher, train, val) -> dict:
     }
 
 
-def _decode(ids: torch.Tensor) -> list[str]:
+def decode(ids: torch.Tensor) -> list[str]:
+    """The records' texts: character ids back to characters."""
     return ["".join(CHARS[i - FIRST_CHAR] for i in row) for row in ids.tolist()]
 
 
-def _check_round_trip(tokenizer, texts: list[str], ids: torch.Tensor) -> None:
-    for text, row in zip(texts, ids.tolist(), strict=True):
-        got = tokenizer(text).input_ids
-        if got != row:
-            raise AssertionError(f"tokenizer round trip failed for {text!r}: {got} != {row}")
+def check_round_trip(tokenizer, texts: list[str], ids: torch.Tensor) -> None:
+    """Every record tokenises back to the ids it was sampled as. Special tokens are left
+    out: a trainer adds its own (EOS) around the text."""
+    got = tokenizer(texts, add_special_tokens=False).input_ids
+    for text, row, back in zip(texts, ids.tolist(), got, strict=True):
+        if back != row:
+            who = f"{type(tokenizer).__name__}({tokenizer.name_or_path!r})"
+            raise AssertionError(f"{who}: round trip failed for {text!r}: {back} != {row}")
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> str:
@@ -285,7 +345,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cached(out: Path, p: PlantedParams) -> bool:
+def is_cached(out: Path, p) -> bool:
+    """Whether ``out`` holds a complete task generated from the parameters ``p``."""
     try:
         meta = json.loads((out / "task.json").read_text())
     except (OSError, ValueError):
@@ -294,42 +355,84 @@ def _cached(out: Path, p: PlantedParams) -> bool:
     return meta.get("params") == p.key() and all((out / f).exists() for f in files)
 
 
-def _generate(out: Path, p: PlantedParams) -> dict:
-    """Write model/, planted.safetensors, train.jsonl, val.jsonl; return task.json's body."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread: the same float bits, hence the same samples, on every
+    machine with this torch."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same float bits, hence the same samples
+    torch.set_num_threads(1)
     try:
-        base = build_base(p)
-        teacher, factors = plant(base, p)
-        train = sample(teacher, p.n_train, p, seed=p.data_seed)
-        val = sample(teacher, p.n_val, p, seed=p.data_seed + 1)
-        losses = _losses(base, teacher, train, val)
+        yield
     finally:
         torch.set_num_threads(threads)
-    tokenizer = make_tokenizer()
-    texts = {"train": _decode(train), "val": _decode(val)}
-    for split, ids in (("train", train), ("val", val)):
-        _check_round_trip(tokenizer, texts[split], ids)
+
+
+def write_files(out: Path, base, factors: dict, texts: dict, s_name: str = "scale") -> dict:
+    """Write model/ (``base`` and the character tokenizer), planted.safetensors (U, V and
+    s per module, s stored as ``<module>.<s_name>``), train.jsonl and val.jsonl; return
+    their sha256, as task.json records them."""
+    from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "task.json").unlink(missing_ok=True)  # written last: marks a complete folder
     base.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    make_tokenizer().save_pretrained(out / "model")
     tensors = {}
-    for name, (u, v, scale) in factors.items():
-        tensors |= {f"{name}.U": u, f"{name}.V": v, f"{name}.scale": torch.tensor(scale)}
+    for name, (u, v, s) in factors.items():
+        tensors |= {f"{name}.U": u, f"{name}.V": v, f"{name}.{s_name}": torch.as_tensor(s)}
     save_file({k: t.contiguous() for k, t in tensors.items()}, out / "planted.safetensors")
     sha = {f"{s}.jsonl": _write_jsonl(out / f"{s}.jsonl", texts[s]) for s in ("train", "val")}
     sha["model/model.safetensors"] = _sha256(out / "model" / "model.safetensors")
     sha["planted.safetensors"] = _sha256(out / "planted.safetensors")
-    return {"losses": losses, "sha256": sha}
+    return sha
+
+
+def _generate(out: Path, p: PlantedParams) -> dict:
+    """Write model/, planted.safetensors, train.jsonl, val.jsonl; return task.json's body."""
+    with one_thread():
+        base = build_base(p)
+        teacher, factors = plant(base, p)
+        train = sample(teacher, p.n_train, p.seq_chars, p.data_seed, p.temperature)
+        val = sample(teacher, p.n_val, p.seq_chars, p.data_seed + 1, p.temperature)
+        losses = val_losses(base, teacher, train, val)
+    tokenizer = make_tokenizer()
+    texts = {"train": decode(train), "val": decode(val)}
+    for split, ids in (("train", train), ("val", val)):
+        check_round_trip(tokenizer, texts[split], ids)
+    return {"losses": losses, "sha256": write_files(out, base, factors, texts)}
+
+
+def data_meta(p, planting: dict, temperature_note: str = "") -> dict:
+    """task.json's ``sizes``, ``generation`` and ``usage``, as both families write them;
+    ``planting`` (how ΔW was made) goes into ``generation`` after the sampling fields."""
+    note = {"temperature_note": temperature_note} if temperature_note else {}
+    return {
+        "sizes": {"train": p.n_train, "val": p.n_val, "seq_chars": p.seq_chars},
+        "generation": {
+            "first_token": "uniform over the character ids",
+            "allowed_ids": [FIRST_CHAR, END_CHAR - 1],
+            "temperature": p.temperature,
+        }
+        | note
+        | {"sampling_batch": GEN_BATCH}
+        | planting
+        | {
+            "bias_channel": f"residual dim 0 = 1 always; non-character ids read it x {BIAS_READ}"
+            ", EOS with a weight giving p(EOS) ~ 1/(seq_chars + 1)",
+            "torch": torch.__version__,
+        },
+        "usage": {
+            "seq_len": p.seq_chars + 1,
+            "note": "with EOS appended and seq_len = seq_chars + 1, each packed block is one "
+            "record, the context the teacher sampled it from; compare val loss with "
+            "losses.teacher_val_with_eos / base_val_with_eos",
+        },
+    }
 
 
 def _describe(p: PlantedParams, body: dict) -> dict:
     cfg = {"hidden": p.hidden, "intermediate": 2 * p.hidden, "layers": p.layers}
-    return {
+    meta = {
         "name": f"planted-k{p.k}",
         "k": p.k,
         "params": p.key(),
@@ -343,29 +446,15 @@ def _describe(p: PlantedParams, body: dict) -> dict:
             if p.hidden == 128
             else "hidden 64 (the tiny test model's size)",
         },
-        "sizes": {"train": p.n_train, "val": p.n_val, "seq_chars": p.seq_chars},
-        "generation": {
-            "first_token": "uniform over the character ids",
-            "allowed_ids": [FIRST_CHAR, END_CHAR - 1],
-            "temperature": p.temperature,
-            "sampling_batch": GEN_BATCH,
-            "delta": "W += gain*||W||_F/sqrt(k) * U @ V.T, U and V orthonormal (k columns)",
-            "bias_channel": f"residual dim 0 = 1 always; non-character ids read it x {BIAS_READ}"
-            ", EOS with a weight giving p(EOS) ~ 1/(seq_chars + 1)",
-            "torch": torch.__version__,
-        },
-        "usage": {
-            "seq_len": p.seq_chars + 1,
-            "note": "with EOS appended and seq_len = seq_chars + 1, each packed block is one "
-            "record, the context the teacher sampled it from; compare val loss with "
-            "losses.teacher_val_with_eos / base_val_with_eos",
-        },
-    } | body
+    }
+    delta = "W += gain*||W||_F/sqrt(k) * U @ V.T, U and V orthonormal (k columns)"
+    return meta | data_meta(p, {"delta": delta}) | body
 
 
-def task_name(k: int, modules: str = "") -> str:
-    """``planted-k8``, or ``planted-k8-q_proj-v_proj`` when only some types get the update."""
-    return f"planted-k{k}" + (f"-{modules.replace('+', '-')}" if modules else "")
+def task_name(k: int, modules: str = "", family: str = "planted") -> str:
+    """``planted-k8``, or ``planted-k8-q_proj-v_proj`` when only some types get the update
+    (``family`` replaces ``planted``)."""
+    return f"{family}-k{k}" + (f"-{modules.replace('+', '-')}" if modules else "")
 
 
 def make_task(k: int, out_dir: str | Path | None = None, force: bool = False, **params) -> Path:
@@ -380,36 +469,52 @@ def make_task(k: int, out_dir: str | Path | None = None, force: bool = False, **
     """
     p = PlantedParams(k=k, **params)
     out = Path(out_dir) if out_dir is not None else CACHE / task_name(k, p.modules)
-    if not force and _cached(out, p):
+    if not force and is_cached(out, p):
         return out
     meta = _describe(p, _generate(out, p))
     (out / "task.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cli(
+    argv: list[str] | None,
+    doc: str,
+    params: type,
+    smoke: dict,
+    name: Callable[[int, str], str],
+    make: Callable[..., Path],
+    summary: Callable[[dict], str],
+) -> int:
+    """A family's command line: ``make`` a task per ``--k`` and print its ``summary``
+    (of task.json). ``params`` is the family's parameter class, ``name`` its task_name."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--k", type=int, nargs="+", default=[2, 8, 32], help="planted ranks")
-    parser.add_argument("--smoke", action="store_true", help=f"tiny tasks {SMOKE}, -smoke dirs")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny tasks {smoke}, -smoke dirs")
     parser.add_argument("--out-root", type=Path, default=CACHE, help="parent folder of tasks")
     parser.add_argument("--force", action="store_true", help="regenerate even when cached")
-    parser.add_argument(
-        "--modules", default="", help=PlantedParams.__dataclass_fields__["modules"].metadata["help"]
-    )
+    modules_help = params.__dataclass_fields__["modules"].metadata["help"]
+    parser.add_argument("--modules", default="", help=modules_help)
     args = parser.parse_args(argv)
     for k in args.k:
         start = time.perf_counter()
-        name = task_name(k, args.modules) + ("-smoke" if args.smoke else "")
-        extra = (SMOKE if args.smoke else {}) | ({"modules": args.modules} if args.modules else {})
-        out = make_task(k, args.out_root / name, force=args.force, **extra)
+        folder = name(k, args.modules) + ("-smoke" if args.smoke else "")
+        extra = (smoke if args.smoke else {}) | ({"modules": args.modules} if args.modules else {})
+        out = make(k, args.out_root / folder, force=args.force, **extra)
         meta = json.loads((out / "task.json").read_text())
-        loss = meta["losses"]
-        print(
-            f"{name}: hidden {meta['model']['hidden']}, base {loss['base_val']:.3f} -> "
-            f"teacher {loss['teacher_val']:.3f} nats/token on val, "
-            f"{time.perf_counter() - start:.1f} s -> {out}"
-        )
+        print(f"{folder}: {summary(meta)}, {time.perf_counter() - start:.1f} s -> {out}")
     return 0
+
+
+def _summary(meta: dict) -> str:
+    loss = meta["losses"]
+    return (
+        f"hidden {meta['model']['hidden']}, base {loss['base_val']:.3f} -> "
+        f"teacher {loss['teacher_val']:.3f} nats/token on val"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, __doc__, PlantedParams, SMOKE, task_name, make_task, _summary)
 
 
 if __name__ == "__main__":

@@ -72,15 +72,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import hashlib
 import json
 import math
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,9 +85,29 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT))
 
-from planted import BIAS_READ, END_CHAR, EOS, FIRST_CHAR, mean_nll, with_eos  # noqa: E402
+from planted import (  # noqa: E402
+    CACHE,
+    EOS,
+    add_bias_channel,
+    check_fields,
+    check_round_trip,
+    cli,
+    data_meta,
+    decode,
+    is_cached,
+    mean_nll,
+    module_types,
+    one_thread,
+    opt,
+    sample,
+    val_losses,
+    with_update,
+    write_files,
+)
+from planted import directions as _directions  # noqa: E402
+from planted import task_name as _task_name  # noqa: E402
 
-from rankwise.testing import CHARS, TINY_VOCAB, make_tokenizer  # noqa: E402
+from rankwise.testing import TINY_VOCAB  # noqa: E402
 
 __all__ = [
     "Planted2Params",
@@ -108,71 +124,55 @@ __all__ = [
     "SMOKE",
 ]
 
-CACHE = ROOT / ".cache"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-WRITERS = ("o_proj", "down_proj")  # modules that write the residual stream (bias channel)
-GEN_BATCH = 256  # sequences per sampling forward pass; fixed, since it can change float bits
 CALIBRATION = {"records": 32, "steps": 12, "lo": 0.125, "hi": 32.0}  # bisection on log(gain)
 VERSION = 1  # bump when the generator changes, so cached tasks are rebuilt
 SMOKE = {"n_train": 48, "n_val": 16, "seq_chars": 31, "hidden": 64, "layers": 2}
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class Planted2Params:
     """Everything that determines a task of this family; 0 means 'choose from k'."""
 
-    k: int = _opt(4, "Rank of the planted update (the answer a rank search should find).")
-    hidden: int = _opt(0, "Hidden size; 0 = 96 if 4k <= 48 else 128 (k/v maps have hidden/2).")
-    layers: int = _opt(3, "Transformer layers of the tiny Qwen3.")
-    seq_chars: int = _opt(63, "Characters per record; train with seq_len = seq_chars + 1.")
-    n_train: int = _opt(2048, "Training records.")
-    n_val: int = _opt(256, "Validation records.")
-    base_seed: int = _opt(10, "Seed of the base model's random initialisation.")
-    plant_seed: int = _opt(11, "Seed of the planted directions U, V.")
-    data_seed: int = _opt(12, "Seed of sampling (train: it, val: it + 1, calibration: it + 2).")
-    embed_scale: float = _opt(10.0, "Factor on the embeddings (outputs peaked, not uniform).")
-    head_scale: float = _opt(5.5, "Factor on the LM head (before the temperature).")
-    tail: float = _opt(0.25, "σ_k/σ_1 of the planted spectrum (geometric decay); 1 = flat.")
-    gap: float = _opt(0.75, "Base-minus-teacher loss (nats/char) the gain is calibrated to.")
-    gain: float = _opt(0.0, "ΔW = gain·‖W‖_F·U·diag(σ)·Vᵀ, ‖σ‖=1; 0 = calibrated to --gap.")
-    temperature: float = _opt(0.9, "Sampling temperature, folded into the LM head.")
-    bias_std: float = _opt(0.02, "Std of the random q/k/v/o biases of the base.")
-    version: int = _opt(VERSION, "Generator version (part of the cache key).")
-    modules: str = _opt(
+    k: int = opt(4, "Rank of the planted update (the answer a rank search should find).")
+    hidden: int = opt(0, "Hidden size; 0 = 96 if 4k <= 48 else 128 (k/v maps have hidden/2).")
+    layers: int = opt(3, "Transformer layers of the tiny Qwen3.")
+    seq_chars: int = opt(63, "Characters per record; train with seq_len = seq_chars + 1.")
+    n_train: int = opt(2048, "Training records.")
+    n_val: int = opt(256, "Validation records.")
+    base_seed: int = opt(10, "Seed of the base model's random initialisation.")
+    plant_seed: int = opt(11, "Seed of the planted directions U, V.")
+    data_seed: int = opt(12, "Seed of sampling (train: it, val: it + 1, calibration: it + 2).")
+    embed_scale: float = opt(10.0, "Factor on the embeddings (outputs peaked, not uniform).")
+    head_scale: float = opt(5.5, "Factor on the LM head (before the temperature).")
+    tail: float = opt(0.25, "σ_k/σ_1 of the planted spectrum (geometric decay); 1 = flat.")
+    gap: float = opt(0.75, "Base-minus-teacher loss (nats/char) the gain is calibrated to.")
+    gain: float = opt(0.0, "ΔW = gain·‖W‖_F·U·diag(σ)·Vᵀ, ‖σ‖=1; 0 = calibrated to --gap.")
+    temperature: float = opt(0.9, "Sampling temperature, folded into the LM head.")
+    bias_std: float = opt(0.02, "Std of the random q/k/v/o biases of the base.")
+    version: int = opt(VERSION, "Generator version (part of the cache key).")
+    modules: str = opt(
         "",
         "Module types that get the update (and that a student adapts), joined by '+'; "
         "'' = every type in TARGETS.",
     )
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"--k: the planted rank must be >= 1, got {self.k}")
+        check_fields(self, TARGETS)
         hidden = self.hidden or (96 if 4 * self.k <= 48 else 128)
         object.__setattr__(self, "hidden", hidden)
         if hidden % 8 or self.k > hidden // 2:
             raise ValueError(
                 f"--hidden {hidden}: must be a multiple of 8 with hidden/2 >= k ({self.k})"
             )
-        for name in ("layers", "seq_chars", "n_train", "n_val"):
-            if getattr(self, name) < (2 if name == "seq_chars" else 1):
-                raise ValueError(f"--{name.replace('_', '-')}: too small ({getattr(self, name)})")
         if not 0 < self.tail <= 1:
             raise ValueError(f"--tail: must be in (0, 1], got {self.tail}")
         if self.temperature <= 0 or self.gap <= 0 or self.gain < 0:
             raise ValueError("--temperature and --gap must be > 0, --gain >= 0")
-        unknown = [m for m in self.targets() if m not in TARGETS]
-        if unknown or not self.targets():
-            raise ValueError(
-                f"--modules: expected types among {'+'.join(TARGETS)}, got {self.modules!r}"
-            )
 
     def targets(self) -> tuple[str, ...]:
         """The module types that get the update."""
-        return tuple(m for m in self.modules.split("+") if m) if self.modules else TARGETS
+        return module_types(self.modules, TARGETS)
 
     def key(self) -> dict:
         """The cache key: every field."""
@@ -208,37 +208,13 @@ def build_base(p: Planted2Params):
     torch.manual_seed(p.base_seed)
     model = AutoModelForCausalLM.from_config(qwen3_config(p)).eval()
     gen = torch.Generator().manual_seed(p.base_seed)
-    other = torch.ones(TINY_VOCAB, dtype=torch.bool)
-    other[FIRST_CHAR:END_CHAR] = False
     with torch.no_grad():
         for layer in model.model.layers:
             attn = layer.self_attn
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 proj.bias.copy_(p.bias_std * torch.randn(proj.bias.shape, generator=gen))
-            attn.o_proj.weight[0] = 0.0  # nothing writes to the bias channel
-            attn.o_proj.bias[0] = 0.0
-            layer.mlp.down_proj.weight[0] = 0.0
-        model.model.embed_tokens.weight.mul_(p.embed_scale)
-        model.model.embed_tokens.weight[:, 0] = 1.0
-        head = model.lm_head.weight
-        head.mul_(p.head_scale / p.temperature)  # sampling at τ == a head scaled by 1/τ
-        head[:, 0] = 0.0  # characters do not read the bias channel ...
-        head[other] = 0.0
-        head[other, 0] = BIAS_READ  # ... the other ids read it and lose
-        head[EOS, 0] = _eos_read(model, p)
-    return model
-
-
-@torch.no_grad()
-def _eos_read(model, p: Planted2Params) -> float:
-    """Bias-channel weight that gives EOS a logit of logsumexp(characters) - ln(seq_chars),
-    i.e. p(EOS) ≈ 1/(seq_chars + 1), averaged over random character sequences."""
-    gen = torch.Generator().manual_seed(p.base_seed)
-    ids = torch.randint(FIRST_CHAR, END_CHAR, (64, p.seq_chars), generator=gen)
-    out = model(ids, output_hidden_states=True)
-    lse = out.logits[..., FIRST_CHAR:END_CHAR].logsumexp(-1).mean().item()
-    h0 = out.hidden_states[-1][..., 0].mean().item()  # the normed bias channel
-    return (lse - math.log(p.seq_chars)) / h0
+    # sampling at τ == a head scaled by 1/τ; add_bias_channel zeroes o_proj's bias on dim 0
+    return add_bias_channel(model, p, head_scale=p.head_scale / p.temperature)
 
 
 def spectrum(k: int, tail: float) -> torch.Tensor:
@@ -254,64 +230,16 @@ def spectrum(k: int, tail: float) -> torch.Tensor:
 
 def directions(base, p: Planted2Params) -> dict:
     """The planted directions {module: (U, V, ‖W‖_F)}; U, V have orthonormal columns."""
-    gen = torch.Generator().manual_seed(p.plant_seed)
-    out = {}
-    for name, module in base.named_modules():
-        if name.rsplit(".", 1)[-1] not in p.targets():
-            continue
-        out_dim, in_dim = module.weight.shape
-        u = torch.randn(out_dim, p.k, generator=gen)
-        if name.rsplit(".", 1)[-1] in WRITERS:
-            u[0] = 0.0  # keep the bias channel constant in the teacher too
-        u = torch.linalg.qr(u).Q
-        v = torch.linalg.qr(torch.randn(in_dim, p.k, generator=gen)).Q
-        out[name] = (u, v, module.weight.norm().item())
-    return out
+    return _directions(base, p.targets(), p.k, p.plant_seed)
 
 
 def plant(base, p: Planted2Params, gain: float, dirs: dict | None = None):
     """The teacher (a copy of ``base``) with ΔW = gain·‖W‖_F·U·diag(σ)·Vᵀ on every target,
     and the factors {module: (U, V, σ·gain·‖W‖_F)}."""
     dirs = dirs if dirs is not None else directions(base, p)
-    teacher = copy.deepcopy(base)
     s = spectrum(p.k, p.tail)
-    modules = dict(teacher.named_modules())
-    factors = {}
-    with torch.no_grad():
-        for name, (u, v, norm) in dirs.items():
-            sigma = gain * norm * s
-            modules[name].weight += (u * sigma) @ v.T
-            factors[name] = (u, v, sigma)
-    return teacher.eval(), factors
-
-
-def _mask(logits: torch.Tensor) -> torch.Tensor:
-    """Logits with every non-character id (specials, EOS, 100..127) at -inf."""
-    logits = logits.clone()
-    logits[..., :FIRST_CHAR] = -math.inf
-    logits[..., END_CHAR:] = -math.inf
-    return logits
-
-
-@torch.no_grad()
-def sample(teacher, n: int, seq_chars: int, seed: int) -> torch.Tensor:
-    """``n`` sequences of ``seq_chars`` character ids: a uniform first character, then the
-    (tempered) teacher's next-token distribution over the characters."""
-    from transformers import DynamicCache
-
-    gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    for start in range(0, n, GEN_BATCH):
-        ids = torch.randint(FIRST_CHAR, END_CHAR, (min(GEN_BATCH, n - start), 1), generator=gen)
-        cache = DynamicCache()  # positionally: the keyword's name changed in transformers 5
-        logits = teacher(ids, None, None, cache, use_cache=True).logits
-        for _ in range(seq_chars - 1):
-            probs = _mask(logits[:, -1].double()).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=gen)
-            ids = torch.cat([ids, nxt], dim=1)
-            logits = teacher(nxt, None, None, cache, use_cache=True).logits
-        chunks.append(ids)
-    return torch.cat(chunks)
+    factors = {name: (u, v, gain * norm * s) for name, (u, v, norm) in dirs.items()}
+    return with_update(base, factors), factors
 
 
 def calibrate_gain(base, p: Planted2Params, dirs: dict) -> tuple[float, float]:
@@ -339,98 +267,38 @@ def _gap(base, p: Planted2Params, gain: float, dirs: dict) -> float:
     return mean_nll(base, ids) - mean_nll(teacher, ids, masked=True)
 
 
-def _losses(base, teacher, train, val) -> dict:
-    """Validation losses in nats/token: on the characters (the clean measure) and on
-    records + EOS (what a packing trainer such as rankwise reports at seq_len seq_chars+1)."""
-    return {
-        "teacher_val": mean_nll(teacher, val, masked=True),
-        "base_val": mean_nll(base, val),
-        "teacher_val_full_vocab": mean_nll(teacher, val),
-        "teacher_val_with_eos": mean_nll(teacher, with_eos(val)),
-        "base_val_with_eos": mean_nll(base, with_eos(val)),
-        "base_train": mean_nll(base, train),
-        "uniform": math.log(END_CHAR - FIRST_CHAR),
-    }
-
-
-def _decode(ids: torch.Tensor) -> list[str]:
-    return ["".join(CHARS[i - FIRST_CHAR] for i in row) for row in ids.tolist()]
-
-
-def _check_round_trip(model_dir: Path, texts: list[str], ids: torch.Tensor) -> None:
-    """Every record tokenises back to the ids it was sampled as, by the tokenizer a trainer
-    gets from ``AutoTokenizer.from_pretrained(model/)`` (which may not be the saved class)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    got = tokenizer(texts, add_special_tokens=False).input_ids
-    for text, row, back in zip(texts, ids.tolist(), got, strict=True):
-        if back != row:
-            raise AssertionError(f"{model_dir}: tokenizer round trip failed for {text!r}")
-
-
-def _write_jsonl(path: Path, texts: list[str]) -> str:
-    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _cached(out: Path, p: Planted2Params) -> bool:
-    try:
-        meta = json.loads((out / "task.json").read_text())
-    except (OSError, ValueError):
-        return False
-    files = ("train.jsonl", "val.jsonl", "model/model.safetensors")
-    return meta.get("params") == p.key() and all((out / f).exists() for f in files)
-
-
 def _build(p: Planted2Params) -> dict:
-    """Base, teacher, factors, samples and losses, all on one thread (the same float bits,
-    hence the same samples, on every machine with this torch)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """Base, teacher, factors, samples and losses, all on one thread. The teacher is
+    sampled at temperature 1: its head already holds the temperature."""
+    with one_thread():
         base = build_base(p)
         dirs = directions(base, p)
         gain, cal_gap = (p.gain, None) if p.gain else calibrate_gain(base, p, dirs)
         teacher, factors = plant(base, p, gain, dirs)
         train = sample(teacher, p.n_train, p.seq_chars, seed=p.data_seed)
         val = sample(teacher, p.n_val, p.seq_chars, seed=p.data_seed + 1)
-        losses = _losses(base, teacher, train, val)
-    finally:
-        torch.set_num_threads(threads)
+        losses = val_losses(base, teacher, train, val)
     return {"base": base, "factors": factors, "train": train, "val": val, "losses": losses,
             "gain": gain, "calibration_gap": cal_gap}  # fmt: skip
 
 
 def _write(out: Path, built: dict) -> dict:
-    """Write model/, planted.safetensors, train.jsonl, val.jsonl; return their hashes."""
-    from safetensors.torch import save_file
+    """Write model/, planted.safetensors, train.jsonl, val.jsonl; return their hashes.
+    The records are checked with the tokenizer a trainer gets from
+    ``AutoTokenizer.from_pretrained(model/)``, which may not be the saved class."""
+    from transformers import AutoTokenizer
 
-    texts = {s: _decode(built[s]) for s in ("train", "val")}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "task.json").unlink(missing_ok=True)  # written last: marks a complete folder
-    built["base"].save_pretrained(out / "model")
-    make_tokenizer().save_pretrained(out / "model")
+    texts = {s: decode(built[s]) for s in ("train", "val")}
+    sha = write_files(out, built["base"], built["factors"], texts, s_name="sigma")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
     for split in ("train", "val"):
-        _check_round_trip(out / "model", texts[split], built[split])
-    tensors = {}
-    for name, (u, v, sigma) in built["factors"].items():
-        tensors |= {f"{name}.U": u, f"{name}.V": v, f"{name}.sigma": sigma}
-    save_file({k: t.contiguous() for k, t in tensors.items()}, out / "planted.safetensors")
-    sha = {f"{s}.jsonl": _write_jsonl(out / f"{s}.jsonl", texts[s]) for s in ("train", "val")}
-    sha["model/model.safetensors"] = _sha256(out / "model" / "model.safetensors")
-    sha["planted.safetensors"] = _sha256(out / "planted.safetensors")
+        check_round_trip(tokenizer, texts[split], built[split])
     return sha
 
 
 def _describe(p: Planted2Params, built: dict, sha: dict) -> dict:
     kv = p.hidden // 2  # 2 of 4 heads: k_proj and v_proj map hidden -> hidden/2
-    return {
+    meta = {
         "name": f"planted2-k{p.k}",
         "k": p.k,
         "params": p.key(),
@@ -447,37 +315,25 @@ def _describe(p: Planted2Params, built: dict, sha: dict) -> dict:
             "planted_modules": list(p.targets()),
             "max_rank": kv,  # min(in, out) over the target modules: k_proj, v_proj
         },
-        "sizes": {"train": p.n_train, "val": p.n_val, "seq_chars": p.seq_chars},
-        "generation": {
-            "first_token": "uniform over the character ids",
-            "allowed_ids": [FIRST_CHAR, END_CHAR - 1],
-            "temperature": p.temperature,
-            "temperature_note": "folded into the saved base's LM head (x 1/temperature); "
-            "the tempered teacher is sampled at temperature 1",
-            "sampling_batch": GEN_BATCH,
-            "delta": "W += gain*||W||_F * U @ diag(sigma) @ V.T, U and V orthonormal (k "
-            "columns), sigma_i ~ rho**i with sigma_k/sigma_1 = tail, ||sigma|| = 1",
-            "spectrum": [round(s, 6) for s in spectrum(p.k, p.tail).tolist()],
-            "gain": built["gain"],
-            "calibration": CALIBRATION | {"gap": built["calibration_gap"]},
-            "bias_channel": f"residual dim 0 = 1 always; non-character ids read it x {BIAS_READ}"
-            ", EOS with a weight giving p(EOS) ~ 1/(seq_chars + 1)",
-            "torch": torch.__version__,
-        },
-        "usage": {
-            "seq_len": p.seq_chars + 1,
-            "note": "with EOS appended and seq_len = seq_chars + 1, each packed block is one "
-            "record, the context the teacher sampled it from; compare val loss with "
-            "losses.teacher_val_with_eos / base_val_with_eos",
-        },
-        "losses": built["losses"],
-        "sha256": sha,
     }
+    planting = {
+        "delta": "W += gain*||W||_F * U @ diag(sigma) @ V.T, U and V orthonormal (k "
+        "columns), sigma_i ~ rho**i with sigma_k/sigma_1 = tail, ||sigma|| = 1",
+        "spectrum": [round(s, 6) for s in spectrum(p.k, p.tail).tolist()],
+        "gain": built["gain"],
+        "calibration": CALIBRATION | {"gap": built["calibration_gap"]},
+    }
+    note = (
+        "folded into the saved base's LM head (x 1/temperature); "
+        "the tempered teacher is sampled at temperature 1"
+    )
+    data = data_meta(p, planting, temperature_note=note)
+    return meta | data | {"losses": built["losses"], "sha256": sha}
 
 
 def task_name(k: int, modules: str = "") -> str:
     """``planted2-k8``, or ``planted2-k8-k_proj-o_proj`` when only some types get the update."""
-    return f"planted2-k{k}" + (f"-{modules.replace('+', '-')}" if modules else "")
+    return _task_name(k, modules, family="planted2")
 
 
 def make_task(k: int, out_dir: str | Path | None = None, force: bool = False, **params) -> Path:
@@ -492,7 +348,7 @@ def make_task(k: int, out_dir: str | Path | None = None, force: bool = False, **
     """
     p = Planted2Params(k=k, **params)
     out = Path(out_dir) if out_dir is not None else CACHE / task_name(k, p.modules)
-    if not force and _cached(out, p):
+    if not force and is_cached(out, p):
         return out
     built = _build(p)
     meta = _describe(p, built, _write(out, built))
@@ -500,32 +356,17 @@ def make_task(k: int, out_dir: str | Path | None = None, force: bool = False, **
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 8, 32], help="planted ranks")
-    parser.add_argument("--smoke", action="store_true", help=f"tiny tasks {SMOKE}, -smoke dirs")
-    parser.add_argument("--out-root", type=Path, default=CACHE, help="parent folder of tasks")
-    parser.add_argument("--force", action="store_true", help="regenerate even when cached")
-    parser.add_argument(
-        "--modules",
-        default="",
-        help=Planted2Params.__dataclass_fields__["modules"].metadata["help"],
+def _summary(meta: dict) -> str:
+    loss, gen = meta["losses"], meta["generation"]
+    return (
+        f"hidden {meta['model']['hidden']}, gain {gen['gain']:.3g}, base "
+        f"{loss['base_val']:.3f} -> teacher {loss['teacher_val']:.3f} nats/char on val "
+        f"(with EOS {loss['base_val_with_eos']:.3f} -> {loss['teacher_val_with_eos']:.3f})"
     )
-    args = parser.parse_args(argv)
-    for k in args.k:
-        start = time.perf_counter()
-        name = task_name(k, args.modules) + ("-smoke" if args.smoke else "")
-        extra = (SMOKE if args.smoke else {}) | ({"modules": args.modules} if args.modules else {})
-        out = make_task(k, args.out_root / name, force=args.force, **extra)
-        meta = json.loads((out / "task.json").read_text())
-        loss, gen = meta["losses"], meta["generation"]
-        print(
-            f"{name}: hidden {meta['model']['hidden']}, gain {gen['gain']:.3g}, base "
-            f"{loss['base_val']:.3f} -> teacher {loss['teacher_val']:.3f} nats/char on val "
-            f"(with EOS {loss['base_val_with_eos']:.3f} -> {loss['teacher_val_with_eos']:.3f}), "
-            f"{time.perf_counter() - start:.1f} s -> {out}"
-        )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, __doc__, Planted2Params, SMOKE, task_name, make_task, _summary)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,9 @@ def test_round_trip(task):
 def test_round_trip_matches_sampled_ids():
     p = planted.PlantedParams(k=2, **SMALL)
     teacher, _ = planted.plant(planted.build_base(p), p)
-    ids = planted.sample(teacher, 6, p, seed=5)
-    texts = planted._decode(ids)
-    planted._check_round_trip(planted.make_tokenizer(), texts, ids)
+    ids = planted.sample(teacher, 6, p.seq_chars, seed=5, temperature=p.temperature)
+    texts = planted.decode(ids)
+    planted.check_round_trip(planted.make_tokenizer(), texts, ids)
 
 
 def test_teacher_beats_base(task):
