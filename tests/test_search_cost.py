@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import rankwise
 from rankwise.config import ConfigError, Options
+from rankwise.progress import trial_line
 from rankwise.records import TrialSpec
 from rankwise.trial import evaluate, run_trial
 
@@ -45,6 +46,7 @@ def test_early_stopping_ends_a_trial_that_stopped_improving(ctx):
     assert r.ok and r.early_stopped
     assert r.steps == 6 and [s for s, _ in r.val_curve] == [3, 6]
     assert r.train_tokens == 6 * 4 * 16
+    assert "early stopped at step 6" in trial_line(r)
     # Without the threshold the same run trains every step (each evaluation is a new best).
     full = run_trial(spec(lr=1e-2, early_stopping_patience=1), ctx)
     assert not full.early_stopped and full.steps == 12

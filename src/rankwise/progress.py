@@ -24,6 +24,8 @@ def trial_line(r: TrialResult) -> str:
     mem = f"{r.peak_memory_bytes / 2**20:.0f} MiB" if r.peak_memory_bytes else "-"
     tps = f"{r.tokens_per_second:,.0f} tok/s" if r.tokens_per_second else "-"
     flag = " (stopped at --max-trial-time)" if r.time_limited else ""
+    if r.early_stopped:
+        flag = f" (early stopped at step {r.steps})"
     return (
         f"{head} best {score_text(r)} @ step {r.best_step}  "
         f"params {r.trainable_params:,}  {r.wall_seconds:.1f}s  {tps}  peak {mem}{flag}"

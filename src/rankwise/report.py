@@ -254,6 +254,8 @@ def _note(r: TrialResult) -> str:
         parts.append(diagnosis)
     if r.time_limited:
         parts.append("stopped by the time limit")
+    if r.early_stopped:
+        parts.append(f"early stopped at step {r.steps} (--early-stopping-patience)")
     if r.kind == TrialKind.NESTED:
         parts.append("nested-rank training (one run, truncated)")
     for attempt in r.extra.get("attempts") or []:

@@ -559,6 +559,7 @@ class Study:
             "tokens_per_second",
             "wall_seconds",
             "time_limited",
+            "early_stopped",
             "extra",
             "predicted",
         )
