@@ -100,7 +100,10 @@ TASKS = [
 ]
 
 
-def ranks_for(k: int) -> list[int]:
+def ranks_for(k: int, generator: str = "planted") -> list[int]:
+    """Six doublings around k; planted2's k/v projections (GQA, 2 heads) have 64 outputs."""
+    if k == 32 and generator == "planted2":
+        return [2, 4, 8, 16, 32, 64]
     return {16: [2, 4, 8, 16, 32, 64], 32: [4, 8, 16, 32, 64, 128]}.get(k, [1, 2, 4, 8, 16, 32])
 
 
@@ -138,7 +141,7 @@ def task_options(name: str, smoke: bool = False) -> tuple[dict, list[int]]:
     }
     if smoke:
         opts.update(max_steps=8, batch_size=4, eval_every=4, warmup_steps=1, lr=3e-2)
-    return opts, ([1, 2, 4] if smoke else ranks_for(k))
+    return opts, ([1, 2, 4] if smoke else ranks_for(k, gen))
 
 
 def run(out: Path, opts: dict, ranks: list[int], **over):

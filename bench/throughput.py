@@ -98,7 +98,7 @@ def load(model: str, args, work: Path):
     return net, tok, prepare_data(cfg, tok, work / model, seed=0)
 
 
-def rankwise_autocast(precision: str) -> str | None:
+def rankwise_autocast(precision: str, n_params: int) -> str | None:
     """What rankwise's trial runs under: ``--dtype auto`` picks bf16 autocast where the
     hardware has it (rankwise.models.pick_autocast); ``fp32`` is ``--dtype float32``."""
     from rankwise.models import pick_autocast
@@ -107,7 +107,7 @@ def rankwise_autocast(precision: str) -> str | None:
         return None
     if precision == "bf16":
         return "bfloat16"
-    return pick_autocast("auto", "cpu", 135_000_000)  # as for SmolLM2; --precisions bf16 forces it
+    return pick_autocast("auto", "cpu", n_params)
 
 
 def make_spec(args, steps: int, autocast: str | None = None) -> TrialSpec:
@@ -249,7 +249,9 @@ def _figures(t0, t1, first_begin, first_end, last_end, eval_seconds, tokens, n, 
 def bench_model(model: str, args, work: Path, precision: str = "default", loaded=None) -> dict:
     net, tok, data = loaded or load(model, args, work)
     ctx = TrialContext(net, tok, "cpu", data)
-    autocast, bf16 = rankwise_autocast(precision), precision == "bf16"
+    from rankwise.models import param_count
+
+    autocast, bf16 = rankwise_autocast(precision, param_count(net)), precision == "bf16"
     # The baseline is evaluated as it trained: under autocast when Trainer used bf16.
     spec_a = make_spec(args, args.steps, autocast)
     spec_b = make_spec(args, args.steps, "bfloat16" if bf16 else None)
