@@ -104,7 +104,7 @@ class SharedScale:
     Example (fixed alpha 8 over ranks 1..32: the policy's scale at the middle rank 8):
         >>> s = SharedScale.middle([1, 2, 4, 8, 16, 32], lambda r: 8 / r)
         >>> s(1), s(32), s
-        (1.0, 1.0, SharedScale(1.0))
+        (1.0, 1.0, SharedScale(1))
     """
 
     def __init__(self, scale: float):
