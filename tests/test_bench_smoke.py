@@ -15,7 +15,11 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
     ("script", "expected", "table"),
     [
         ("search_efficiency.py", "| task | k | ranks | ladder trials (ranks) |", True),
-        ("throughput.py", "| model | steps × batch × seq | pairs | tok/s rankwise |", True),
+        (
+            "throughput.py",
+            "| model | precision: rankwise / Trainer | steps × batch × seq | pairs |",
+            True,
+        ),
         (
             "criteria.py",
             "| criterion | how | k=2 | k=8 | within 2x of k | = k | ladder trials |",
@@ -23,6 +27,12 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
         ),
         ("rank_curves.py", "planted-k2: base ", False),
         pytest.param("precision.py", "| planted-k2 | 1,2 |", True, marks=pytest.mark.slow),
+        pytest.param(
+            "search_cost.py",
+            "| nested+warm½ | 1.50 | ",  # the summary row: a final trial on half the steps
+            True,
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bench_smoke(script, expected, table):
