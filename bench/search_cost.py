@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import planted  # noqa: E402
 
 from rankwise import search  # noqa: E402
+from rankwise.config import SearchConfig  # noqa: E402
 from rankwise.search import Ladder, recommend  # noqa: E402
 from rankwise.store import RunStore  # noqa: E402
 
@@ -170,7 +171,8 @@ def run_task(name: str, out: Path, smoke: bool = False, variants=None) -> dict:
     by_rank = {t.rank: t for t in grid.trials if t.ok}
     base = grid.recommendation.base_loss
     g_rank = grid.recommendation.rank
-    start = 4 if 4 in ranks else ranks[len(ranks) // 2 - 1]
+    # rankwise's own start rank for these bases (all under 1B parameters; SmolLM2: 135M).
+    start = SearchConfig(ranks=ranks).start_rank_for(135_000_000)
     row = {
         "task": name,
         "ranks": ranks,
