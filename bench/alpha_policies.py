@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import search_efficiency as se  # noqa: E402
 
 import rankwise  # noqa: E402
-from rankwise.search import rank_scores, recommend  # noqa: E402
+from rankwise.search.criteria import recommend  # noqa: E402
+from rankwise.search.scores import rank_scores
 
 OUT = Path(__file__).parent / ".cache" / "runs" / "alpha-policies"
 POLICIES = {

@@ -4,8 +4,8 @@
 val loss at r = 1..64 and the base model's. This script replays each criterion and
 threshold on those curves with rankwise's own code, no training:
 
-- grid: ``rankwise.search.recommend`` over every rank;
-- ladder: ``rankwise.search.Ladder`` from the default start rank (4, for a model under 1B
+- grid: ``rankwise.search.criteria.recommend`` over every rank;
+- ladder: ``rankwise.search.strategies.Ladder`` from the default start rank (4, for a model under 1B
   parameters), each proposal answered with the stored score of that rank (a trial is a
   deterministic function of its spec, so this is the run a ladder would have made; see
   "Search efficiency" in bench/RESULTS.md).
@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
 
 from rankwise.records import COMPLETE, TrialResult  # noqa: E402
-from rankwise.search import Criterion, Ladder, rank_scores, recommend  # noqa: E402
+from rankwise.search.criteria import Criterion, recommend  # noqa: E402
+from rankwise.search.scores import rank_scores  # noqa: E402
+from rankwise.search.strategies import Ladder  # noqa: E402
 
 CURVES = ROOT / ".cache" / "curves"
 START_RANK = 4  # rankwise's default start for a model under 1B parameters

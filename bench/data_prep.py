@@ -101,7 +101,7 @@ def child(args) -> None:
     import transformers  # noqa: F401
 
     from rankwise.config import DataConfig
-    from rankwise.data import prepare_data
+    from rankwise.io.data import prepare_data
     from rankwise.testing import make_tokenizer
 
     prepare = _old_prepare(BEFORE) if args.impl == "before" else prepare_data

@@ -2,7 +2,7 @@
 
 Each configuration runs in a fresh subprocess (the RSS peak of one would otherwise
 carry over into the next): imports, RSS baseline, model load, the prediction, then a
-few real training steps as rankwise.trial runs them (fresh PEFT adapter, train mode,
+few real training steps as rankwise.training.lifecycle runs them (fresh PEFT adapter, train mode,
 ``model(...).loss.backward()``, grad clipping, AdamW) inside ``PeakMemory``.
 
     .venv/bin/python bench/memory.py            # full: tiny Llama, tiny GPT-2, SmolLM2-135M
@@ -78,7 +78,7 @@ def _load(name: str):
 
         return tiny_model(name.removeprefix("tiny-"), **TINY)
     from rankwise.config import ModelConfig
-    from rankwise.models import load_model
+    from rankwise.io.models import load_model
 
     torch.set_grad_enabled(True)
     return load_model(ModelConfig(model=name, device="cpu", dtype="float32"))[0]
@@ -110,8 +110,8 @@ def worker(c: dict, saved: bool) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from rankwise.estimate import estimate
-    from rankwise.resources import PeakMemory, current_rss
+    from rankwise.analysis.estimate import estimate
+    from rankwise.training.resources import PeakMemory, current_rss
 
     gc.collect()
     baseline = current_rss()
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
             f"{SECTION}\n\n"
             f"{datetime.date.today().isoformat()} · {machine()} · "
             f"`.venv/bin/python {command}`\n\n"
-            "Predicted = `rankwise.estimate.estimate()` (runtime baseline = the worker's RSS "
+            "Predicted = `rankwise.analysis.estimate.estimate()` (runtime baseline = the worker's RSS "
             "before loading the model); measured = `PeakMemory('cpu')` (peak RSS) around "
             f"{rows[0][0]['steps']} training steps in a fresh subprocess per configuration.\n\n"
             f"{text}\n\n**{summary}**\n\n"

@@ -13,7 +13,7 @@ Reported per task:
   default tolerance (1%); whether they agree;
 - regret: grid best val at the nested recommendation's rank - at the grid's own;
 - compute: training tokens of the nested run (summed over its records, see
-  ``rankwise.nested``) + the final trial's, ÷ one grid trial at r_max and ÷ the whole grid;
+  ``rankwise.training.nested``) + the final trial's, ÷ one grid trial at r_max and ÷ the whole grid;
   the same for trial wall seconds; end-to-end wall time of the nested search.
 
 Grids are not re-run when ``bench/search_efficiency.py`` already ran them: its run folder
@@ -55,8 +55,9 @@ import search_efficiency as se  # noqa: E402
 from rankwise import search  # noqa: E402
 from rankwise.config import Options  # noqa: E402
 from rankwise.records import COMPLETE  # noqa: E402
-from rankwise.search import rank_scores, recommend  # noqa: E402
-from rankwise.store import RunStore  # noqa: E402
+from rankwise.run.store import RunStore  # noqa: E402
+from rankwise.search.criteria import recommend  # noqa: E402
+from rankwise.search.scores import rank_scores  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "nested-vs-grid"
 TOLERANCE = se.TOLERANCE  # rankwise's default, 1%
@@ -81,7 +82,7 @@ def task_options(name: str, smoke: bool = False) -> dict:
 def identity_diff(stored: dict, opts: Options) -> list[str]:
     """Options whose stored value differs from ``opts``'s (the data fingerprint aside: the
     same options make the same token blocks)."""
-    from rankwise.store import identity_diff as diff
+    from rankwise.run.store import identity_diff as diff
 
     return diff({k: v for k, v in stored.items() if k != "data_sha256"}, opts.identity())
 

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # bench/planted.py
 import planted  # noqa: E402
 
 from rankwise import search  # noqa: E402
-from rankwise.spectra import inspect_adapter  # noqa: E402
+from rankwise.analysis.spectra import inspect_adapter  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "per-layer"
 # Planted tasks: short records (seq_len 32) so that an r=32 all-linear trial takes about a
@@ -131,9 +131,9 @@ def run(task: str, args) -> dict:
 def energy_sweep(task: str, energies: list[float], args) -> list[dict]:
     """The spectral pattern at other energy shares, trained from the same uniform adapter
     with the same spec (what ``--per-layer --per-layer-energy E`` would train)."""
-    from rankwise.perlayer import pattern_spec
-    from rankwise.store import RunStore
-    from rankwise.trial import run_trial
+    from rankwise.run.store import RunStore
+    from rankwise.training.eva import pattern_spec
+    from rankwise.training.trial import run_trial
 
     out = args.out / task
     rec = json.loads((out / "recommendation.json").read_text())

@@ -32,9 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 import planted  # noqa: E402
 
-from rankwise import models, search  # noqa: E402
-from rankwise.models import cpu_has_bf16  # noqa: E402
-from rankwise.search import rank_scores  # noqa: E402
+from rankwise import search  # noqa: E402
+from rankwise.io import models  # noqa: E402
+from rankwise.io.models import cpu_has_bf16  # noqa: E402
+from rankwise.search.scores import rank_scores  # noqa: E402
 
 PLANTED = {"steps": 200, "batch": 8, "eval_every": 50}
 

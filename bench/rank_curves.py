@@ -2,7 +2,7 @@
 
 For each planted task (``bench/planted.py``, k = 2, 4, 8, 16, 32) this trains every rank
 with ``rankwise.search(strategy="grid")`` and evaluates the base model, without an
-adapter, on the same validation blocks with ``rankwise.trial.evaluate`` (the function every
+adapter, on the same validation blocks with ``rankwise.training.evaluate.evaluate`` (the function every
 trial's score comes from). The curve (rank -> best val loss, training tokens, trial wall
 time) and the base loss are written to ``bench/.cache/curves/planted-k{k}.json``, which
 ``bench/criteria.py`` replays under each stopping criterion without training again.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without inst
 import planted  # noqa: E402
 
 from rankwise import search  # noqa: E402
-from rankwise.search import rank_scores  # noqa: E402
+from rankwise.search.scores import rank_scores  # noqa: E402
 
 CURVES = planted.CACHE / "curves"
 RUNS = planted.CACHE / "runs" / "criteria"
@@ -71,8 +71,8 @@ def base_loss(run_dir: Path, model_dir: str, batch_size: int) -> float:
     from safetensors.torch import load_file
 
     from rankwise.config import ModelConfig
-    from rankwise.models import load_model
-    from rankwise.trial import evaluate
+    from rankwise.io.models import load_model
+    from rankwise.training.evaluate import evaluate
 
     model, _, device = load_model(ModelConfig(model=model_dir))
     t = load_file(str(run_dir / "data" / "tokens.safetensors"))

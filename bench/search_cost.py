@@ -9,7 +9,7 @@ a real ``rankwise.search`` with exactly the grid's data, seed, steps, learning r
 evaluation, in its own run folder:
 
 - ``ladder``: rankwise's default strategy. A trial is a deterministic function of its spec,
-  so the ladder is *replayed* on the grid's trials with ``rankwise.search.Ladder`` (it asks
+  so the ladder is *replayed* on the grid's trials with ``rankwise.search.strategies.Ladder`` (it asks
   for exactly the trials a real run trains); it delivers the grid's trial at its answer.
 - ``nested+final``: one nested-rank run (fixed-alpha scale per drawn rank, ranks drawn
   uniform over the list), then an ordinary final trial at the answer (``--strategy nested``).
@@ -59,8 +59,9 @@ import planted  # noqa: E402
 
 from rankwise import search  # noqa: E402
 from rankwise.config import SearchConfig  # noqa: E402
-from rankwise.search import Ladder, recommend  # noqa: E402
-from rankwise.store import RunStore  # noqa: E402
+from rankwise.run.store import RunStore  # noqa: E402
+from rankwise.search.criteria import recommend  # noqa: E402
+from rankwise.search.strategies import Ladder  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "search-cost"
 PLANTED = {"max_steps": 300, "batch_size": 16, "eval_every": 50, "warmup_steps": 15}

@@ -15,7 +15,7 @@ and a real one (SmolLM2-135M-Instruct on the stdlib docstrings, the ``make demo`
 
 A trial is a deterministic function of its spec (same seed, data, thread count -> same
 result), so the ladder can be *replayed* on the grid's per-rank results with
-``rankwise.search.Ladder`` ask/tell: it asks for exactly the trials a real ladder run would
+``rankwise.search.strategies.Ladder`` ask/tell: it asks for exactly the trials a real ladder run would
 train, and their tokens and wall times are summed. ``--replay`` picks the tasks where that
 is done (default: the planted ones); the others run a real ladder search next to the grid,
 and the table shows the largest loss difference between the two runs' shared ranks (0 when
@@ -51,7 +51,9 @@ import planted  # noqa: E402
 from rankwise import search  # noqa: E402
 from rankwise.config import SearchConfig  # noqa: E402
 from rankwise.records import COMPLETE, TrialResult  # noqa: E402
-from rankwise.search import Ladder, rank_scores, recommend  # noqa: E402
+from rankwise.search.criteria import recommend  # noqa: E402
+from rankwise.search.scores import rank_scores  # noqa: E402
+from rankwise.search.strategies import Ladder  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "search-efficiency"
 TOLERANCE = 0.01  # the relative criterion at 1%: the rule these results were measured with

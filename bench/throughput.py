@@ -6,11 +6,11 @@ warm-up/decay, gradient clipping 1.0, no weight decay) on micro-batches of ``--b
 blocks of ``--seq-len`` tokens in the same order, evaluate once on the same validation
 blocks with the same function, and remove the adapter (``unload()``).
 
-- **A, rankwise**: ``rankwise.trial.run_trial(spec, TrialContext(...))`` with
+- **A, rankwise**: ``rankwise.training.trial.run_trial(spec, TrialContext(...))`` with
   ``eval_every`` past the last step, so its only evaluation is the final one.
 - **B, baseline**: ``peft.get_peft_model`` + ``transformers.Trainer`` (``optim
   adamw_torch``, no logging, saving, or evaluation strategy; a sequential sampler over the
-  blocks rankwise would draw), then ``rankwise.trial.evaluate``.
+  blocks rankwise would draw), then ``rankwise.training.evaluate.evaluate``.
 
 The arms alternate in pairs ordered AB, BA, AB, BA (``--pairs``) after one unmeasured
 warm-up of each, so a steady drift in the machine's load hits both arms equally (plain
@@ -21,7 +21,7 @@ the trial's start to its first optimizer step, and from the end of its last step
 return (minus the final evaluation), as a share of the trial's wall time. Timestamps come
 from a forward pre-hook on the base model (start of the first step), the progress callback
 (rankwise) or ``TrainerCallback.on_step_end`` (baseline), and a timer around
-``rankwise.trial.evaluate``.
+``rankwise.training.evaluate.evaluate``.
 
 Precision (``--precisions``), each arm's setting said in the table:
 
@@ -51,11 +51,13 @@ from pathlib import Path
 
 import torch
 
-import rankwise.trial as trial_mod
+import rankwise.training.evaluate as eval_mod
 from rankwise.config import DataConfig, ModelConfig
-from rankwise.data import prepare_data
+from rankwise.io.data import prepare_data
 from rankwise.records import TrialSpec
-from rankwise.trial import TrialContext, _Batches, run_trial
+from rankwise.training.adapter import TrialContext, lora_config
+from rankwise.training.evaluate import _Batches
+from rankwise.training.trial import run_trial
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / ".cache" / "runs" / "throughput"
@@ -65,11 +67,11 @@ WORDS = "the of a to in rank adapter loss model token value layer step data sear
 
 
 class _EvalTimer:
-    """Wraps ``rankwise.trial.evaluate`` (which run_trial looks up at call time) to record
+    """Wraps ``rankwise.training.evaluate.evaluate`` (which run_trial looks up at call time) to record
     the start and end of every evaluation."""
 
     def __init__(self):
-        self.inner = trial_mod.evaluate
+        self.inner = eval_mod.evaluate
         self.spans: list[tuple[float, float]] = []
 
     def __call__(self, *args, **kwargs):
@@ -82,7 +84,7 @@ class _EvalTimer:
 
 def load(model: str, args, work: Path):
     """(model, tokenizer, token data) for ``smollm2`` or the in-process ``tiny`` Llama."""
-    from rankwise.models import load_model
+    from rankwise.io.models import load_model
     from rankwise.testing import make_tokenizer, tiny_model
 
     if model == "tiny":
@@ -100,8 +102,8 @@ def load(model: str, args, work: Path):
 
 def rankwise_autocast(precision: str, n_params: int) -> str | None:
     """What rankwise's trial runs under: ``--dtype auto`` picks bf16 autocast where the
-    hardware has it (rankwise.models.pick_autocast); ``fp32`` is ``--dtype float32``."""
-    from rankwise.models import pick_autocast
+    hardware has it (rankwise.io.models.pick_autocast); ``fp32`` is ``--dtype float32``."""
+    from rankwise.io.models import pick_autocast
 
     if precision == "fp32":
         return None
@@ -138,14 +140,14 @@ def _forward_stamps(model) -> tuple[list[float], object]:
 def run_rankwise(ctx: TrialContext, spec: TrialSpec) -> dict:
     timer = _EvalTimer()
     steps: list[float] = []
-    trial_mod.evaluate = timer
+    eval_mod.evaluate = timer
     forwards, hook = _forward_stamps(ctx.model)
     try:
         t0 = time.perf_counter()
         result = run_trial(spec, ctx, progress=lambda s, n, loss: steps.append(time.perf_counter()))
         t1 = time.perf_counter()
     finally:
-        trial_mod.evaluate = timer.inner
+        eval_mod.evaluate = timer.inner
         hook.remove()
     assert result.ok, result.reason
     eval_start, eval_end = timer.spans[-1]
@@ -184,7 +186,7 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path, bf16: bool = Fa
     forwards, hook = _forward_stamps(ctx.model)
     t0 = time.perf_counter()
     torch.manual_seed(tc.seed)
-    peft_model = get_peft_model(ctx.model, trial_mod.lora_config(spec))
+    peft_model = get_peft_model(ctx.model, lora_config(spec))
     targs = TrainingArguments(
         output_dir=str(work / "trainer"),
         per_device_train_batch_size=tc.batch_size,
@@ -208,7 +210,7 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path, bf16: bool = Fa
     trainer = InOrder(model=peft_model, args=targs, train_dataset=data, callbacks=[Stamps()])
     out = trainer.train()
     e0 = time.perf_counter()
-    val = trial_mod.validation_loss(peft_model, ctx, spec)
+    val = eval_mod.validation_loss(peft_model, ctx, spec)
     e1 = time.perf_counter()
     peft_model.unload()
     del trainer
@@ -249,7 +251,7 @@ def _figures(t0, t1, first_begin, first_end, last_end, eval_seconds, tokens, n, 
 def bench_model(model: str, args, work: Path, precision: str = "default", loaded=None) -> dict:
     net, tok, data = loaded or load(model, args, work)
     ctx = TrialContext(net, tok, "cpu", data)
-    from rankwise.models import param_count
+    from rankwise.io.models import param_count
 
     autocast, bf16 = rankwise_autocast(precision, param_count(net)), precision == "bf16"
     # The baseline is evaluated as it trained: under autocast when Trainer used bf16.

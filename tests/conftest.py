@@ -127,9 +127,9 @@ def tiny_ctx():
     """A tiny Llama and 24 train / 6 val random blocks of 16 tokens, as a TrialContext."""
     import torch
 
-    from rankwise.data import TokenData
+    from rankwise.io.data import TokenData
     from rankwise.testing import tiny_model
-    from rankwise.trial import TrialContext
+    from rankwise.training.adapter import TrialContext
 
     torch.manual_seed(0)
     ids = torch.randint(4, 100, (24, 16))

@@ -54,7 +54,7 @@ def test_budget_skips_the_next_rank_and_says_why(
 
 
 def test_max_memory_uses_the_prediction(tmp_path, llama_dir, text_jsonl):
-    from rankwise.estimate import estimate
+    from rankwise.analysis.estimate import estimate
     from rankwise.testing import tiny_model
 
     result = run(llama_dir, text_jsonl, tmp_path / "run", max_memory="1MiB")
@@ -82,7 +82,7 @@ def test_trials_record_prediction_beside_measurement(tmp_path, llama_dir, text_j
 def test_out_of_memory_stops_the_climb_and_keeps_the_run(
     tmp_path, llama_dir, text_jsonl, monkeypatch
 ):
-    from rankwise import trial
+    from rankwise.training import lifecycle as trial
 
     real = trial._train_step
 

@@ -8,14 +8,19 @@ import json
 import pytest
 import torch
 
-from rankwise.classify import IGNORE, encode, label_set, read_labelled
 from rankwise.cli import main
-from rankwise.config import ConfigError, DataConfig, ModelConfig, Options
-from rankwise.metrics import accuracy, macro_f1
-from rankwise.models import load_model
+from rankwise.config import DataConfig, ModelConfig, Options
+from rankwise.errors import ConfigError
+from rankwise.io.models import load_model
 from rankwise.records import LoraSpec, TrainSpec, TrialSpec
-from rankwise.search import RankScore, recommend
-from rankwise.trial import Hooks, TrialContext, run_lifecycle, run_trial
+from rankwise.search.criteria import recommend
+from rankwise.search.metrics import accuracy, macro_f1
+from rankwise.search.scores import RankScore
+from rankwise.training.adapter import TrialContext
+from rankwise.training.classify import IGNORE, encode, label_set, read_labelled
+from rankwise.training.hooks import Hooks
+from rankwise.training.lifecycle import run_lifecycle
+from rankwise.training.trial import run_trial
 
 from .test_bad_input import check_error
 from .test_lifecycle import FailAt, digest
@@ -72,7 +77,7 @@ def test_seq_cls_search_through_the_cli_chooses_the_rank_by_accuracy(
         t["status"] == "complete" for t in trials
     )
     # Each trial's score is its error 1 - accuracy at the checkpoint it delivers ...
-    from rankwise.store import RunStore
+    from rankwise.run.store import RunStore
 
     results = [r for r in RunStore(out, readonly=True).results() if r.kind != "base"]
     for r in results:
@@ -169,7 +174,7 @@ def test_a_new_head_is_the_same_on_every_load(encoder_dir, topics_jsonl):
 def test_estimate_counts_the_head_as_peft_does(encoder_dir, topics_jsonl):
     from peft import LoraConfig, get_peft_model
 
-    from rankwise.estimate import estimate
+    from rankwise.analysis.estimate import estimate
 
     model = labelled_context(encoder_dir, topics_jsonl).model
     predicted = estimate(model, ranks=[4], target_modules=["all-linear"], baseline_bytes=0)[0]

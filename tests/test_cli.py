@@ -103,7 +103,7 @@ def test_saved_adapter_reproduces_recorded_val_loss(tmp_path, gpt2_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from rankwise.trial import evaluate
+    from rankwise.training.evaluate import evaluate
 
     out = tmp_path / "run"
     assert main(argv(gpt2_dir, make_data(tmp_path, "text"), out, strategy="grid")) == 0

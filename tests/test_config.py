@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from rankwise.cli import load_yaml
-from rankwise.config import ConfigError, Options, parse_duration, parse_size
+from rankwise.config import Options, parse_duration, parse_size
+from rankwise.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rankwise.cli import main
-from rankwise.store import RunStore
+from rankwise.run.store import RunStore
 
 from .conftest import search_argv
 
@@ -110,7 +110,7 @@ def test_dtype_auto_picks_bf16_autocast_where_the_cpu_has_it(
 ):
     """bf16 autocast where the CPU has bf16, except for a base too small to gain from it
     (the tiny test model: 0 lowers the size floor so that it counts as large enough)."""
-    from rankwise import models
+    from rankwise.io import models
 
     if min_params is not None:
         monkeypatch.setattr(models, "AUTOCAST_MIN_PARAMS_CPU", min_params)

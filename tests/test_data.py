@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from rankwise.config import ConfigError, DataConfig
-from rankwise.data import IGNORE, detect_format, load_records, prepare_data, split_records
-from rankwise.formats import render_batch
+from rankwise.config import DataConfig
+from rankwise.errors import ConfigError
+from rankwise.io.data import IGNORE, detect_format, load_records, prepare_data, split_records
+from rankwise.io.formats import render_batch
 from rankwise.testing import make_tokenizer
 
 from .conftest import sentences
@@ -97,7 +98,7 @@ def test_split_is_seeded_and_deterministic():
 
 
 def test_prepare_packs_and_reuses_cache(tmp_path, tok, text_jsonl):
-    from rankwise.data import save_tokens
+    from rankwise.io.data import save_tokens
 
     cfg = DataConfig(train=str(text_jsonl), seq_len=32)
     data = prepare_data(cfg, tok, tmp_path / "run")
@@ -166,5 +167,5 @@ def test_hub_dataset_records_are_read_in_batches(monkeypatch):
     monkeypatch.setattr(
         datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows)
     )
-    monkeypatch.setattr("rankwise.data.WRITE_BATCH", 10)
+    monkeypatch.setattr("rankwise.io.data.WRITE_BATCH", 10)
     assert load_records("someone/some-data", DataConfig()) == rows

@@ -8,9 +8,10 @@ import sqlite3
 import pytest
 
 from rankwise.cli import main
-from rankwise.config import ConfigError, DataConfig
-from rankwise.data import detect_format, prepare_data
-from rankwise.formats import IGNORE, alpaca_prompt, record_format, render_batch
+from rankwise.config import DataConfig
+from rankwise.errors import ConfigError
+from rankwise.io.data import detect_format, prepare_data
+from rankwise.io.formats import IGNORE, alpaca_prompt, record_format, render_batch
 from rankwise.testing import make_tokenizer
 
 from .conftest import search_argv, sentences

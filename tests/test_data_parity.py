@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rankwise.config import DataConfig
-from rankwise.data import prepare_data
+from rankwise.io.data import prepare_data
 from rankwise.testing import make_tokenizer
 
 try:

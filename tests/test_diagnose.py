@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from rankwise.data import TokenData
-from rankwise.diagnose import Diagnosis, Thresholds, diagnose, diagnose_search
+from rankwise.analysis.diagnose import Diagnosis, Thresholds, diagnose, diagnose_search
+from rankwise.io.data import TokenData
 from rankwise.records import TrialResult, TrialSpec
 from rankwise.testing import tiny_model
-from rankwise.trial import TrialContext, run_trial
+from rankwise.training.adapter import TrialContext
+from rankwise.training.trial import run_trial
 
 
 def result(val, train=None, rank=8, seed=0, status="complete", reason="", **kw) -> TrialResult:

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from rankwise.estimate import (
+from rankwise.analysis.estimate import (
     RankEstimate,
     adapter_file_bytes,
     calibrate,

@@ -1,4 +1,4 @@
-"""rankwise.executor: the parallel search decides as the sequential one; Ray workers give the
+"""rankwise.run.executor: the parallel search decides as the sequential one; Ray workers give the
 same trials bit for bit, survive a killed worker and a killed driver."""
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from rankwise.config import ConfigError, ExecutorConfig
-from rankwise.executor import _connect, drive_parallel, lookahead
+from rankwise.config import ExecutorConfig
+from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, SKIPPED, TrialResult
-from rankwise.search import Criterion, Grid, Ladder, recommend
+from rankwise.run.parallel import drive_parallel, lookahead
+from rankwise.run.ray_executor import _connect
+from rankwise.search.criteria import Criterion, recommend
+from rankwise.search.strategies import Grid, Ladder
 from rankwise.testing import FakePool, FakeRunner
 
 from .conftest import search_argv
@@ -238,7 +241,7 @@ def data(tmp_path_factory):
 
 
 def results(run: Path) -> dict[str, TrialResult]:
-    from rankwise.store import RunStore
+    from rankwise.run.store import RunStore
 
     store = RunStore(run, readonly=True)
     try:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from rankwise.cli import main
-from rankwise.export import export_config
+from rankwise.report.export import export_config
 
 from .conftest import search_argv
 

@@ -10,10 +10,13 @@ import math
 import pytest
 import torch
 
-from rankwise.data import TokenData
+from rankwise.io.data import TokenData
 from rankwise.records import LoraSpec, TrainSpec, TrialSpec
 from rankwise.testing import tiny_model
-from rankwise.trial import Hooks, TrialContext, run_lifecycle, run_trial
+from rankwise.training.adapter import TrialContext
+from rankwise.training.hooks import Hooks
+from rankwise.training.lifecycle import run_lifecycle
+from rankwise.training.trial import run_trial
 
 
 def digest(model) -> str:
@@ -122,7 +125,7 @@ def test_injection_that_fails_leaves_the_base_alone():
 def test_modules_to_save_are_restored():
     """PEFT swaps a trained copy in for a modules_to_save module on unload; the lifecycle
     puts the original back."""
-    from rankwise import trial
+    from rankwise.training import lifecycle as trial
 
     ctx = context(MODELS["llama"]())
     before = digest(ctx.model)
@@ -208,7 +211,7 @@ def test_numerical_parity_with_a_plain_peft_loop():
 def test_bf16_autocast_keeps_the_losses_and_fp32_parameters():
     """--dtype auto's bf16 autocast: the same losses to bf16 precision; the base weights,
     LoRA weights and optimizer state stay fp32."""
-    from rankwise.models import pick_autocast
+    from rankwise.io.models import pick_autocast
 
     assert pick_autocast("float32", "cpu") is None and pick_autocast("bfloat16", "cpu") is None
     fp32 = run_trial(spec("llama"), context(MODELS["llama"]()))

@@ -6,8 +6,9 @@ import importlib.util
 
 import pytest
 
-from rankwise.config import ConfigError, ModelConfig
-from rankwise.models import check_targets, load_model, resolve_source
+from rankwise.config import ModelConfig
+from rankwise.errors import ConfigError
+from rankwise.io.models import check_targets, load_model, resolve_source
 
 
 def test_local_directory_loads_frozen(llama_dir):

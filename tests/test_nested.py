@@ -9,8 +9,12 @@ import math
 import pytest
 import torch
 
-from rankwise.data import TokenData
-from rankwise.nested import (
+from rankwise.io.data import TokenData
+from rankwise.records import TrialSpec
+from rankwise.testing import tiny_model
+from rankwise.training.adapter import TrialContext, attach_adapter
+from rankwise.training.evaluate import evaluate
+from rankwise.training.nested import (
     RankSampler,
     active_rank,
     lora_alpha_for,
@@ -18,9 +22,7 @@ from rankwise.nested import (
     run_nested,
     save_truncated,
 )
-from rankwise.records import TrialSpec
-from rankwise.testing import tiny_model
-from rankwise.trial import TrialContext, attach_adapter, evaluate, run_trial
+from rankwise.training.trial import run_trial
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 ALPHA = 8.0
@@ -243,7 +245,7 @@ def test_one_rank_is_run_trial(tmp_path):
 def test_keys_and_folders_follow_the_study(tmp_path):
     from dataclasses import replace
 
-    from rankwise.nested import nested_adapter_dir
+    from rankwise.training.nested import nested_adapter_dir
 
     spec = make_spec(tmp_path, 4)
     assert nested_adapter_dir(spec, 2) == tmp_path / "trials" / "nested-r2-s0" / "adapter"
@@ -255,7 +257,7 @@ def test_keys_and_folders_follow_the_study(tmp_path):
 
 def test_optimizer_step_leaves_inactive_components_alone(tmp_path):
     """AdamW's momentum would move components that took no part in a step; they are held."""
-    from rankwise.nested import _hold_inactive, _lora_layers, _restore
+    from rankwise.training.nested import _hold_inactive, _lora_layers, _restore
 
     model = attach_adapter(tiny_model(), make_spec(tmp_path, 4, lora_init=False))
     layers = _lora_layers(model, "default")
@@ -316,7 +318,8 @@ def test_nested_knee_matches_the_grid_on_a_planted_task(tmp_path):
     nested 4.215/4.138/4.093/4.181; at a 1% tolerance both put the knee at r = 4 (the same
     rank). The short run puts both one step above the planted rank (2). Asserted:
     the knees are at most one step of the list apart."""
-    from rankwise.search import rank_scores, recommend
+    from rankwise.search.criteria import recommend
+    from rankwise.search.scores import rank_scores
 
     ranks, tolerance = [1, 2, 4, 8], 0.01
     ctx = planted_ctx()

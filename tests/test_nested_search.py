@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import rankwise
 from rankwise.cli import main
-from rankwise.trial import evaluate
+from rankwise.training.evaluate import evaluate
 
 from .conftest import fast_args
 

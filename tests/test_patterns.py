@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rankwise.config import ConfigError
-from rankwise.patterns import pattern_value, verify_ranks
+from rankwise.analysis.patterns import pattern_value, verify_ranks
+from rankwise.errors import ConfigError
 from rankwise.testing import tiny_model
 
 

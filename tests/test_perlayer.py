@@ -12,12 +12,14 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from rankwise import perlayer
 from rankwise.cli import main
-from rankwise.config import ConfigError, LoraSettings
+from rankwise.config import LoraSettings
+from rankwise.errors import ConfigError
 from rankwise.records import LoraSpec, TrainSpec, TrialSpec
-from rankwise.search import Criterion
+from rankwise.search.criteria import Criterion
+from rankwise.stages import per_layer as perlayer
 from rankwise.testing import tiny_model
+from rankwise.training import eva
 
 from .conftest import search_argv
 
@@ -136,7 +138,8 @@ class _Data:
 @pytest.mark.parametrize("attr", ["rank_pattern", "alpha_pattern"])
 def test_trial_refuses_a_stray_pattern_key(attr):
     """A bad key is the user's error (ConfigError, exit 2 in the CLI), not a failed trial."""
-    from rankwise.trial import TrialContext, run_trial
+    from rankwise.training.adapter import TrialContext
+    from rankwise.training.trial import run_trial
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -181,7 +184,7 @@ def test_every_module_is_scaled_as_the_policy_scales_its_rank(policy):
     model = tiny_model("llama")
     names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in RANKS]
     ranks = {n: RANKS[n.rsplit(".", 1)[-1]] for n in names}
-    spec = perlayer.pattern_spec(reference, ranks, policy)
+    spec = eva.pattern_spec(reference, ranks, policy)
     assert (spec.alpha_pattern != {}) == (policy == "ratio")
     scales = _module_scales(get_peft_model(model, LoraConfig(**spec.kwargs())))
     assert {n: r for n, (r, _) in scales.items()} == ranks
@@ -191,14 +194,15 @@ def test_every_module_is_scaled_as_the_policy_scales_its_rank(policy):
 
 @pytest.mark.parametrize("policy", ["fixed", "ratio"])
 def test_eva_keeps_the_policy_scale_and_records_its_pattern(policy):
-    from rankwise.trial import Run, TrialContext, attached
+    from rankwise.training.adapter import TrialContext, attached
+    from rankwise.training.hooks import Run
 
     settings = LoraSettings(alpha_policy=policy, alpha=16.0, alpha_ratio=2.0)
     reference = LoraSpec(r=8, lora_alpha=settings.alpha_for(8), target_modules="all-linear")
-    lora = perlayer.eva_spec(reference, 4, policy)
+    lora = eva.eva_spec(reference, 4, policy)
     spec = _spec().replace(lora=lora, train=TrainSpec(batch_size=4))
     model = tiny_model("llama")
-    hooks = perlayer.EvaInit(TrialContext(model, None, "cpu", _Data(n=64, seq=32)))
+    hooks = eva.EvaInit(TrialContext(model, None, "cpu", _Data(n=64, seq=32)))
     with attached(model, spec) as peft_model:
         hooks.attached(peft_model, Run(spec))
         scales = _module_scales(peft_model)
@@ -244,11 +248,11 @@ def test_planted_needs_per_module_type(tmp_path):
     params (41%), val loss 3.5869 against 3.5754 (+0.32%, within 1%).
     bench/per_layer.py runs the longer version, the q/v-planted task and SmolLM2."""
     from rankwise import search
+    from rankwise.analysis.spectra import inspect_adapter
     from rankwise.config import SearchConfig
-    from rankwise.search import rank_scores
-    from rankwise.spectra import inspect_adapter
-    from rankwise.store import RunStore
-    from rankwise.trial import run_trial
+    from rankwise.run.store import RunStore
+    from rankwise.search.scores import rank_scores
+    from rankwise.training.trial import run_trial
 
     planted = _load_planted()
     sizes = {"seq_chars": 31, "n_train": 2048, "n_val": 256, "data_seed": 6}
@@ -282,7 +286,7 @@ def test_planted_needs_per_module_type(tmp_path):
     energy = SearchConfig().per_layer_energy
     ranks = spectra.proposal(energy).ranks
     spec = RunStore(out, readonly=True).spec(uniform.key)
-    pattern = perlayer.pattern_spec(spec.lora, ranks, "fixed")
+    pattern = eva.pattern_spec(spec.lora, ranks, "fixed")
     trained = run_trial(spec.replace(key="pattern", lora=pattern, adapter_dir=None))
     assert trained.trainable_params <= 0.6 * uniform.trainable_params
     ref, got = rank_scores([uniform])[0], rank_scores([trained])[0]

@@ -12,10 +12,12 @@ import pytest
 
 from rankwise.cli import main
 from rankwise.config import ModelConfig
-from rankwise.data import TokenData
-from rankwise.models import load_model
+from rankwise.io.data import TokenData
+from rankwise.io.models import load_model
 from rankwise.records import LoraSpec, TrainSpec, TrialSpec
-from rankwise.trial import TrialContext, run_lifecycle, run_trial
+from rankwise.training.adapter import TrialContext
+from rankwise.training.lifecycle import run_lifecycle
+from rankwise.training.trial import run_trial
 
 from .conftest import search_argv
 from .test_lifecycle import FailAt, digest, masked_blocks
@@ -49,17 +51,17 @@ def context(model) -> TrialContext:
 def test_qlora_search_through_the_cli(tmp_path, llama_dir, text_jsonl, monkeypatch):
     import bitsandbytes as bnb
 
-    import rankwise.models
+    import rankwise.io.models
 
     loaded = {}
-    real = rankwise.models.load_model
+    real = rankwise.io.models.load_model
 
     def keep(cfg, labels=None):
         model, tokenizer, device = real(cfg, labels)
         loaded["model"] = model
         return model, tokenizer, device
 
-    monkeypatch.setattr(rankwise.models, "load_model", keep)
+    monkeypatch.setattr(rankwise.io.models, "load_model", keep)
     out = tmp_path / "run"
     assert main(search_argv(llama_dir, text_jsonl, out, ranks="1,2", quantize="4bit")) == 0
     q_proj = loaded["model"].model.layers[0].self_attn.q_proj
@@ -83,7 +85,7 @@ def test_qlora_search_through_the_cli(tmp_path, llama_dir, text_jsonl, monkeypat
 def test_quantized_trials_repeat_and_leave_the_base_alone(llama_dir, bits):
     """The same trial twice scores the same, and the base is bit-identical after a trial and
     after a failed one. On CPUs with AVX512-BF16, bitsandbytes would repack 4-bit weights at
-    the first evaluation unless rankwise.quantize.prepare switches it off."""
+    the first evaluation unless rankwise.io.quantize.prepare switches it off."""
     ctx = context(quantized(llama_dir, bits))
     before = digest(ctx.model)
     first = run_trial(spec(), ctx)
@@ -122,7 +124,7 @@ def _measured_weight_bytes(model) -> int:
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_estimate_counts_quantized_weights_exactly(llama_dir, bits):
-    from rankwise.estimate import estimate
+    from rankwise.analysis.estimate import estimate
 
     model = quantized(llama_dir, bits)
     measured = _measured_weight_bytes(model)

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from rankwise.config import ConfigError
+from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, SKIPPED, TrialResult, TrialSpec
-from rankwise.report import (
+from rankwise.report.html import write_report
+from rankwise.report.summary import (
     config_snippet,
-    load_run,
     rank_table_rows,
     summary_markdown,
     trial_table_rows,
-    write_report,
     write_summary,
 )
-from rankwise.store import RunStore
+from rankwise.report.view import load_run
+from rankwise.run.store import RunStore
 
 # A plateau after r=4, like "LoRA Without Regret"'s curve: 4 -> 8 gains < 1%.
 LOSSES = {1: 3.40, 2: 3.20, 4: 3.05, 8: 3.04, 16: 3.035, 32: 3.034}
@@ -130,7 +130,8 @@ def make_run(
 
 def write_recommendation(run_dir: Path, store: RunStore, model: str, name: str) -> None:
     """What the search writes when it ends (the same keys, computed the same way)."""
-    from rankwise.search import rank_scores, recommend
+    from rankwise.search.criteria import recommend
+    from rankwise.search.scores import rank_scores
 
     scores = rank_scores(store.results())
     rec = recommend(scores, 0.01, stop_reason="plateau")

@@ -11,7 +11,7 @@ import sys
 import time
 
 from rankwise.cli import main
-from rankwise.store import RunStore
+from rankwise.run.store import RunStore
 
 from .conftest import search_argv
 
@@ -84,7 +84,7 @@ def test_lock_left_by_kill_9_is_taken_over(tmp_path, llama_dir, text_jsonl):
         [
             sys.executable,
             "-c",
-            "import sys, time; from rankwise.rundir import RunDir\n"
+            "import sys, time; from rankwise.run.rundir import RunDir\n"
             f"with RunDir({str(out)!r}).locked():\n    print('locked', flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,

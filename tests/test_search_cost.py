@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import rankwise
-from rankwise.config import ConfigError, Options
-from rankwise.progress import trial_line
+from rankwise.config import Options
+from rankwise.errors import ConfigError
 from rankwise.records import TrialSpec
-from rankwise.trial import evaluate, run_trial
+from rankwise.report.progress import trial_line
+from rankwise.training.evaluate import evaluate
+from rankwise.training.trial import run_trial
 
 from .conftest import fast_args
 

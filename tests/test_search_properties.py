@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankwise.records import COMPLETE, FAILED, SKIPPED, TrialResult
-from rankwise.search import Criterion, Grid, Ladder, plan_ranks, recommend
+from rankwise.search.criteria import Criterion, recommend
+from rankwise.search.strategies import Grid, Ladder, plan_ranks
 
 DOUBLINGS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 UNIT = 2.0**-16  # losses on a dyadic grid: sums and differences of them are exact floats

@@ -13,16 +13,16 @@ import shutil
 import pytest
 import torch
 
-from rankwise.cli import main
-from rankwise.config import ConfigError
-from rankwise.patterns import verify_ranks
-from rankwise.spectra import (
+from rankwise.analysis.patterns import verify_ranks
+from rankwise.analysis.spectra import (
     effective_rank,
     inspect_adapter,
     module_kinds,
     stable_rank,
     update_singular_values,
 )
+from rankwise.cli import main
+from rankwise.errors import ConfigError
 from rankwise.testing import save_tiny_adapter, tiny_model
 
 PLANTED = {"q_proj": 2, "v_proj": 6}
@@ -266,7 +266,7 @@ def test_bad_input_exits_2_with_one_line(planted_dir, tmp_path, capsys, case):
 
 
 def test_report_shows_the_recommended_adapter(planted_dir, tmp_path):
-    from rankwise.report import report_html
+    from rankwise.report.html import report_html
 
     from .test_report import CASES, parse
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rankwise.config import ConfigError
+from rankwise.errors import ConfigError
 from rankwise.records import TrialResult, TrialSpec
-from rankwise.store import RunStore
+from rankwise.run.store import RunStore
 
 
 def spec(rank, seed=0):

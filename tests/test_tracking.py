@@ -9,9 +9,9 @@ from collections import namedtuple
 
 import pytest
 
-from rankwise.config import ConfigError
+from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, TrialResult
-from rankwise.tracking import make_tracker, step_scalars, trial_metrics, trial_params
+from rankwise.report.tracking import make_tracker, step_scalars, trial_metrics, trial_params
 
 SPEC = {
     "lora": {"r": 8, "lora_alpha": 16.0, "use_rslora": False},

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rankwise.records import TrialSpec
-from rankwise.trial import attach_adapter, run_trial
+from rankwise.training.adapter import attach_adapter
+from rankwise.training.trial import run_trial
 
 
 def digest(model) -> str:
@@ -72,7 +73,7 @@ def test_base_weights_bit_identical_after_trials(ctx):
 
 
 def test_every_rank_sees_the_same_batches(ctx, monkeypatch):
-    from rankwise import trial
+    from rankwise.training import lifecycle as trial
 
     seen: dict[int, list] = {}
     original = trial._Batches.next
@@ -108,7 +109,7 @@ def test_alpha_policies_give_the_scaling_peft_applies(ctx, lora, rank, expected)
 
 
 def test_out_of_memory_is_a_record_and_base_survives(ctx, monkeypatch):
-    from rankwise import trial
+    from rankwise.training import lifecycle as trial
 
     before = digest(ctx.model)
 
@@ -124,7 +125,7 @@ def test_out_of_memory_is_a_record_and_base_survives(ctx, monkeypatch):
 
 
 def test_non_finite_loss_is_unstable(ctx, monkeypatch):
-    from rankwise import trial
+    from rankwise.training import lifecycle as trial
 
     real = trial._train_step
     calls = []

@@ -5,11 +5,11 @@
 ['Options', 'SearchResult', 'estimate', 'search']
 """
 
-from .config import Options
-from .quantize import hold_back_bitsandbytes
-from .study import SearchResult, search
+from rankwise.config import Options
+from rankwise.io.quantize import hold_back_bitsandbytes
+from rankwise.run.study import SearchResult, search
 
-hold_back_bitsandbytes()  # bitsandbytes only for a quantized base (rankwise.quantize)
+hold_back_bitsandbytes()  # bitsandbytes only for a quantized base (rankwise.io.quantize)
 
 __all__ = ["search", "SearchResult", "Options", "estimate"]
 __version__ = "0.1.0"
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "estimate":  # imports torch and transformers: only on use
-        from .estimate import estimate
+        from rankwise.analysis.estimate import estimate
 
         return estimate
     raise AttributeError(name)

@@ -13,8 +13,9 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import GROUPS, ConfigError, EstimateConfig, ModelConfig, Options, flag
-from .export import TOOLS
+from rankwise.config import GROUPS, EstimateConfig, ModelConfig, Options, flag
+from rankwise.errors import ConfigError
+from rankwise.report.export import TOOLS
 
 __all__ = ["main", "build_parser"]
 
@@ -163,24 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_search(ns) -> int:
-    from .study import Study
+    from rankwise.run.study import Study
 
     Study(Options.from_flat(options_from_args(ns), "--config")).run()
     return 0
 
 
 def _cmd_show(ns) -> int:
-    from . import report
+    from rankwise.report.summary import summary_markdown
 
-    print(report.summary_markdown(ns.dir))
+    print(summary_markdown(ns.dir))
     return 0
 
 
 def _cmd_report(ns) -> int:
-    from . import report
+    from rankwise.report.html import write_report
+    from rankwise.report.summary import write_summary
 
-    report.write_summary(ns.dir)
-    path = report.write_report(ns.dir)
+    write_summary(ns.dir)
+    path = write_report(ns.dir)
     print(path)
     if ns.open:
         import webbrowser
@@ -192,17 +194,18 @@ def _cmd_report(ns) -> int:
 def _cmd_inspect(ns) -> int:
     import json
 
-    from . import spectra
+    from rankwise.analysis import spectra
+    from rankwise.report.plots import write_heatmap
 
     result = spectra.inspect_adapter(ns.dir, energy=ns.energy)
     if ns.figure:
-        spectra.write_heatmap(result, ns.figure)
+        write_heatmap(result, ns.figure)
     print(json.dumps(result.to_dict()) if ns.json else spectra.format_inspection(result))
     return 0
 
 
 def _cmd_export(ns) -> int:
-    from .export import export
+    from rankwise.report.export import export
 
     result = export(ns.dir, ns.to)
     if ns.output:
@@ -224,8 +227,8 @@ def _cmd_estimate(ns) -> int:
     import peft  # noqa: F401  (loaded as a search would: part of the CPU memory baseline)
     import transformers  # noqa: F401
 
-    from .estimate import calibrate, estimate, format_table
-    from .resources import current_rss
+    from rankwise.analysis.estimate import calibrate, estimate, format_table
+    from rankwise.training.resources import current_rss
 
     fields = [f.name for f in dataclasses.fields(EstimateConfig)]
     cfg = EstimateConfig(**{k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
@@ -244,7 +247,7 @@ def _cmd_estimate(ns) -> int:
     )
     try:
         if cfg.calibrate:
-            from .models import load_model
+            from rankwise.io.models import load_model
 
             model, _, _ = load_model(
                 ModelConfig(

@@ -95,7 +95,7 @@ class TrainSpec:
     seed: int = 0
     max_trial_time: float | None = None
     autocast: str | None = None  # "bfloat16": autocast the forward/backward; weights stay fp32
-    metric: str = "loss"  # what evaluations score: loss, accuracy or f1 (rankwise.metrics)
+    metric: str = "loss"  # what evaluations score: loss, accuracy or f1 (rankwise.search.metrics)
     # Stop after this many evaluations without a new best (by more than the threshold).
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
@@ -158,7 +158,7 @@ class TrialResult:
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     metric: str = "loss"
     """What ``val_curve`` and ``best_val_loss`` hold: ``loss``, or ``accuracy``/``f1`` as the
-    error ``1 - metric`` (lower is better, as the search compares; rankwise.metrics)."""
+    error ``1 - metric`` (lower is better, as the search compares; rankwise.search.metrics)."""
     val_metrics: dict[str, float] = field(default_factory=dict)
     """Every metric measured at the best checkpoint, as users read them (classification)."""
     val_loss_curve: list[tuple[int, float]] = field(default_factory=list)

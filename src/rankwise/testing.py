@@ -18,8 +18,8 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
-from .executor import Arrival, lost_result
-from .records import COMPLETE, SKIPPED, TrialResult, TrialSpec
+from rankwise.records import COMPLETE, SKIPPED, TrialResult, TrialSpec
+from rankwise.run.parallel import Arrival, lost_result
 
 __all__ = [
     "make_tokenizer",
@@ -153,9 +153,9 @@ def save_tiny_adapter(
     return Path(path)
 
 
-# -- stand-ins for the parallel search (rankwise.executor), without torch -------------------
+# -- stand-ins for the parallel search (rankwise.run.executor), without torch -------------------
 class FakeRunner:
-    """A :class:`~rankwise.runner.TrialRunner` stand-in over a dict store (no torch)."""
+    """A :class:`~rankwise.run.runner.TrialRunner` stand-in over a dict store (no torch)."""
 
     def __init__(self, skip: Callable[[int], str | None] = lambda rank: None):
         self.store, self.skip, self.recorded = _FakeStore(), skip, []

@@ -1,0 +1,1 @@
+"""Reading trained adapters and runs: estimates, spectra, rank patterns, diagnosis."""

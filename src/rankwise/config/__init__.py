@@ -1,0 +1,57 @@
+"""Typed configuration: one dataclass per concern.
+
+These dataclasses are the single source of truth for every option. The CLI flags
+(`rankwise search --help`), the YAML keys (`--config FILE`) and the Python keyword
+arguments (`rankwise.search(**options)`) are all generated from them.
+
+Each field carries its help text in ``metadata["help"]``. Validation happens in
+``__post_init__`` and raises :class:`ConfigError` naming the flag.
+
+Example:
+    >>> cfg = SearchConfig(ranks=[1, 4, 16])
+    >>> cfg.start_rank_for(n_params=135_000_000), cfg.start_rank_for(n_params=70_000_000_000)
+    (4, 16)
+"""
+
+from rankwise.config.fields import (
+    DEFAULT_RANKS,
+    flag,
+    format_bytes,
+    opt,
+    parse_duration,
+    parse_size,
+)
+from rankwise.config.groups import (
+    DataConfig,
+    EstimateConfig,
+    ExecutorConfig,
+    LoraSettings,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    parse_resources,
+)
+from rankwise.config.options import GROUPS, Options
+from rankwise.config.search import SearchConfig
+from rankwise.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "DEFAULT_RANKS",
+    "EstimateConfig",
+    "ModelConfig",
+    "DataConfig",
+    "LoraSettings",
+    "TrainConfig",
+    "SearchConfig",
+    "RunConfig",
+    "ExecutorConfig",
+    "Options",
+    "GROUPS",
+    "flag",
+    "opt",
+    "parse_size",
+    "parse_duration",
+    "parse_resources",
+    "format_bytes",
+]

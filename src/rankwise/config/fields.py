@@ -1,0 +1,141 @@
+"""How an option is declared (:func:`opt`) and the parsers of sizes, durations and lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import field
+from typing import Any
+
+from rankwise.errors import ConfigError  # noqa: F401  (re-exported: the config's own error)
+
+# The ranks a search may try by default: powers of two, as PEFT users pick them.
+DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def opt(default: Any = None, help: str = "", *, identity: bool = True, choices=None, **kw):
+    """A dataclass field with CLI/YAML metadata.
+
+    identity=False marks options that do not change results (output, logging,
+    budgets that only cut a search short): a resumed run may change them.
+    """
+    meta = {"help": help, "identity": identity, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+}
+
+
+def parse_size(value: Any, name: str) -> int | None:
+    """'20GiB' -> bytes. Integers are taken as bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag(name)}: expected a size like 20GiB or 512MB, got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ConfigError(
+                f"{flag(name)}: expected a size like 20GiB, 512MB or 1000000 (bytes), got {value!r}"
+            )
+        number, unit = float(m.group(1)), m.group(2).lower()
+    if number <= 0:
+        raise ConfigError(f"{flag(name)}: must be positive, got {value!r}")
+    return int(number * _SIZE_UNITS[unit])
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(value: Any, name: str) -> float | None:
+    """'30m' -> 1800.0 seconds. Plain numbers are seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{flag(name)}: expected a duration like 90s, 30m or 2h, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _DURATION_UNITS:
+            raise ConfigError(
+                f"{flag(name)}: expected a duration like 90s, 30m or 2h, got {value!r}"
+            )
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    if seconds <= 0:
+        raise ConfigError(f"{flag(name)}: must be positive, got {value!r}")
+    return seconds
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _positive(obj, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{flag(name)}: expected a number, got {value!r}")
+        if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"{flag(name)}: must be {bound}, got {value!r}")
+
+
+def _integer(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{flag(name)}: expected an integer, got {value!r}")
+
+
+def _choice(obj, name: str) -> None:
+    choices = next(f for f in dataclasses.fields(obj) if f.name == name).metadata["choices"]
+    if getattr(obj, name) not in choices:
+        raise ConfigError(
+            f"{flag(name)}: expected one of {', '.join(choices)}, got {getattr(obj, name)!r}"
+        )
+
+
+def _float_item(text: str, name: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ConfigError(f"{flag(name)}: expected numbers, got {text.strip()!r}") from None
+
+
+def _int_item(text: str, name: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{flag(name)}: expected integers, got {text.strip()!r}") from None

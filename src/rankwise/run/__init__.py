@@ -1,0 +1,1 @@
+"""Running a search: the study loop, the trial runner, executors, the run directory, the store."""

@@ -1,0 +1,105 @@
+"""After the rank curve: co-tuning dropout/alpha around the choice, and comparing target sets.
+
+Both run ordinary trials of their own kind and group (see :class:`~rankwise.run.runner.Variant`),
+so they are stored, resumable and listed like any other trial, and both may change the
+answer — which they then say in words, with the numbers. They run trials through a
+:class:`~rankwise.run.runner.TrialRunner`; the loop that drives a ladder is passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rankwise.records import TrialKind, TrialResult
+from rankwise.run.runner import Variant
+from rankwise.search.criteria import Recommendation
+from rankwise.search.metrics import describe
+from rankwise.search.scores import RankScore
+
+DROPOUTS = (0.0, 0.05, 0.1)
+
+
+ALPHA_RATIOS = (1, 2, 4)
+
+
+# -- co-tuning --------------------------------------------------------------------------------
+def _tune_variants(runner, rank: int):
+    """(label, variant) for the one-factor-at-a-time grid at ``rank``."""
+    lo, out = runner.opts.lora, []
+    if "dropout" in runner.opts.search.tune:
+        out += [(f"dropout={d:g}", (("lora_dropout", d),)) for d in DROPOUTS if d != lo.dropout]
+    if "alpha" in runner.opts.search.tune:
+        out += [
+            (f"alpha={k}r", (("lora_alpha", float(k * rank)), ("use_rslora", False)))
+            for k in ALPHA_RATIOS
+        ]
+        out.append((f"rslora alpha={lo.alpha:g}", (("lora_alpha", lo.alpha), ("use_rslora", True))))
+    return [(label, Variant(TrialKind.COTUNE, f"tune:{label}", lora=lora)) for label, lora in out]
+
+
+def _score(loss: float, rank: int) -> RankScore:
+    return RankScore(rank, loss, 0.0, 1, "complete")
+
+
+def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialResult]):
+    """A small grid around the chosen rank (and the next one up). Returns
+    (section, recommendation, lora_config, results holding the delivered adapter)."""
+    tried = sorted({r.rank for r in source if r.ok})
+    ranks = [rec.rank] + [r for r in tried if r > rec.rank][:1]
+    rows, results = [], list(source)
+    for rank in ranks:
+        base = min((r for r in source if r.rank == rank and r.ok), key=lambda r: r.best_val_loss)
+        rows.append(
+            {
+                "rank": rank,
+                "variant": "as searched",
+                "best_val_loss": base.best_val_loss,
+                "key": base.key,
+            }
+        )
+        for label, variant in _tune_variants(runner, rank):
+            r = runner.run(rank, 0, variant)
+            results.append(r)
+            rows.append(
+                {
+                    "rank": rank,
+                    "variant": label,
+                    "best_val_loss": r.best_val_loss,
+                    "status": r.status,
+                    "key": r.key,
+                }
+            )
+    ok = [row for row in rows if row["best_val_loss"] is not None]
+    best = min(ok, key=lambda row: row["best_val_loss"])
+    current = next(
+        row for row in rows if row["rank"] == rec.rank and row["variant"] == "as searched"
+    )
+    metric = runner.opts.train.metric
+    gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
+    as_good = judge(
+        _score(current["best_val_loss"], current["rank"]),
+        _score(best["best_val_loss"], best["rank"]),
+    )
+    if best is current or as_good:
+        verdict = (
+            f"co-tuning does not change the choice: best variant {best['variant']} at "
+            f"r={best['rank']} ({describe(metric, best['best_val_loss'])}) does not beat "
+            f"r={rec.rank} as searched ({describe(metric, current['best_val_loss'])}) under the "
+            "search's criterion"
+        )
+        return {"rows": rows, "verdict": verdict, "changed": False}, rec, lora, source
+    overrides = next(
+        v for lab, v in _tune_variants(runner, best["rank"]) if lab == best["variant"]
+    ).lora
+    lora = runner.lora_config(best["rank"], overrides=overrides)
+    below = f"{gain:.1%} below" if metric == "loss" else f"with {gain:.1%} less error than"
+    verdict = (
+        f"co-tuning changes the choice: r={best['rank']} with {best['variant']} reaches "
+        f"{describe(metric, best['best_val_loss'])}, {below} r={rec.rank} as searched "
+        f"({describe(metric, current['best_val_loss'])})"
+    )
+    picked = [r for r in results if r.key == best["key"]]
+    rec = dataclasses.replace(
+        rec, rank=best["rank"], loss=best["best_val_loss"], reason=f"{rec.reason}; {verdict}"
+    )
+    return {"rows": rows, "verdict": verdict, "changed": True}, rec, lora, picked

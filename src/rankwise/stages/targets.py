@@ -1,0 +1,97 @@
+"""Comparing target-module sets (``--compare-targets``): one rank curve per set, judged alike."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rankwise.errors import ConfigError
+from rankwise.records import TrialKind, TrialResult
+from rankwise.run.runner import Variant
+from rankwise.search.criteria import Recommendation
+from rankwise.search.metrics import describe, shown
+from rankwise.search.scores import rank_scores
+
+# -- target sets ------------------------------------------------------------------------------
+_ATTENTION = ("attn", "attention")
+
+
+_MLP = ("mlp", "feed_forward", "ffn")
+
+
+def target_set(runner, name: str) -> list[str]:
+    """``target_modules`` of a named or explicit set, checked against the model."""
+    from rankwise.io.models import check_targets, linear_module_names
+
+    model = runner.ctx.model
+    if name in ("attention", "mlp"):
+        keys = _ATTENTION if name == "attention" else _MLP
+        names = [
+            n
+            for n in linear_module_names(model)
+            if any(k in part for part in n.split(".")[:-1] for k in keys)
+        ]
+        if not names:
+            raise ConfigError(f"--compare-targets: the model has no {name} linear modules")
+        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
+    else:
+        targets = [t for t in name.split("+") if t]
+    check_targets(model, targets, runner.ranks)
+    return targets
+
+
+def _ladder_for(runner, make_ladder, drive, name: str):
+    targets = target_set(runner, name)
+    peft_targets = "all-linear" if targets == ["all-linear"] else targets
+    lora = (("target_modules", peft_targets),)
+    ladder = make_ladder()
+    drive(ladder, Variant(TrialKind.TARGETS, f"targets={name}", lora=lora))
+    return targets, ladder
+
+
+def _params(results: list[TrialResult], rank: int) -> int:
+    """What PEFT counted for a trial at ``rank`` (recorded with every trial)."""
+    return next(t.trainable_params for t in results if t.rank == rank and t.ok)
+
+
+def compare_targets(
+    runner, make_ladder, drive, judge, rec: Recommendation, lora: dict, source: list[TrialResult]
+):
+    """A ladder per target set (``make_ladder()`` builds one, ``drive(ladder, variant)`` runs
+    it); the answer is the fewest trainable parameters whose score is as good as the overall
+    best's (``judge(score, best)``: the search's criterion and the noise)."""
+    sets = {"as searched": (lora["target_modules"], source)}
+    for name in runner.opts.search.compare_targets:
+        targets, ladder = _ladder_for(runner, make_ladder, drive, name)
+        sets[name] = (targets, ladder.results)
+    points = []  # (params, score, set name)
+    for name, (_, results) in sets.items():
+        for score in rank_scores(results):
+            if score.ok:
+                points.append((_params(results, score.rank), score, name))
+    best = min(points, key=lambda p: p[1].mean)
+    good = [p for p in points if judge(p[1], best[1])]
+    params, score, name = min(good, key=lambda p: (p[0], p[1].mean))
+    rows = [
+        {"targets": n, "rank": s.rank, "trainable_params": p, "mean": s.mean, "se": s.se, "n": s.n}
+        for p, s, n in sorted(points, key=lambda p: (p[2], p[1].rank))
+    ]
+    metric = runner.opts.train.metric
+    verdict = (
+        f"best per trainable parameter: {name} at r={score.rank} ({params:,} params, "
+        f"{describe(metric, score.mean)}; best overall {shown(metric, best[1].mean):.4f} with "
+        f"{best[2]} at r={best[1].rank})"
+    )
+    section = {"rows": rows, "verdict": verdict, "pick": {"targets": name, "rank": score.rank}}
+    if name == "as searched":
+        return section, rec, lora, source
+    targets, results = sets[name]
+    lora = runner.lora_config(score.rank, targets)
+    rec = dataclasses.replace(
+        rec,
+        rank=score.rank,
+        loss=score.mean,
+        best_rank=best[1].rank,
+        best_loss=best[1].mean,
+        reason=f"{verdict}; with the searched targets: {rec.reason}",
+    )
+    return section, rec, lora, results

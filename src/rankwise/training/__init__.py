@@ -1,0 +1,1 @@
+"""One trial's lifecycle on a loaded model: attach, fit, evaluate, detach; its hooks."""

@@ -1,0 +1,187 @@
+"""One trial lifecycle: attach a fresh adapter → train → evaluate → keep the best → detach.
+
+``run_trial(spec) -> TrialResult`` is a function of a serialisable
+:class:`~rankwise.records.TrialSpec`; the loaded model and token blocks are a
+per-process cache (:class:`TrialContext`), so the same call works in-process (the
+search passes its context) or on a remote worker (which loads them from the spec).
+Every training run of rankwise goes through :func:`run_lifecycle`: ordinary trials,
+the nested-rank run (:mod:`rankwise.training.nested` plugs in through :class:`Hooks`) and the
+timing runs of ``estimate --calibrate``.
+
+Fairness: every rank sees the same token blocks in the same order (a generator
+seeded with ``spec.train.seed``), the same schedule, steps and evaluation points, and
+the adapter is initialised after ``torch.manual_seed(spec.seed)``.
+
+The base model is left exactly as it was (:func:`attached`): the modules PEFT wrapped
+are put back, and every base parameter the adapter made trainable (biases under
+``bias="all"|"lora_only"``, ``modules_to_save``) is restored bit for bit — also when
+injection or training fails half-way.
+
+The loss of an optimizer step is the sum of the token losses of its micro-batches
+divided by the number of loss tokens in all of them (transformers'
+``num_items_in_batch``), so ``grad_accum=2 × batch 4`` is the same update as ``batch 8``
+even when masks leave different numbers of loss tokens per micro-batch.
+A classifier (``spec.model["task"] == "seq-cls"``) has one label per block instead of one
+per token (:mod:`rankwise.training.classify`); its evaluations measure loss, accuracy and macro-F1,
+and the trial is scored by the one ``spec.train.metric`` names (:mod:`rankwise.search.metrics`).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from rankwise.errors import ConfigError
+from rankwise.records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
+from rankwise.training.adapter import TrialContext, _is_seq_cls, _warm_start, attached
+from rankwise.training.evaluate import _autocast, _Batches, _loss_items, _token_loss
+from rankwise.training.hooks import Hooks, Run
+from rankwise.training.resources import PeakMemory
+
+Progress = Callable[[int, int, float], None]
+
+
+def run_lifecycle(
+    spec: TrialSpec,
+    ctx: TrialContext,
+    hooks: Hooks | None = None,
+    progress: Progress | None = None,
+) -> list[TrialResult]:
+    """Attach → train → evaluate → keep the best → save → detach. Failures (OOM, NaN,
+    errors) become failed results; the base model is restored in every case."""
+    hooks = hooks or Hooks()
+    run = Run(spec)
+    peak = PeakMemory(ctx.device)
+    try:
+        with peak, attached(ctx.model, spec) as peft_model:
+            if spec.train.init_adapter:
+                _warm_start(peft_model, spec.train.init_adapter)
+            hooks.attached(peft_model, run)
+            # Counted after the hook: a data-driven init (EVA) may change every module's rank.
+            run.trainable = peft_model.get_nb_trainable_parameters()[0]
+            _fit(peft_model, run, ctx, hooks, progress)
+            if spec.adapter_dir:
+                hooks.save(peft_model, run)
+    except ConfigError:  # a bad pattern: the user's to fix, every trial would fail alike
+        raise
+    except Exception as exc:  # a failed trial is a record, not the end of the search
+        run.status, run.reason = FAILED, failure_reason(exc, peak)
+    finally:
+        run.best_state = None
+        if run.status != COMPLETE or ctx.device.startswith("cuda"):
+            # A full collection costs ~0.5 s with a model loaded; refcounting frees a normal
+            # trial's tensors, so collect only where memory must come back now.
+            gc.collect()
+        if ctx.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    run.peak_bytes = int(peak.bytes) if peak.bytes else None
+    return hooks.results(run)
+
+
+def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progress | None):
+    tc = run.spec.train
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tc.warmup_steps, tc.max_steps))
+    batches = _Batches(ctx.data.train_ids.shape[0], tc.batch_size, tc.seed)
+    loss_fn = _loss_fn(run.spec)
+    peft_model.train()
+    for step in range(1, tc.max_steps + 1):
+        with hooks.step(peft_model, step):
+            loss, tokens = _train_step(peft_model, batches, ctx, tc, loss_fn)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {step}")
+        torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        hooks.optimizer_step(peft_model, opt)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        run.step, run.tokens = step, run.tokens + tokens
+        run.train_curve.append((step, loss))
+        run.first_step_at = run.first_step_at or time.perf_counter()
+        run.last_step_at = time.perf_counter()
+        over = tc.max_trial_time is not None and run.wall_seconds > tc.max_trial_time
+        evaluated = step % tc.eval_every == 0 or step == tc.max_steps or over
+        if evaluated:
+            hooks.evaluate(peft_model, run, ctx)
+        if progress:
+            progress(step, tc.max_steps, loss)
+        if over and step < tc.max_steps:
+            run.time_limited = True
+            break
+        if evaluated and step < tc.max_steps and _patience_spent(run.val_curve, tc):
+            run.early_stopped = True
+            break
+
+
+def _patience_spent(val: list[tuple[int, float]], tc) -> bool:
+    """Early stopping (as transformers' EarlyStoppingCallback): the last
+    ``early_stopping_patience`` evaluations did not beat the best before them by more than
+    ``early_stopping_threshold``.
+
+    Example:
+        >>> from rankwise.records import TrainSpec
+        >>> tc = TrainSpec(early_stopping_patience=2)
+        >>> _patience_spent([(10, 3.0), (20, 2.9), (30, 2.95), (40, 2.91)], tc)
+        True
+        >>> _patience_spent([(10, 3.0), (20, 2.9), (30, 2.95), (40, 2.89)], tc)
+        False
+    """
+    n = tc.early_stopping_patience
+    if not n or len(val) <= n:
+        return False
+    before = min(loss for _, loss in val[:-n])
+    recent = min(loss for _, loss in val[-n:])
+    return not (math.isfinite(before) and recent < before - tc.early_stopping_threshold)
+
+
+def _loss_fn(spec: TrialSpec):
+    """(model, ids, labels) -> (summed loss, loss terms) for the spec's task."""
+    if _is_seq_cls(spec):
+        from rankwise.training.classify import class_loss
+
+        return class_loss
+    return _token_loss
+
+
+def _train_step(
+    model, batches: _Batches, ctx: TrialContext, tc, loss_fn=_token_loss
+) -> tuple[float, int]:
+    """Forward/backward over ``grad_accum`` micro-batches, weighted by loss tokens.
+
+    Returns (the step's mean loss per loss token, tokens processed)."""
+    data = ctx.data
+    micro = [batches.next() for _ in range(tc.grad_accum)]
+    n_loss = sum(_loss_items(data.train_labels[idx]) for idx in micro)
+    total, tokens = 0.0, 0
+    for idx in micro:
+        x, y = data.train_ids[idx].to(ctx.device), data.train_labels[idx].to(ctx.device)
+        with _autocast(ctx.device, tc.autocast):
+            loss_sum, _ = loss_fn(model, x, y)
+        (loss_sum / max(n_loss, 1)).backward()
+        total += float(loss_sum.detach())
+        tokens += x.numel()
+    return total / max(n_loss, 1), tokens
+
+
+def _schedule(warmup: int, total: int):
+    """HF's linear schedule: linear warm-up to the peak, then linear decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def failure_reason(exc: BaseException, peak: PeakMemory) -> str:
+    """The recorded reason of a failed trial: out of memory, unstable, or the error."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return f"{OUT_OF_MEMORY} (peak {peak.poll()} bytes)"
+    if isinstance(exc, FloatingPointError):
+        return f"unstable: {exc}"
+    return f"{type(exc).__name__}: {exc}"

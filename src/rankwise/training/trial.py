@@ -1,0 +1,21 @@
+"""A trial as a pure function of its spec: ``run_trial(TrialSpec) -> TrialResult``."""
+
+from __future__ import annotations
+
+from rankwise.records import TrialResult, TrialSpec
+from rankwise.training.adapter import TrialContext
+from rankwise.training.lifecycle import Progress, run_lifecycle
+
+
+def run_trial(
+    spec: TrialSpec, ctx: TrialContext | None = None, progress: Progress | None = None
+) -> TrialResult:
+    """Train and evaluate one adapter: the plain lifecycle, or with EVA's data-driven
+    initialisation when the spec asks for ``init_lora_weights="eva"``."""
+    ctx = ctx or TrialContext.for_spec(spec)
+    hooks = None
+    if spec.lora.init_lora_weights == "eva":
+        from rankwise.training.eva import EvaInit
+
+        hooks = EvaInit(ctx)
+    return run_lifecycle(spec, ctx, hooks, progress)[0]
