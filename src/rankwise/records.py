@@ -175,6 +175,9 @@ class TrialResult:
     early_stopped: bool = False
     predicted: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    val_blocks: list[float] = field(default_factory=list)
+    """Validation loss of each validation block at the best checkpoint: the paired
+    per-block differences between two ranks give their validation-sampling noise."""
 
     def __post_init__(self):
         object.__setattr__(self, "kind", TrialKind(self.kind))

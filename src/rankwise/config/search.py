@@ -86,6 +86,21 @@ class SearchConfig:
         "Train each rank with N seeds (adapter init and data order); scores become "
         "mean ± standard error and a gain must beat the noise (2 SE).",
     )
+    max_seeds: int = opt(
+        3,
+        "Racing: the start rank is trained with 2 seeds to measure the seed-to-seed noise, and "
+        "when a comparison the answer rests on is within 2 standard errors of its paired "
+        "difference, both ranks get more seeds, up to this many. 1: one seed per rank, noise "
+        "unmeasured.",
+    )
+    criterion_scale: str | None = opt(
+        None,
+        "What the criterion's share is a share of: base (the improvement over the base "
+        "model), range (the improvement from the smallest rank tried to the best; does not "
+        "shrink when the base model is far off the data), loss (the val loss). Default: "
+        "knee and share: base; relative: loss.",
+        choices=["base", "range", "loss"],
+    )
     tune: list[str] | None = opt(
         None,
         "After the rank is chosen, co-tune these around it (dropout: 0/0.05/0.1; alpha: "
@@ -158,6 +173,12 @@ class SearchConfig:
         self.ranks = sorted(set(self.ranks))
         _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
+        _integer(self, "max_seeds")
+        if self.max_seeds < max(1, self.seeds):
+            raise ConfigError(
+                f"--max-seeds: expected at least --seeds ({self.seeds}) and at least 1, "
+                f"got {self.max_seeds}"
+            )
         self.search_criterion()  # a bad criterion or threshold fails here, naming the flag
         if self.max_rank is not None and self.max_rank < self.ranks[0]:
             raise ConfigError(
@@ -199,7 +220,7 @@ class SearchConfig:
         """The :class:`rankwise.search.criteria.Criterion` these options name."""
         from rankwise.search.criteria import Criterion
 
-        return Criterion(self.criterion, self.threshold)
+        return Criterion(self.criterion, self.threshold, self.criterion_scale)
 
     def start_rank_for(self, n_params: int) -> int:
         """--start-rank, or the rule by model size, snapped to the nearest rank in --ranks."""

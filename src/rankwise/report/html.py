@@ -36,7 +36,13 @@ from typing import Any
 
 from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, SKIPPED
-from rankwise.report.plots import cost_figure, curves_figure, loss_figure, pareto_figure
+from rankwise.report.plots import (
+    answer_figure,
+    cost_figure,
+    curves_figure,
+    loss_figure,
+    pareto_figure,
+)
 from rankwise.report.summary import (
     _facts,
     _rec_lines,
@@ -144,6 +150,13 @@ def report_html(run: str | Path | RunView) -> str:
             f"{score.capitalize()} vs trainable parameters",
             pareto_figure(view),
             f"Each rank's {score} against its adapter size; the line is the Pareto front.",
+        ),
+        (
+            "Recommended rank vs step",
+            answer_figure(view),
+            "The recommendation recomputed at every evaluation step from the stored curves, "
+            "as if training had stopped there; the grey band is the last quarter of the steps, "
+            "where a moving answer says the training budget decides the rank.",
         ),
         (
             "Learning curves",

@@ -356,3 +356,22 @@ def write_heatmap(spectra: AdapterSpectra, path: str | Path) -> Path:
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--figure: cannot write {path} ({reason})") from None
     return path
+
+
+def answer_figure(view: RunView) -> Any:
+    """(e) The recommended rank at every evaluation step, recomputed from the stored curves:
+    where the answer still moves late, the training budget decides the rank."""
+    fig, (ax,) = _figure(1, 10.0, 3.4)
+    steps = [a for a in view.recommendation.get("answer_by_step") or [] if a.get("rank")]
+    ax.set(title="recommended rank vs step", xlabel="step", ylabel="rank")
+    if not steps:
+        _no_data(ax, "no answer yet")
+        return fig
+    ax.step([a["step"] for a in steps], [a["rank"] for a in steps], where="post", color="#1f77b4")
+    ax.plot([a["step"] for a in steps], [a["rank"] for a in steps], "o", color="#1f77b4")
+    ax.set_yscale("log", base=2)
+    ranks = sorted({a["rank"] for a in steps})
+    ax.set_yticks(ranks, [str(r) for r in ranks])
+    ax.axvspan(steps[-1]["step"] * 0.75, steps[-1]["step"], color="#eee", zorder=0)
+    ax.grid(alpha=0.3)
+    return fig

@@ -308,6 +308,7 @@ def _rec_lines(view: RunView) -> list[str]:
         lines += [f"{k}: {v}" for k, v in diagnosis.items() if k not in ("advice", "counts")]
     elif diagnosis:
         lines.append(f"diagnosis: {diagnosis}")
+    lines += _noise_lines(rec)
     final = rec.get("final")
     if isinstance(final, dict) and final.get("final_val_loss") is not None:
         nested = final.get("nested_val_loss")
@@ -323,6 +324,34 @@ def _rec_lines(view: RunView) -> list[str]:
         section = rec.get(key)
         if isinstance(section, dict) and section.get("verdict"):
             lines.append(f"{label}: {section['verdict']}")
+    return lines
+
+
+def _noise_lines(rec: dict) -> list[str]:
+    """The measured noise, the races it caused and what they cost, the answer over steps."""
+    lines = []
+    noise = rec.get("noise")
+    if isinstance(noise, dict):
+        if noise.get("sigma") is None:
+            lines.append("noise: not measured (one seed per rank; --max-seeds 2+ measures it)")
+        else:
+            how = "paired by seed" if noise["source"] == "paired" else "spread of one rank"
+            lines.append(
+                f"noise: {noise['sigma']:.4f} nats per trial, seed to seed ({how}, "
+                f"{noise['df']} df); a step counts only beyond 2 standard errors of its "
+                "paired difference"
+            )
+    for race in rec.get("races") or []:
+        low, high = race["ranks"]
+        lines.append(
+            f"raced r={low} vs r={high}: +{len(race['added'])} trials "
+            f"({race.get('train_tokens', 0):,} tokens, {race.get('wall_seconds', 0):.0f}s)"
+        )
+    by_step = [a for a in rec.get("answer_by_step") or [] if a.get("rank")]
+    if by_step:
+        lines.append("answer by step: " + ", ".join(f"{a['step']}: r={a['rank']}" for a in by_step))
+    if rec.get("answer_moved"):
+        lines.append(f"warning: {rec['answer_moved']}")
     return lines
 
 

@@ -70,7 +70,8 @@ class LocalExecutor:
     def drive(self, strategy, runner, variant, on_result: Callable[[], None] | None = None):
         """Ask/run/tell until the strategy is done."""
         while (p := strategy.ask()) is not None:
-            strategy.tell(needed(runner, runner.run(p.rank, p.seed, variant)))
+            for result in runner.run_proposal(p, variant):
+                strategy.tell(needed(runner, result))
             if on_result:
                 on_result()
         return strategy

@@ -173,7 +173,11 @@ def drive_parallel(
     sched = _Scheduler(runner, variant, pool)
     try:
         while (p := strategy.ask()) is not None:
-            strategy.tell(sched.result(p, strategy))
+            if p.truncations:  # a nested run holds the whole pool's attention: no look-ahead
+                for result in runner.run_proposal(p, variant):
+                    strategy.tell(result)
+            else:
+                strategy.tell(sched.result(p, strategy))
             if on_result:
                 on_result()
     finally:

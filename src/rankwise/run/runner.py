@@ -52,6 +52,8 @@ class TrialRunner:
         self.elapsed: Callable[[], float] = state["elapsed"]
         if state.get("execute"):  # where trials train: this process unless an executor says
             self.execute = state["execute"]
+        self.nested = state.get("nested")  # where a nested-rank run trains (an executor's)
+        self.nested_scale = state.get("nested_scale")  # the LoRA scale of each drawn rank
 
     # -- specs ----------------------------------------------------------------------------
     def lora_spec(self, rank: int, target_modules: list[str] | str | None = None) -> LoraSpec:
@@ -251,6 +253,29 @@ class TrialRunner:
         with self.progress.trial(spec) as bar:
             result = self.execute(spec, bar)
         return self.record(result.replace(predicted=predicted), spec)
+
+    def run_proposal(self, p, variant: Variant = MAIN) -> list[TrialResult]:
+        """The results of a strategy's proposal: one trial, or a nested run's truncations."""
+        if not p.truncations:
+            return [self.run(p.rank, p.seed, variant)]
+        return self.run_nested(p.rank, p.seed, list(p.truncations), variant)
+
+    def run_nested(self, r_max: int, seed: int, ranks: list[int], variant: Variant = MAIN):
+        """One nested-rank run at ``r_max`` (its stored truncations, or train it now)."""
+        from rankwise.training.nested import nested_key
+
+        stored = [self.store.result(nested_key(r, seed, variant.group)) for r in ranks]
+        if all(r is not None for r in stored):
+            return stored
+        spec = self.spec_for(r_max, seed, variant)
+        spec = spec.replace(key=nested_key(r_max, seed, variant.group))
+        self.store.start(spec)
+        s = self.opts.search
+        with self.progress.trial(spec) as bar:
+            results = self.nested(
+                spec, ranks, self.ctx, self.nested_scale(ranks), s.nested_distribution, bar
+            )
+        return [self.record(r, spec) for r in results]
 
     def prepare(
         self, rank: int, seed: int, variant: Variant = MAIN, record: bool = True

@@ -22,12 +22,12 @@ this data at this budget, and the recommendation says so.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rankwise.errors import ConfigError
-from rankwise.records import COMPLETE
 from rankwise.search.scores import RankScore, Z, improvement_share, noise
 
 # share and knee: an improvement over the base model below this share of the base loss
@@ -46,6 +46,15 @@ CRITERIA: dict[str, tuple[float, str, Callable[[float], bool]]] = {
 }
 
 
+# What a share in the criteria is a share of (``--criterion-scale``).
+SCALES = {
+    "base": "the improvement over the base model",
+    "range": "the improvement from the smallest rank to the best",
+    "loss": "the val loss",
+}
+DEFAULT_SCALE = {"relative": "loss", "share": "base", "knee": "base"}
+
+
 def _pct(x: float) -> str:
     return f"{round(x * 100, 2):g}%"
 
@@ -53,16 +62,18 @@ def _pct(x: float) -> str:
 @dataclass(frozen=True)
 class Criterion:
     """When a rank counts as good as the best: ``kind`` and its ``threshold`` (None: the
-    kind's default). See the module docstring for the definitions.
+    kind's default), measured against the ``scale`` (None: the kind's default). See the
+    module docstring for the definitions.
 
-    >>> Criterion().describe()
-    'at the knee (no doubling of r above it gains more than 1% of its improvement)'
-    >>> Criterion("share").describe(), Criterion("relative", 0.005).describe()
+    >>> Criterion("knee", scale="base").describe()
+    'at the knee (no doubling of r above it gains more than 1% of the improvement over the base model)'
+    >>> Criterion("share", scale="base").describe(), Criterion("relative", 0.005).describe()
     ('at least 99% of the improvement over the base model', 'within 0.5% of the best val loss')
     """
 
     kind: str = "knee"
     threshold: float | None = None
+    scale: str | None = None
 
     def __post_init__(self):
         if self.kind not in CRITERIA:
@@ -75,19 +86,37 @@ class Criterion:
         if not number or not inside(t):
             raise ConfigError(f"--threshold: the {self.kind} criterion takes {what}, got {t!r}")
         object.__setattr__(self, "threshold", float(t))
+        scale = DEFAULT_SCALE[self.kind] if self.scale is None else self.scale
+        if scale not in SCALES:
+            raise ConfigError(
+                f"--criterion-scale: expected one of {', '.join(SCALES)}, got {scale!r}"
+            )
+        object.__setattr__(self, "scale", scale)
 
     def resolve(self, base: float | None) -> Criterion:
-        """The criterion that decides: without a base score, share and knee fall back to
-        relative at its default threshold."""
-        return self if base is not None or self.kind == "relative" else Criterion("relative")
+        """The criterion that decides: without a base score, a criterion measured against
+        the base model falls back to relative at its default threshold."""
+        if base is not None or self.kind == "relative" or self.scale != "base":
+            return self
+        return Criterion("relative")
 
     def describe(self) -> str:
         t = _pct(self.threshold)
         if self.kind == "relative":
             return f"within {t} of the best val loss"
+        what = SCALES[self.scale]
         if self.kind == "share":
-            return f"at least {t} of the improvement over the base model"
-        return f"at the knee (no doubling of r above it gains more than {t} of its improvement)"
+            return f"at least {t} of {what}"
+        return f"at the knee (no doubling of r above it gains more than {t} of {what})"
+
+    def improvement(self, ok: list[RankScore], top: RankScore, base: float | None) -> float:
+        """The yardstick a step (up to ``top``) is a share of (see :data:`SCALES`)."""
+        if self.scale == "base":
+            return base - top.mean
+        if self.scale == "loss":
+            return abs(top.mean)
+        smallest = min(ok, key=lambda s: s.rank)
+        return max(0.0, smallest.mean - min(s.mean for s in ok))
 
     def helps(self, best: RankScore, base: float | None) -> bool:
         """Whether the best rank improves on the base model by more than the noise and the
@@ -98,26 +127,34 @@ class Criterion:
         floor = (self.threshold if self.kind == "relative" else MIN_GAIN) * abs(base)
         return gain > floor and (best.n < 2 or gain > Z * best.se)
 
-    def as_good(self, score: RankScore, best: RankScore, base: float | None = None) -> bool:
+    def margin(self, score: RankScore, best: RankScore, ok: list, base: float | None) -> float:
+        """How much worse than the best ``score`` may be and count as good (relative, share)."""
+        if self.kind == "share":
+            return (1 - self.threshold) * max(0.0, self.improvement(ok, best, base))
+        return self.threshold * abs(score.mean)
+
+    def as_good(
+        self, score: RankScore, best: RankScore, base: float | None = None, ok: list = ()
+    ) -> bool:
         """Whether ``score`` is as good as ``best``: within the criterion or the noise.
-        knee: the step between the two ranks (the whole span, per doubling) is not steep."""
+        knee: the step between the two ranks (the whole span, per doubling) is not steep.
+        ``ok``: the curve's completed scores (for the ``range`` scale)."""
         c = self.resolve(base)
+        ok = list(ok) or [score, best]
         diff = score.mean - best.mean
         se = noise(score, best)
         if c.kind == "knee":
             doublings = abs(math.log2(best.rank / score.rank)) or 1.0
-            return not c._steep(diff, se, doublings, base - best.mean)
-        margin = c.threshold * abs(score.mean)
-        if c.kind == "share":
-            margin = (1 - c.threshold) * max(0.0, base - best.mean)
-        return diff <= margin or (se is not None and diff <= Z * se)
+            return not c._steep(diff, se, doublings, c.improvement(ok, best, base))
+        return diff <= c.margin(score, best, ok, base) or (se is not None and diff <= Z * se)
 
-    def steep(self, low: RankScore, high: RankScore, base: float) -> bool:
+    def steep(self, low: RankScore, high: RankScore, base: float, ok: list = ()) -> bool:
         """knee: whether the step up from rank ``low`` to ``high`` gains, per doubling of r,
-        more than ``threshold`` of the improvement over the base model at ``high`` (and
-        more than the noise)."""
+        more than ``threshold`` of the yardstick at ``high`` (and more than the noise)."""
         doublings = math.log2(high.rank / low.rank)
-        return self._steep(low.mean - high.mean, noise(low, high), doublings, base - high.mean)
+        ok = list(ok) or [low, high]
+        gain, se = low.mean - high.mean, noise(low, high)
+        return self._steep(gain, se, doublings, self.improvement(ok, high, base))
 
     def _steep(self, gain: float, se: float | None, doublings: float, improvement: float):
         beyond_noise = se is None or gain > Z * se
@@ -136,18 +173,18 @@ class Criterion:
             # Only steps up to the best rank can lead to it: a steep step up to a rank that
             # is still worse than a smaller one is noise on the curve, not its knee.
             upto = [s for s in ok if s.rank <= best.rank]
-            steep = [hi for lo, hi in zip(upto, upto[1:], strict=False) if c.steep(lo, hi, base)]
+            steep = [
+                hi for lo, hi in zip(upto, upto[1:], strict=False) if c.steep(lo, hi, base, ok)
+            ]
             return steep[-1] if steep else upto[0]
-        return next(s for s in ok if c.as_good(s, best, base))
+        return next(s for s in ok if c.as_good(s, best, base, ok))
 
     def settled(self, scores: list[RankScore], base: float | None = None) -> bool:
         """Whether the ranks above the largest one tried can no longer change the pick,
         given that they gain, all together, at most what the last step gained (U).
 
-        relative and share depend on the rest of the curve only through the best loss: the
-        pick is settled when lowering the best by U changes nothing. knee depends on it
-        through its steps: settled when the last step is not steep (the later, smaller
-        steps are not either) and lowering the best by U does not change whether LoRA helps.
+        The pick is settled when lowering the best by U changes nothing. knee also needs
+        the last step not steep (the later, smaller steps are not either).
         """
         c = self.resolve(base)
         ok = sorted((s for s in scores if s.ok), key=lambda s: s.rank)
@@ -155,13 +192,53 @@ class Criterion:
             return False
         prev, top = ok[-2], ok[-1]
         gain = max(0.0, prev.mean - top.mean)
-        ahead = RankScore(2 * top.rank, top.mean - gain, top.se, top.n, COMPLETE)
-        if c.kind == "knee":
+        ahead = dataclasses.replace(top, rank=2 * top.rank, mean=top.mean - gain)
+        if c.kind == "knee" and c.steep(prev, top, base, ok):
+            return False
+        if c.kind == "knee" and c.scale == "base":
+            # The yardstick of a step is fixed by the step itself: only whether LoRA helps
+            # at all can change.
             best = min(ok, key=lambda s: (s.mean, s.rank))
             lowered = min(best, ahead, key=lambda s: (s.mean, s.rank))
-            return not c.steep(prev, top, base) and c.helps(best, base) == c.helps(lowered, base)
+            return c.helps(best, base) == c.helps(lowered, base)
         now, then = c.pick(ok, base), c.pick([*ok, ahead], base)
         return getattr(now, "rank", None) == getattr(then, "rank", None)
+
+    def open_questions(self, scores: list[RankScore], base: float | None = None) -> list:
+        """The comparisons the pick rests on that the noise leaves open: pairs of ranks
+        ``(low, high)`` whose verdict (steep or not; as good or not) would flip within
+        :data:`Z` standard errors of their paired difference. More seeds of exactly these
+        two ranks settle them (racing)."""
+        c = self.resolve(base)
+        ok = sorted((s for s in scores if s.ok), key=lambda s: s.rank)
+        pick = c.pick(ok, base)
+        if pick is None or len(ok) < 2:
+            return []
+        best = min(ok, key=lambda s: (s.mean, s.rank))
+        if c.kind == "knee":
+            upto = [s for s in ok if s.rank <= best.rank]
+            steps = [(lo, hi) for lo, hi in zip(upto, upto[1:], strict=False)]
+            # The step into the pick and every step above it up to the best decide the knee.
+            decisive = [(lo, hi) for lo, hi in steps if hi.rank >= pick.rank]
+            return [(lo.rank, hi.rank) for lo, hi in decisive if c._open_step(lo, hi, base, ok)]
+        below = [s for s in ok if s.rank < pick.rank]
+        pairs = [(pick, best)] + ([(max(below, key=lambda s: s.rank), best)] if below else [])
+        return [(a.rank, b.rank) for a, b in pairs if a.rank != b.rank and c._open(a, b, base, ok)]
+
+    def _open_step(self, lo: RankScore, hi: RankScore, base, ok) -> bool:
+        gain, se = lo.mean - hi.mean, noise(lo, hi)
+        if not se:
+            return False
+        floor = self.threshold * self.improvement(ok, hi, base) * math.log2(hi.rank / lo.rank)
+        bar = max(floor, 0.0)
+        return gain - Z * se <= bar < gain + Z * se
+
+    def _open(self, score: RankScore, best: RankScore, base, ok) -> bool:
+        diff, se = score.mean - best.mean, noise(score, best)
+        if not se:
+            return False
+        margin = self.margin(score, best, ok, base)
+        return diff - Z * se <= margin < diff + Z * se
 
 
 def _criterion(value: Criterion | float) -> Criterion:
@@ -182,6 +259,8 @@ class Recommendation:
     share: float | None = None  # the pick's share of the best rank's improvement
     lora_helps: bool | None = None  # False: no rank beats the base model; None: no base
     criterion: str = ""
+    noise: dict | None = None  # the curve's noise model (rankwise.search.noise.Noise.to_dict)
+    undecided: str = ""  # the comparisons the noise left open, in words ("" when none)
 
 
 def recommend(
@@ -199,7 +278,13 @@ def recommend(
     asked = _criterion(criterion)
     c = asked.resolve(base_loss)
     ok = [s for s in scores if s.ok]
-    common = {"base_loss": base_loss, "criterion": f"{c.kind} {c.threshold:g}"}
+    model = next((s.noise for s in ok if s.noise is not None), None)
+    common = {
+        "base_loss": base_loss,
+        "criterion": f"{c.kind} {c.threshold:g}"
+        + (f" of {c.scale}" if c.kind != "relative" else ""),
+        "noise": model.to_dict() if model else None,
+    }
     if not ok:
         why = "no trial completed; nothing to recommend"
         return Recommendation(None, None, None, None, stop_reason, why, **common)
@@ -212,6 +297,9 @@ def recommend(
             None, None, best.rank, best.mean, stop_reason, why, lora_helps=False, **common
         )
     why = _reason(pick, best, ok, c, base_loss, params)
+    undecided = _undecided(pick, ok, c, base_loss)
+    if undecided:
+        why += f"; {undecided}"
     if c is not asked:
         why += (
             f" (no base-model score, so the {asked.kind} criterion fell back to "
@@ -227,8 +315,36 @@ def recommend(
         _confidence(pick, ok, c, base_loss),
         share=improvement_share(pick.mean, base_loss, best.mean),
         lora_helps=None if base_loss is None else True,
+        undecided=undecided,
         **common,
     )
+
+
+def _undecided(pick: RankScore, ok: list[RankScore], c: Criterion, base) -> str:
+    """The open comparisons, in words: which ranks the noise cannot tell apart."""
+    pairs = c.open_questions(ok, base)
+    if not pairs:
+        return ""
+    span = [s for s in ok if min(min(p) for p in pairs) <= s.rank <= max(max(p) for p in pairs)]
+    worst = max(span, key=lambda s: s.mean)
+    best = min(span, key=lambda s: s.mean)
+    se = noise(worst, best) or 0.0
+    lo, hi = span[0].rank, span[-1].rank
+    seeds = "/".join(str(s.n) for s in span)
+    gap = worst.mean - best.mean
+    if gap <= Z * se:
+        said = (
+            f"r={lo} to r={hi} are indistinguishable at this budget (best-to-worst "
+            f"{gap:.4f} ± {se:.4f} nats, seeds {seeds})"
+        )
+    else:  # a real difference, but too close to the criterion's bar to call
+        said = (
+            f"whether r={lo} to r={hi} differ by enough to matter is within the noise at this "
+            f"budget (best-to-worst {gap:.4f} ± {se:.4f} nats, seeds {seeds})"
+        )
+    if pick.rank == lo:
+        return f"{said}: r={lo}, the smallest, is recommended"
+    return f"{said}: r={pick.rank} is recommended"
 
 
 def _fmt(s: RankScore) -> str:
@@ -288,8 +404,11 @@ def _reason(pick, best, ok, c: Criterion, base, params) -> str:
 
 def _confidence(pick: RankScore, ok: list[RankScore], c: Criterion, base) -> str:
     below = [s for s in ok if s.rank < pick.rank]
-    if all(s.n < 2 for s in ok):
-        return "unmeasured: one seed per rank, so seed-to-seed noise is unknown (use --seeds 2+)"
+    model = next((s.noise for s in ok if s.noise is not None), None)
+    if (model is None or model.sigma is None) and all(s.n < 2 for s in ok):
+        return (
+            "unmeasured: one seed per rank, so seed-to-seed noise is unknown (use --max-seeds 2+)"
+        )
     if not below:
         return f"high for the upper side; r={pick.rank} is the smallest rank tried"
     nxt = max(below, key=lambda s: s.rank)

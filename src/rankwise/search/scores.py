@@ -1,11 +1,18 @@
-"""Per-rank scores pooled over seeds, and the noise of a difference between two ranks."""
+"""Per-rank scores pooled over seeds, and the noise of a difference between two ranks.
+
+A rank's score is its mean best val loss over seeds, adjusted for the seed effects when the
+seeds are paired (:mod:`rankwise.search.noise`); every score of one curve shares that
+curve's :class:`~rankwise.search.noise.Noise`, so a difference between two of them is paired
+by seed and by validation block.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rankwise.records import COMPLETE, TrialResult
+from rankwise.search.noise import Noise
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,14 @@ class RankScore:
     n: int
     status: str
     reason: str = ""
+    noise: Noise | None = field(default=None, compare=False, repr=False)
+    """The curve's noise model (shared by its scores); None: unpaired, as before."""
+    label: str | None = field(default=None, compare=False, repr=False)
+    """Its name in the noise model when that is not the rank (:func:`paired_scores`)."""
+
+    @property
+    def noise_key(self):
+        return self.rank if self.label is None else self.label
 
     @property
     def ok(self) -> bool:
@@ -29,6 +44,7 @@ def rank_scores(results: list[TrialResult]) -> list[RankScore]:
     by_rank: dict[int, list[TrialResult]] = {}
     for r in results:
         by_rank.setdefault(r.rank, []).append(r)
+    model = curve_noise(results)
     scores = []
     for rank in sorted(by_rank):
         trials = by_rank[rank]
@@ -42,17 +58,60 @@ def rank_scores(results: list[TrialResult]) -> list[RankScore]:
         if len(values) > 1:
             var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
             se = math.sqrt(var / len(values))
-        scores.append(RankScore(rank, mean, se, len(values), COMPLETE))
+        scores.append(RankScore(rank, model.mean(rank), se, len(values), COMPLETE, noise=model))
     return scores
 
 
+def paired_scores(groups: dict[str, list[TrialResult]]) -> dict[str, RankScore]:
+    """One score per named group of trials (a variant, a target set, a rank pattern), all
+    sharing one noise model, so two groups trained with the same seeds are compared paired
+    by seed and validation block. Groups with no completed trial are left out.
+
+    >>> from rankwise.records import TrialResult
+    >>> t = lambda r, s, v: TrialResult(key="", rank=r, seed=s, status="complete", best_val_loss=v)
+    >>> s = paired_scores({"uniform": [t(8, 0, 3.0), t(8, 1, 3.2), t(8, 2, 3.1)],
+    ...                    "pattern": [t(8, 0, 3.01), t(8, 1, 3.21), t(8, 2, 3.11)]})
+    >>> round(s["pattern"].mean - s["uniform"].mean, 4), round(noise(s["pattern"], s["uniform"]), 4)
+    (0.01, 0.0)
+    """
+    ok = {name: [r for r in results if r.ok] for name, results in groups.items()}
+    ok = {name: rs for name, rs in ok.items() if rs}
+    losses = {(name, r.seed): r.best_val_loss for name, rs in ok.items() for r in rs}
+    blocks = {(name, r.seed): r.val_blocks for name, rs in ok.items() for r in rs if r.val_blocks}
+    model = Noise.fit(losses, blocks)
+    out = {}
+    for name, rs in ok.items():
+        values = [r.best_val_loss for r in rs]
+        m = sum(values) / len(values)
+        se = (
+            math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+            if len(values) > 1
+            else 0.0
+        )
+        out[name] = RankScore(
+            rs[0].rank, model.mean(name), se, len(values), COMPLETE, noise=model, label=name
+        )
+    return out
+
+
+def curve_noise(results: list[TrialResult]) -> Noise:
+    """The noise model of the completed trials in ``results`` (one curve)."""
+    ok = {(r.rank, r.seed): r for r in results if r.ok}
+    losses = {k: r.best_val_loss for k, r in ok.items()}
+    blocks = {k: r.val_blocks for k, r in ok.items() if r.val_blocks}
+    return Noise.fit(losses, blocks)
+
+
 # A difference counts as real only beyond Z standard errors of the difference (~95% for a
-# normal error); with one seed per rank the noise is unknown and only the criterion applies.
+# normal error); with no measured noise only the criterion applies.
 Z = 2.0
 
 
 def noise(a: RankScore, b: RankScore) -> float | None:
-    """Standard error of the difference of two rank means (None if either has one seed)."""
+    """Standard error of ``a.mean - b.mean``: from the curve's noise model (paired by seed
+    and validation block) when both scores share one, else unpaired (None with one seed)."""
+    if a.noise is not None and a.noise is b.noise:
+        return a.noise.se(a.noise_key, b.noise_key, a.n, b.n)
     if a.n < 2 or b.n < 2:
         return None
     return math.sqrt(a.se**2 + b.se**2)

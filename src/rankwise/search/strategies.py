@@ -59,6 +59,9 @@ from rankwise.search.scores import RankScore, noise, rank_scores
 class Proposal:
     rank: int
     seed: int = 0
+    truncations: tuple[int, ...] = ()
+    """A nested-rank run at ``rank``: one training whose truncations to these ranks are
+    each a point of the curve (:class:`Nested`); empty for an ordinary trial."""
 
 
 def plan_ranks(
@@ -93,19 +96,31 @@ def plan_ranks(
 
 @dataclass
 class _Base:
-    """Shared bookkeeping: proposals are (rank, seed) for seeds 0..seeds-1."""
+    """Shared bookkeeping: proposals are (rank, seed) for seeds 0..seeds-1, and racing.
+
+    Racing: when the strategy would stop and a comparison its answer rests on is open
+    (:meth:`Criterion.open_questions`: within the noise of the paired difference), it asks
+    for more seeds of exactly the two ranks compared, both up to the same seeds (so they
+    stay paired), at most ``max_seeds`` each, then decides again.
+    """
 
     results: list[TrialResult] = field(default_factory=list, init=False)
     stop_reason: str = field(default="", init=False)
+    races: list[dict] = field(default_factory=list, init=False)
     _queue: list[Proposal] = field(default_factory=list, init=False)
     _waiting: set[tuple[int, int]] = field(default_factory=set, init=False)
+    _racing: bool = field(default=False, init=False)
+    _first: bool = field(default=True, init=False)
 
     def ask(self) -> Proposal | None:
         """The next trial to run, or None when the search is over (or waiting on results)."""
-        if not self._queue and not self._waiting and not self.stop_reason:
-            rank = self._next_rank()
-            if rank is not None:
-                self._queue = [Proposal(rank, s) for s in range(self.seeds)]
+        if not self._queue and not self._waiting:
+            if not self.stop_reason:
+                rank = self._next_rank()
+                if rank is not None:
+                    self._queue = [Proposal(rank, s) for s in range(self._seeds_for(rank))]
+            if not self._queue and self.stop_reason and (race := self._race()):
+                self._queue, self._racing, self.stop_reason = race, True, ""
         if not self._queue:
             return None
         p = self._queue.pop(0)
@@ -116,7 +131,10 @@ class _Base:
         self._waiting.discard((result.rank, result.seed))
         self.results.append(result)
         if not self._waiting and not self._queue:
-            self._rank_done(result.rank)
+            if self._racing:
+                self._racing = False  # decide again on the next ask
+            else:
+                self._rank_done(result.rank)
 
     def scores(self) -> list[RankScore]:
         return rank_scores(self.results)
@@ -127,6 +145,39 @@ class _Base:
     @property
     def done(self) -> bool:
         return bool(self.stop_reason)
+
+    def _seeds_for(self, rank: int) -> int:
+        """The first rank trained also measures the seed-to-seed noise (``noise_seeds``)."""
+        first, self._first = self._first, False
+        return max(self.seeds, min(self.noise_seeds, self._max_seeds)) if first else self.seeds
+
+    @property
+    def _max_seeds(self) -> int:
+        return max(self.max_seeds, self.seeds)
+
+    def _race(self) -> list[Proposal]:
+        """Seeds that would settle the first open comparison (none: the answer stands)."""
+        if self._max_seeds <= self.seeds and self.noise_seeds <= self.seeds:
+            return []
+        criterion = _criterion(self.criterion)
+        for low, high in criterion.open_questions(self.scores(), self.base_loss):
+            tried = {r: {t.seed for t in self.results if t.rank == r} for r in (low, high)}
+            ok = {r: {t.seed for t in self.results if t.rank == r and t.ok} for r in (low, high)}
+            n = max(len(ok[low]), len(ok[high]))
+            target = min(n + (len(ok[low]) == len(ok[high])), self._max_seeds)
+            props = [
+                Proposal(r, s) for r in (low, high) for s in range(target) if s not in tried[r]
+            ]
+            if props:
+                self.races.append(
+                    {
+                        "ranks": [low, high],
+                        "seeds": {str(r): len(ok[r]) for r in ok},
+                        "added": [[p.rank, p.seed] for p in props],
+                    }
+                )
+                return props
+        return []
 
     def _next_rank(self) -> int | None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -141,6 +192,12 @@ class Grid(_Base):
 
     ranks: list[int] = field(default_factory=list)
     seeds: int = 1
+    criterion: Criterion | float = field(default_factory=Criterion)
+    base_loss: float | None = None
+    max_seeds: int = 0
+    """Racing: at most this many seeds of a rank (0: ``seeds``, no racing)."""
+    noise_seeds: int = 0
+    """Seeds of the first rank, to measure the noise (0: ``seeds``)."""
     _i: int = field(default=0, init=False)
 
     def _next_rank(self) -> int | None:
@@ -176,6 +233,10 @@ class Ladder(_Base):
     seeds: int = 1
     base_loss: float | None = None
     tolerance: float | None = None  # deprecated: Criterion("relative", tolerance)
+    max_seeds: int = 0
+    """Racing: at most this many seeds of a rank (0: ``seeds``, no racing)."""
+    noise_seeds: int = 0
+    """Seeds of the start rank, to measure the noise (0: ``seeds``)."""
     _up: list[int] = field(default_factory=list, init=False)
     _down: list[int] = field(default_factory=list, init=False)
     _climbing: bool = field(default=True, init=False)
@@ -278,3 +339,52 @@ class Ladder(_Base):
             )
         elif score.ok and not self._down:
             self._story.append(f"probed down to the smallest allowed rank r={rank}")
+
+
+@dataclass
+class Nested(_Base):
+    """One nested-rank run per seed at the largest allowed rank: each of its truncations to
+    the allowed ``ranks`` is a point of the curve (:mod:`rankwise.training.nested`). Ranks a
+    budget excludes are told as skipped results before the first ask.
+
+    >>> nested = Nested(ranks=[1, 2, 4], seeds=1, distribution="uniform")
+    >>> nested.ask()
+    Proposal(rank=4, seed=0, truncations=(1, 2, 4))
+    >>> for r in (1, 2, 4):
+    ...     nested.tell(TrialResult(key="", rank=r, seed=0, status="complete", best_val_loss=1 / r))
+    >>> nested.ask() is None, nested.stop_reason
+    (True, 'one nested run per seed at r_max=4, ranks 1,2,4 drawn uniform')
+    """
+
+    ranks: list[int] = field(default_factory=list)
+    seeds: int = 1
+    distribution: str = "uniform"
+    excluded: list[int] = field(default_factory=list)
+    """Allowed by --ranks but over a budget: reported in the stop reason."""
+    criterion: Criterion | float = field(default_factory=Criterion)
+    base_loss: float | None = None
+    max_seeds: int = 0
+    noise_seeds: int = 0
+    _s: int = field(default=0, init=False)
+
+    def ask(self) -> Proposal | None:
+        if self._waiting or self.stop_reason:
+            return None
+        if not self.ranks or self._s >= self.seeds:
+            self.stop_reason = self._story()
+            return None
+        seed, self._s = self._s, self._s + 1
+        self._waiting = {(r, seed) for r in self.ranks}
+        return Proposal(self.ranks[-1], seed, truncations=tuple(self.ranks))
+
+    def _story(self) -> str:
+        if not self.ranks:
+            return "no rank fits the budgets"
+        over = f"; r={self.excluded[0]} and above over budget" if self.excluded else ""
+        return (
+            f"one nested run per seed at r_max={self.ranks[-1]}, ranks "
+            f"{','.join(map(str, self.ranks))} drawn {self.distribution}{over}"
+        )
+
+    def _rank_done(self, rank: int) -> None:
+        pass  # a run's truncations arrive together; the next ask decides

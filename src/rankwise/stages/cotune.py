@@ -12,9 +12,9 @@ import dataclasses
 
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.runner import Variant
-from rankwise.search.criteria import Recommendation
 from rankwise.search.metrics import describe
-from rankwise.search.scores import RankScore
+from rankwise.search.scores import paired_scores
+from rankwise.stages.base import Answer, StageContext, StageOutcome
 
 DROPOUTS = (0.0, 0.05, 0.1)
 
@@ -37,13 +37,21 @@ def _tune_variants(runner, rank: int):
     return [(label, Variant(TrialKind.COTUNE, f"tune:{label}", lora=lora)) for label, lora in out]
 
 
-def _score(loss: float, rank: int) -> RankScore:
-    return RankScore(rank, loss, 0.0, 1, "complete")
+class Cotune:
+    """``--tune dropout,alpha``: a small grid around the chosen rank (and the next one up)."""
+
+    name = "tuning"
+
+    def applies(self, opts, answer: Answer) -> bool:
+        return bool(opts.search.tune) and answer.rec.rank is not None
+
+    def run(self, ctx: StageContext, answer: Answer) -> StageOutcome:
+        return cotune(ctx.runner, ctx.judge, answer)
 
 
-def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialResult]):
-    """A small grid around the chosen rank (and the next one up). Returns
-    (section, recommendation, lora_config, results holding the delivered adapter)."""
+def cotune(runner, judge, answer: Answer) -> StageOutcome:
+    """A small grid around the chosen rank (and the next one up), judged paired by seed."""
+    rec, lora, source = answer.rec, answer.lora, answer.source
     tried = sorted({r.rank for r in source if r.ok})
     ranks = [rec.rank] + [r for r in tried if r > rec.rank][:1]
     rows, results = [], list(source)
@@ -76,10 +84,8 @@ def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialRes
     )
     metric = runner.opts.train.metric
     gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
-    as_good = judge(
-        _score(current["best_val_loss"], current["rank"]),
-        _score(best["best_val_loss"], best["rank"]),
-    )
+    scores = paired_scores({"current": _trials(results, current), "best": _trials(results, best)})
+    as_good = judge(scores["current"], scores["best"])
     if best is current or as_good:
         verdict = (
             f"co-tuning does not change the choice: best variant {best['variant']} at "
@@ -87,7 +93,8 @@ def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialRes
             f"r={rec.rank} as searched ({describe(metric, current['best_val_loss'])}) under the "
             "search's criterion"
         )
-        return {"rows": rows, "verdict": verdict, "changed": False}, rec, lora, source
+        section = {"rows": rows, "verdict": verdict, "changed": False}
+        return StageOutcome(Cotune.name, section, answer)
     overrides = next(
         v for lab, v in _tune_variants(runner, best["rank"]) if lab == best["variant"]
     ).lora
@@ -102,4 +109,12 @@ def cotune(runner, judge, rec: Recommendation, lora: dict, source: list[TrialRes
     rec = dataclasses.replace(
         rec, rank=best["rank"], loss=best["best_val_loss"], reason=f"{rec.reason}; {verdict}"
     )
-    return {"rows": rows, "verdict": verdict, "changed": True}, rec, lora, picked
+    section = {"rows": rows, "verdict": verdict, "changed": True}
+    return StageOutcome(Cotune.name, section, Answer(rec, lora, picked))
+
+
+def _trials(results: list[TrialResult], row: dict) -> list[TrialResult]:
+    """The trials behind a row: every seed of the rank as searched, or the variant's trial."""
+    if row["variant"] == "as searched":
+        return [r for r in results if r.rank == row["rank"] and r.kind == TrialKind.MAIN]
+    return [r for r in results if r.key == row["key"]]

@@ -49,16 +49,28 @@ from typing import Any
 
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.runner import Variant
-from rankwise.search.criteria import Recommendation
-from rankwise.search.scores import rank_scores
+from rankwise.search.scores import paired_scores, rank_scores
+from rankwise.stages.base import Answer, StageContext, StageOutcome
 from rankwise.training.eva import PROPOSALS, eva_spec, pattern_spec
 
 
 # -- the step after the search ---------------------------------------------------------------
-def per_layer(runner, judge, rec: Recommendation, lora: dict, source: list[TrialResult]):
+class PerLayer:
+    """``--per-layer``: a rank pattern per module, kept when it holds with fewer parameters."""
+
+    name = "per_layer"
+
+    def applies(self, opts, answer: Answer) -> bool:
+        return bool(opts.search.per_layer) and answer.rec.rank is not None
+
+    def run(self, ctx: StageContext, answer: Answer) -> StageOutcome:
+        return per_layer(ctx.runner, ctx.judge, answer)
+
+
+def per_layer(runner, judge, answer: Answer) -> StageOutcome:
     """Train the proposals at the chosen rank and compare them with it (``judge(score,
-    reference)``: the search's criterion and the noise). Returns (section, recommendation,
-    lora_config, results holding the delivered adapter)."""
+    reference)``: the search's criterion and the noise, paired by seed)."""
+    rec, lora, source = answer.rec, answer.lora, answer.source
     s = runner.opts.search
     reference = [t for t in source if t.rank == rec.rank and t.ok]
     ref_score = rank_scores(reference)[0]
@@ -75,7 +87,7 @@ def per_layer(runner, judge, rec: Recommendation, lora: dict, source: list[Trial
         if name in skipped:
             rows.append({"proposal": name, "status": "not trained", "reason": skipped[name]})
         else:
-            rows.append(_row(name, trials[name], specs[name], ref_score, chosen, ranks, judge))
+            rows.append(_row(name, trials[name], specs[name], reference, chosen, ranks, judge))
     good = [row for row in rows[1:] if row.get("reaches") and row["params_share"] < 1]
     pick = min(good, key=lambda row: (row["trainable_params"], row["mean"]), default=None)
     verdict = _verdict(rows, pick, s.per_layer_energy)
@@ -87,7 +99,7 @@ def per_layer(runner, judge, rec: Recommendation, lora: dict, source: list[Trial
         "changed": pick is not None,
     }
     if pick is None:
-        return section, rec, lora, source
+        return StageOutcome(PerLayer.name, section, answer)
     name = pick["proposal"]
     picked = [t for t in trials[name] if t.ok]
     final = specs[name]
@@ -99,7 +111,7 @@ def per_layer(runner, judge, rec: Recommendation, lora: dict, source: list[Trial
     rec = dataclasses.replace(
         rec, loss=pick["mean"], reason=f"{rec.reason}; per-layer ranks: {verdict}"
     )
-    return section, rec, lora, picked
+    return StageOutcome(PerLayer.name, section, Answer(rec, lora, picked))
 
 
 def _proposals(runner, chosen: TrialResult, rank: int):
@@ -147,7 +159,7 @@ def _reference_row(rank: int, score, chosen: TrialResult) -> dict[str, Any]:
     }
 
 
-def _row(name, trials, spec, ref_score, chosen, spectral_ranks, judge) -> dict[str, Any]:
+def _row(name, trials, spec, reference, chosen, spectral_ranks, judge) -> dict[str, Any]:
     """One proposal's trials as a row: its pattern, parameters, loss and the verdict."""
     ok = [t for t in trials if t.ok]
     row: dict[str, Any] = {"proposal": name, "lora_r": spec.r, "key": trials[0].key}
@@ -163,7 +175,9 @@ def _row(name, trials, spec, ref_score, chosen, spectral_ranks, judge) -> dict[s
         row.update({k: best.extra["eva"][k] for k in ("rank_pattern", "alpha_pattern")})
     else:
         row.update(rank_pattern=spec.rank_pattern, alpha_pattern=spec.alpha_pattern)
-    score = rank_scores(ok)[0]
+    # Paired by seed with the uniform rank: the proposal trains the same seeds.
+    pair = paired_scores({"uniform": reference, "proposal": ok})
+    score, ref_score = pair["proposal"], pair["uniform"]
     row.update(
         status=best.status,
         ranks=ranks,
@@ -214,9 +228,11 @@ def _verdict(rows: list[dict], pick: dict | None, energy: float) -> str:
     else:
         saved = 1 - pick["params_share"]
         name = "the spectral pattern" if pick["proposal"] == "spectral" else "EVA's pattern"
+        # The delivered adapter's own score first: "as good as" may be within the noise.
         head = (
-            f"{name} reaches r={uniform['lora_r']}'s val loss "
-            f"({uniform['mean']:.4f}) with {saved:.0%} fewer trainable parameters; "
+            f"{name} scores val loss {pick['mean']:.4f} against r={uniform['lora_r']}'s "
+            f"{uniform['mean']:.4f} ({pick['mean'] - uniform['mean']:+.4f}, as good by the "
+            f"criterion and the noise) with {saved:.0%} fewer trainable parameters; "
             "it is recommended and delivered"
         )
     return f"{head} ({'; '.join(parts)}; spectral energy {energy:g})"

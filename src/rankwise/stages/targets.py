@@ -7,9 +7,9 @@ import dataclasses
 from rankwise.errors import ConfigError
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.runner import Variant
-from rankwise.search.criteria import Recommendation
 from rankwise.search.metrics import describe, shown
-from rankwise.search.scores import rank_scores
+from rankwise.search.scores import paired_scores, rank_scores
+from rankwise.stages.base import Answer, StageContext, StageOutcome
 
 # -- target sets ------------------------------------------------------------------------------
 _ATTENTION = ("attn", "attention")
@@ -53,21 +53,38 @@ def _params(results: list[TrialResult], rank: int) -> int:
     return next(t.trainable_params for t in results if t.rank == rank and t.ok)
 
 
-def compare_targets(
-    runner, make_ladder, drive, judge, rec: Recommendation, lora: dict, source: list[TrialResult]
-):
+class CompareTargets:
+    """``--compare-targets``: one ladder per target set, the fewest parameters that hold."""
+
+    name = "targets"
+
+    def applies(self, opts, answer: Answer) -> bool:
+        return bool(opts.search.compare_targets) and answer.rec.rank is not None
+
+    def run(self, ctx: StageContext, answer: Answer) -> StageOutcome:
+        return compare_targets(ctx.runner, ctx.make_ladder, ctx.drive, ctx.judge, answer)
+
+
+def compare_targets(runner, make_ladder, drive, judge, answer: Answer) -> StageOutcome:
     """A ladder per target set (``make_ladder()`` builds one, ``drive(ladder, variant)`` runs
     it); the answer is the fewest trainable parameters whose score is as good as the overall
-    best's (``judge(score, best)``: the search's criterion and the noise)."""
+    best's (``judge(score, best)``: the search's criterion and the noise, paired by seed)."""
+    rec, lora, source = answer.rec, answer.lora, answer.source
     sets = {"as searched": (lora["target_modules"], source)}
     for name in runner.opts.search.compare_targets:
         targets, ladder = _ladder_for(runner, make_ladder, drive, name)
         sets[name] = (targets, ladder.results)
+    groups = {
+        f"{name}/r{r.rank}": [t for t in results if t.rank == r.rank]
+        for name, (_, results) in sets.items()
+        for r in results
+    }
+    paired = paired_scores(groups)  # every set at every rank, paired by seed
     points = []  # (params, score, set name)
     for name, (_, results) in sets.items():
         for score in rank_scores(results):
             if score.ok:
-                points.append((_params(results, score.rank), score, name))
+                points.append((_params(results, score.rank), paired[f"{name}/r{score.rank}"], name))
     best = min(points, key=lambda p: p[1].mean)
     good = [p for p in points if judge(p[1], best[1])]
     params, score, name = min(good, key=lambda p: (p[0], p[1].mean))
@@ -83,7 +100,7 @@ def compare_targets(
     )
     section = {"rows": rows, "verdict": verdict, "pick": {"targets": name, "rank": score.rank}}
     if name == "as searched":
-        return section, rec, lora, source
+        return StageOutcome(CompareTargets.name, section, answer)
     targets, results = sets[name]
     lora = runner.lora_config(score.rank, targets)
     rec = dataclasses.replace(
@@ -94,4 +111,4 @@ def compare_targets(
         best_loss=best[1].mean,
         reason=f"{verdict}; with the searched targets: {rec.reason}",
     )
-    return section, rec, lora, results
+    return StageOutcome(CompareTargets.name, section, Answer(rec, lora, results))
