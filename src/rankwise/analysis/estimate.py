@@ -34,48 +34,22 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rankwise.analysis.memory import _ADAM_COPIES, _Shape, activation_bytes, weights_bytes
+from rankwise.analysis.params import (
+    _ADAPTER_BYTES,
+    _DTYPE_BYTES,
+    _base_params,
+    _peft_targets,
+    adapter_file_bytes,
+    lora_param_count,
+    resolve_target_modules,
+)
 from rankwise.config import format_bytes
 
-__all__ = [
-    "RankEstimate",
-    "StepTimeModel",
-    "estimate",
-    "calibrate",
-    "format_table",
-    "lora_param_count",
-    "resolve_target_modules",
-    "adapter_file_bytes",
-    "activation_bytes",
-    "weights_bytes",
-    "DEFAULT_RANKS",
-]
-
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_ADAPTER_BYTES = (
-    4  # PEFT upcasts adapter weights to fp32 (get_peft_model autocast_adapter_dtype=True)
-)
-_ADAM_COPIES = 4  # parameter + gradient + exp_avg + exp_avg_sq
-
-# The layer formula counts exactly the bytes autograd saves (checked with
-# saved_tensors_hooks, bench/memory.py --saved). On CPU the peak RSS is 2-3x that:
-# per-layer tensors (~0.5-8 MiB) sit under glibc's dynamic mmap threshold (max 32 MiB),
-# so they live on the heap, and the holes left by freed forward temporaries and
-# backward gradients stay resident (with MALLOC_MMAP_THRESHOLD_=65536 the excess
-# vanishes). The factor is fitted on bench/memory.py (bench/RESULTS.md). On CUDA,
-# max_memory_allocated counts live tensors only: the saved bytes plus a layer's
-# transient gradients.
-CPU_HEAP_FACTOR = 2.5
-_MMAP_THRESHOLD_MAX = (
-    32 * 2**20
-)  # glibc DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: always mmapped, freed at once
-CUDA_TRANSIENT_FACTOR = 1.1
-LOGIT_COPIES = 3  # at the start of backward: log_softmax output, its gradient, grad of logits
 
 
 @dataclass(frozen=True)
@@ -141,296 +115,6 @@ class StepTimeModel:
         return out
 
 
-# --------------------------------------------------------------------------- targets
-
-
-def _linear_shape(module) -> tuple[int, int] | None:
-    """(in, out) of a module LoRA can wrap as a matrix; None for other modules."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):  # GPT-2: weight is (in, out), PEFT sets fan_in_fan_out
-        return module.weight.shape[0], module.weight.shape[1]
-    if isinstance(module, torch.nn.Embedding):  # lora_embedding_A: (r, num), _B: (dim, r)
-        return module.num_embeddings, module.embedding_dim
-    return None
-
-
-def _peft_targets(model, target_modules):
-    """target_modules as PEFT's LoraConfig takes it (None -> the architecture default)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAP
-
-    if target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in MAP:
-            raise ValueError(
-                f"target_modules: PEFT has no default for model type {model_type!r}; "
-                "pass names or 'all-linear'"
-            )
-        return list(MAP[model_type])
-    if isinstance(target_modules, str):
-        return target_modules
-    targets = list(target_modules)
-    if len(targets) == 1 and targets[0].lower() == "all-linear":
-        return "all-linear"
-    return targets
-
-
-def resolve_target_modules(model, target_modules=None) -> list[str]:
-    """Full names of the modules PEFT would wrap with LoRA, in model order.
-
-    Uses PEFT's own matching (``check_target_module_exists`` and the ``all-linear``
-    expansion: every Linear/Conv1D except the output head).
-    """
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import (
-        _maybe_include_all_linear_layers,
-        check_target_module_exists,
-    )
-
-    task = "SEQ_CLS" if _classifier_head(model) is not None else None
-    config = LoraConfig(r=1, target_modules=_peft_targets(model, target_modules), task_type=task)
-    config = _maybe_include_all_linear_layers(config, model)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and check_target_module_exists(config, name) and _linear_shape(module)
-    ]
-    if not names:
-        raise ValueError(f"target_modules: {target_modules!r} matches no module of the model")
-    return names
-
-
-def _modules(model, names):
-    lookup = dict(model.named_modules())
-    return [(n, lookup[n]) for n in names]
-
-
-def _bias_params(model, targets: list[str], bias: str) -> dict[str, int]:
-    """Bias parameters PEFT makes trainable: name in the saved adapter -> numel."""
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias: expected none, all or lora_only, got {bias!r}")
-    if bias == "none":
-        return {}
-    wrapped = set(targets)
-    out = {}
-    for name, param in model.named_parameters():  # deduplicated, like PEFT's count
-        if not (name == "bias" or name.endswith(".bias")):
-            continue
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        if bias == "lora_only" and owner not in wrapped:
-            continue
-        saved = f"{owner}.base_layer.bias" if owner in wrapped else name
-        out[saved] = param.numel()
-    return out
-
-
-def _classifier_head(model):
-    """(name, module) of a sequence classifier's head, which PEFT trains and saves beside the
-    adapter (SEQ_CLS ``modules_to_save``); None for a model with an LM head."""
-    import torch
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is not None:
-        return None
-    for name in SEQ_CLS_HEAD_NAMES:
-        if isinstance(getattr(model, name, None), torch.nn.Module):
-            return name, getattr(model, name)
-    return None
-
-
-def _head_params(model) -> dict[str, tuple[list[int], int]]:
-    """The classifier head's tensors as saved: name -> (shape, numel)."""
-    head = _classifier_head(model)
-    if head is None:
-        return {}
-    name, module = head
-    return {f"{name}.{k}": (list(p.shape), p.numel()) for k, p in module.named_parameters()}
-
-
-def lora_param_count(model, target_modules=None, rank: int = 8, bias: str = "none") -> int:
-    """Trainable parameters of a LoRA adapter, exactly as PEFT counts them."""
-    targets = resolve_target_modules(model, target_modules)
-    lora = sum(rank * sum(_linear_shape(m)) for _, m in _modules(model, targets))
-    head = sum(n for _, n in _head_params(model).values())
-    return lora + sum(_bias_params(model, targets, bias).values()) + head
-
-
-_SAFETENSORS_TAG = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
-
-
-def _lora_tensors(model, targets, rank, bias, bias_dtype):
-    """(saved name, shape, dtype tag, element size) of every tensor in the adapter file."""
-    import torch
-
-    rows = []
-    for name, module in _modules(model, targets):
-        fan_in, fan_out = _linear_shape(module)
-        prefix = f"base_model.model.{name}"
-        if isinstance(module, torch.nn.Embedding):
-            pairs = (("lora_embedding_A", [rank, fan_in]), ("lora_embedding_B", [fan_out, rank]))
-        else:
-            pairs = (("lora_A.weight", [rank, fan_in]), ("lora_B.weight", [fan_out, rank]))
-        for suffix, shape in pairs:
-            rows.append((f"{prefix}.{suffix}", shape, "F32", 4))
-    tag, size = _SAFETENSORS_TAG[bias_dtype]
-    for name, numel in _bias_params(model, targets, bias).items():
-        rows.append((f"base_model.model.{name}", [numel], tag, size))
-    for name, (shape, _) in _head_params(model).items():  # the trained copy, in fp32
-        rows.append((f"base_model.model.{name}", shape, "F32", 4))
-    return rows
-
-
-def adapter_file_bytes(
-    model, target_modules=None, rank: int = 8, bias: str = "none", dtype: str = "float32"
-) -> int:
-    """Size of the ``adapter_model.safetensors`` PEFT writes, header included.
-
-    safetensors layout: 8-byte header length, a compact JSON header (tensors sorted by
-    name within dtype, widest dtype first, ``__metadata__`` first) padded with spaces to
-    a multiple of 8, then the data. Biases (bias="all"/"lora_only") keep the base dtype.
-    """
-    targets = resolve_target_modules(model, target_modules)
-    rows = sorted(_lora_tensors(model, targets, rank, bias, dtype), key=lambda t: (-t[3], t[0]))
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, tag, size in rows:
-        nbytes = size * math.prod(shape)
-        header[name] = {"dtype": tag, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = len(json.dumps(header, separators=(",", ":")).encode())
-    return 8 + math.ceil(text / 8) * 8 + offset
-
-
-# ----------------------------------------------------------------------- activations
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """The numbers the activation formula needs, read from a transformers config."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_hidden: int
-    vocab: int
-    gpt2: bool
-    attn_dropout: float
-    resid_dropout: float
-
-    @classmethod
-    def of(cls, model) -> _Shape:
-        c = model.config
-        c = c.get_text_config() if hasattr(c, "get_text_config") else c
-        h, heads = c.hidden_size, c.num_attention_heads
-        gpt2 = c.model_type == "gpt2"
-        inter = (getattr(c, "n_inner", None) or 4 * h) if gpt2 else c.intermediate_size
-        head_dim = getattr(c, "head_dim", None) or h // heads
-        kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
-        drop = getattr(c, "attn_pdrop", None) if gpt2 else getattr(c, "attention_dropout", 0.0)
-        return cls(
-            h,
-            inter,
-            c.num_hidden_layers,
-            heads,
-            kv,
-            c.vocab_size,
-            gpt2,
-            float(drop or 0.0),
-            float(getattr(c, "resid_pdrop", 0.0) or 0.0),
-        )
-
-
-def _base_layer_elements(s: _Shape, seq_len: int) -> tuple[float, float]:
-    """Elements per token one decoder layer saves for backward, without LoRA's extras,
-    as (hidden-width tensors, L x L attention tensors).
-
-    Frozen matmuls save only their weight (no input), so what remains are the tensors
-    the non-linear ops keep. Derived op by op and checked with saved_tensors_hooks
-    (bench/memory.py --saved) on the tiny models:
-      Llama: norm input x, h1 (2h); rotated q, k and v, SDPA output (h + 2kv);
-             SiLU input, SiLU output and up (3I). CPU flash attention keeps no L x L.
-      GPT-2: ln inputs (2h), qkv (3h), dropout masks (2h, float), NewGELU's pow/tanh/
-             1+tanh/0.5x (4I); with attention dropout SDPA takes the math path and
-             keeps softmax, dropout mask and dropped probabilities (3 x heads x L).
-    """
-    h, inter, kv = s.hidden, s.intermediate, s.kv_hidden
-    if s.gpt2:
-        masks = 2 * h if s.resid_dropout > 0 else 0
-        if s.attn_dropout > 0:
-            return 5 * h + masks + 4 * inter, 3 * s.heads * seq_len
-        return 6 * h + masks + 4 * inter, 0.0
-    return 3 * h + 2 * kv + h + 3 * inter, 0.0
-
-
-# Inputs of these modules are already kept by the base layer (the SDPA output), so LoRA
-# adds nothing for them; every other target keeps its input once per distinct input.
-_SHARED_INPUTS = {"o_proj"}
-
-
-def _lora_layer_elements(model, targets: list[str], rank: int) -> float:
-    """Elements per token (summed over layers) that LoRA adds: inputs to lora_A, A's outputs."""
-    inputs: dict[tuple[str, int], int] = {}
-    for name, module in _modules(model, targets):
-        parent, _, short = name.rpartition(".")
-        fan_in, _ = _linear_shape(module)
-        if short not in _SHARED_INPUTS:
-            # q/k/v read the same normed input, as do gate/up: one copy per (parent, width)
-            inputs[(parent, fan_in)] = fan_in
-    return sum(inputs.values()) + rank * len(targets)
-
-
-def activation_bytes(
-    model,
-    targets: list[str],
-    rank: int,
-    batch_size: int,
-    seq_len: int,
-    dtype: str = "float32",
-    gradient_checkpointing: bool = False,
-    device: str = "cpu",
-) -> int:
-    """Peak bytes of activations for one training step of a B x L batch.
-
-    Saved tensors of every layer (or, with gradient checkpointing, each layer's input
-    plus one layer recomputed during backward) and the logits: at the start of backward
-    the log-softmax output, its gradient and the logits' gradient coexist, B x L x V
-    each, in fp32 (transformers' loss upcasts the logits; a lower-precision model also
-    holds its own copy).
-    """
-    s = _Shape.of(model)
-    size = _DTYPE_BYTES[dtype]
-    tokens = batch_size * seq_len
-    per_layer, attention = _base_layer_elements(s, seq_len)
-    lora = _lora_layer_elements(model, targets, rank)
-    if gradient_checkpointing:
-        layers = s.layers * s.hidden + per_layer + lora / s.layers
-    else:
-        layers, attention = s.layers * per_layer + lora, s.layers * attention
-    logits = LOGIT_COPIES * 4 + (size if size != 4 else 0)
-    if _classifier_head(model) is not None:
-        logits = 0  # a classifier's logits are B x num_labels, not B x L x V
-    hidden_scale = _scale(device, tokens * s.hidden * size)
-    attention_scale = _scale(device, batch_size * s.heads * seq_len**2 * size)
-    return int(
-        tokens * size * (hidden_scale * layers + attention_scale * attention)
-        + tokens * s.vocab * logits
-    )
-
-
-def _scale(device: str, tensor_bytes: int) -> float:
-    """Measured peak / saved bytes for tensors of this size (see CPU_HEAP_FACTOR)."""
-    if str(device) != "cpu":
-        return CUDA_TRANSIENT_FACTOR
-    return CPU_HEAP_FACTOR if tensor_bytes < _MMAP_THRESHOLD_MAX else 1.0
-
-
-# ------------------------------------------------------------------------- estimate
-
-
 def _meta_model(model: str, trust_remote_code: bool):
     """Build the model on the meta device from its config: no weights are read."""
     import torch
@@ -449,41 +133,6 @@ def _meta_model(model: str, trust_remote_code: bool):
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-def _base_params(model) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from rankwise.io.models import param_count
-
-    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-        raise ValueError("model: already carries a PEFT adapter; pass the base model")
-    return param_count(model)  # parameters() skips tied duplicates; 4-bit unpacked
-
-
-def weights_bytes(model, dtype: str = "float32", quantize: str = "none") -> int:
-    """Bytes of the frozen base weights in memory.
-
-    Unquantized: every parameter at the dtype's size. Quantized: every linear layer but the
-    output head (transformers keeps the LM head, and rankwise a classifier's head, in
-    full precision) at its 4-/8-bit size with its quantisation state, and every other
-    parameter in fp32 (``prepare_model_for_kbit_training`` upcasts fp16/bf16 ones).
-    """
-    import torch
-
-    from rankwise.io.models import output_head_name
-    from rankwise.io.quantize import linear_weight_bytes
-
-    if quantize == "none":
-        return _base_params(model) * _DTYPE_BYTES[dtype]
-    head = output_head_name(model)
-    quantized, covered = 0, set()
-    for name, module in model.named_modules():
-        if name != head and isinstance(module, torch.nn.Linear):  # bnb's layers subclass it
-            quantized += linear_weight_bytes(module.in_features, module.out_features, quantize)
-            covered.add(id(module.weight))
-    rest = sum(p.numel() for p in model.parameters() if id(p) not in covered)
-    return quantized + 4 * rest
 
 
 def estimate(
@@ -546,9 +195,6 @@ def estimate(
     return timing.apply(rows, max_steps) if timing else rows
 
 
-# ------------------------------------------------------------------------ calibrate
-
-
 def _time_steps(model, rank, target_modules, batch_size, seq_len, steps, seed) -> tuple[int, float]:
     """Seconds per step of a fresh adapter, timed by the one trial lifecycle on random
     tokens (its first step is warm-up, not timed); the base model is left as it was."""
@@ -607,9 +253,6 @@ def calibrate(
     (p0, t0), (p1, t1) = samples[0], samples[-1]
     slope = (t1 - t0) / (p1 - p0) if p1 != p0 else 0.0
     return StepTimeModel(t0 - slope * p0, slope, batch_size, seq_len, samples)
-
-
-# --------------------------------------------------------------------------- report
 
 
 def format_table(estimates: list[RankEstimate]) -> str:

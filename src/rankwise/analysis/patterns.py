@@ -12,7 +12,7 @@ Example:
     >>> config = LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"layers.1.q_proj": 2})
     >>> verify_ranks(get_peft_model(tiny_model("llama"), config), config)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    rankwise.config.ConfigError: rank_pattern key 'layers.1.q_proj' matched no LoRA module ...
+    rankwise.errors.ConfigError: rank_pattern key 'layers.1.q_proj' matched no LoRA module ...
     >>> config = LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"1.self_attn.q_proj": 2})
     >>> verify_ranks(get_peft_model(tiny_model("llama"), config), config)
     {'model.layers.0.self_attn.q_proj': 4, 'model.layers.1.self_attn.q_proj': 2}
