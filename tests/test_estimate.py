@@ -10,15 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from rankwise.analysis.estimate import (
-    RankEstimate,
-    adapter_file_bytes,
-    calibrate,
-    estimate,
-    format_table,
-    lora_param_count,
-    resolve_target_modules,
-)
+from rankwise.analysis.estimate import RankEstimate, calibrate, estimate, format_table
+from rankwise.analysis.params import adapter_file_bytes, lora_param_count, resolve_target_modules
 from rankwise.testing import save_tiny_model, tiny_model
 
 TARGETS = {
