@@ -1,5 +1,6 @@
-"""The run directory through the CLI: one search at a time (a file lock), a stale lock
-taken over, and an identity that sees every option and the data itself."""
+"""The run directory: one search at a time (a file lock), a stale lock taken over, an
+identity that sees every option and the data itself, every path of its layout, and a store
+that cannot be read (refused, or started again with --force)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from rankwise.cli import main
-from rankwise.run.store import RunStore
+from rankwise.run.ray_executor import _take_files, _write_files
+from rankwise.run.rundir import RunDir
+from rankwise.run.store import RunStore, UnreadableStore
 
 from .conftest import search_argv
 
@@ -134,3 +139,76 @@ def test_a_changed_option_is_listed_on_resume(tmp_path, llama_dir, text_jsonl, c
     assert main(search_argv(llama_dir, text_jsonl, out, ranks="1", warmup_steps=2)) == 2
     err = capsys.readouterr().err
     assert "warmup_steps: 0 -> 2" in err and err.count("\n") == 1
+
+
+# -- the layout, and a store that cannot be read ---------------------------------------------
+def test_every_path_of_the_run_directory_comes_from_rundir(tmp_path):
+    d = RunDir(tmp_path)
+    layout = [
+        (d.store, "trials.sqlite"),
+        (d.data, "data"),
+        (d.tokens, "data/tokens.safetensors"),
+        (d.trials, "trials"),
+        (d.trial_adapter("r4-s0"), "trials/r4-s0/adapter"),
+        (d.trial_adapter("lr-0.001/r4-s0"), "trials/lr-0.001_r4-s0/adapter"),
+        (d.adapter, "adapter"),
+        (d.recommendation, "recommendation.json"),
+        (d.summary, "summary.md"),
+        (d.report, "report.html"),
+    ]
+    assert [p.relative_to(tmp_path).as_posix() for p, _ in layout] == [w for _, w in layout]
+    # The way back from a trial's adapter folder (a TrialSpec's adapter_dir, on a worker or
+    # in a nested run) to its run directory, and to a sibling trial's folder.
+    adapter = d.trial_adapter("g/r4-s0")
+    assert RunDir.of_adapter(str(adapter)).path == tmp_path
+    assert RunDir.of_adapter(adapter).trial_adapter("g/nested-r2-s0") == d.trial_adapter(
+        "g/nested-r2-s0"
+    )
+    with pytest.raises(ValueError, match="not a trial adapter folder"):
+        RunDir.of_adapter(tmp_path / "adapter")
+
+
+def test_a_ray_workers_adapter_comes_back_to_the_drivers_trial_folder(tmp_path):
+    """Without a shared disk a worker trains into its own folder; the files it sends back
+    land where the driver's spec said (what --executor ray does around a trial)."""
+    driver, worker = RunDir(tmp_path / "driver"), RunDir(tmp_path / "worker")
+    adapter_dir = driver.trial_adapter("lr-0.001/r4-s0")
+    local = worker.relocate(adapter_dir)
+    assert local == worker.trial_adapter("lr-0.001/r4-s0")
+    local.mkdir(parents=True)
+    (local / "adapter_config.json").write_text('{"r": 4}')
+    _write_files(RunDir.of_adapter(adapter_dir).trials, _take_files(worker.trials))
+    assert (adapter_dir / "adapter_config.json").read_text() == '{"r": 4}'
+    assert not worker.trials.exists()
+
+
+def _unreadable_run(tmp_path) -> RunDir:
+    d = RunDir(tmp_path / "run")
+    d.path.mkdir()
+    d.store.write_text("not a database\n")
+    for path in (d.summary, d.trial_adapter("r1-s0") / "adapter_config.json", d.tokens):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(path.name)
+    return d
+
+
+def test_an_unreadable_store_is_refused_naming_force_and_kept(tmp_path):
+    d = _unreadable_run(tmp_path)
+    before = {p: p.read_bytes() for p in d.path.rglob("*") if p.is_file()}
+    hint = "restore it from a backup, or pass --force to start the run again"
+    with pytest.raises(UnreadableStore, match=f"file is not a database\\); {hint}$"):
+        d.check_identity({"lr": 1})
+    with pytest.raises(UnreadableStore, match=f"file is not a database\\); {hint}$"):
+        d.open_store()
+    assert {p: p.read_bytes() for p in d.path.rglob("*") if p.is_file()} == before
+
+
+def test_force_replaces_an_unreadable_store_and_its_outputs_but_keeps_the_tokens(tmp_path):
+    d = _unreadable_run(tmp_path)
+    store = d.open_store(force=True)
+    assert store.results() == [] and store.get_meta("identity") is None
+    assert not d.summary.exists() and not d.trials.exists()
+    assert d.tokens.read_text() == "tokens.safetensors"  # checked by its own fingerprint
+    left = {p.name for p in d.path.iterdir()} - {"trials.sqlite-wal", "trials.sqlite-shm"}
+    assert left == {"data", "trials.sqlite"}
+    store.close()

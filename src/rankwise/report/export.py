@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import ConfigError
+from rankwise.run.rundir import RunDir
 
 __all__ = ["TOOLS", "Exported", "export", "export_config"]
 
@@ -93,7 +94,7 @@ def export_config(run_dir: str | Path, tool: str) -> str:
 
 def load_recommendation(run_dir: str | Path) -> dict:
     """``DIR/recommendation.json``, checked to hold a recommended rank and its LoraConfig."""
-    path = Path(run_dir) / "recommendation.json"
+    path = RunDir(run_dir).recommendation
     if not Path(run_dir).is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
     if not path.is_file():

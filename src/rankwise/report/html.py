@@ -51,6 +51,7 @@ from rankwise.report.summary import (
     trial_table_rows,
 )
 from rankwise.report.view import REPORT_FILE, RunView, _view
+from rankwise.run.rundir import ADAPTER_DIR
 from rankwise.search import metrics
 
 # -- report.html -------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def report_html(run: str | Path | RunView) -> str:
 
 def _spectra_html(view: RunView) -> str:
     """The recommended adapter's effective ranks by layer × module, once it is delivered."""
-    adapter = view.run_dir / (view.recommendation["adapter_dir"] or "adapter")
+    adapter = view.run_dir / (view.recommendation["adapter_dir"] or ADAPTER_DIR)
     if not adapter.is_dir():
         return ""
     from rankwise.analysis.spectra import (

@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 from rankwise.records import COMPLETE, TrialResult, TrialSpec
+from rankwise.run.rundir import RunDir
 from rankwise.search import metrics
 
 __all__ = ["Progress", "trial_line", "score_text"]
@@ -115,6 +116,5 @@ class Progress:
     def done(self, rec, run_dir) -> None:
         self.log(f"recommendation: {rec.reason}")
         if rec.rank is not None:
-            self.log(
-                f"adapter: {run_dir}/adapter   details: {run_dir}/summary.md, {run_dir}/report.html"
-            )
+            d = RunDir(run_dir)
+            self.log(f"adapter: {d.adapter}   details: {d.summary}, {d.report}")

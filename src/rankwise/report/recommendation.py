@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rankwise.records import TrialResult
+from rankwise.run.rundir import ADAPTER_DIR
 from rankwise.search import metrics
 from rankwise.search.criteria import Criterion, Recommendation
 from rankwise.search.scores import RankScore, improvement_share
@@ -71,7 +72,7 @@ def recommendation_doc(x: RecommendationInputs) -> dict:
         "base_val_loss": x.base_loss,
         "strategy": o.search.strategy,
         "lora_config": x.lora,
-        "adapter_dir": "adapter" if x.lora else None,
+        "adapter_dir": ADAPTER_DIR if x.lora else None,
         "model": o.model.model,
         "name": x.name,
         "learning_rate": {"lr": x.lr, "calibrated": x.lr_record is not None, **(x.lr_record or {})},

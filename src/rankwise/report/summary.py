@@ -10,6 +10,7 @@ from typing import Any
 from rankwise.config import format_bytes
 from rankwise.records import TrialKind, TrialResult
 from rankwise.report.view import SUMMARY_FILE, RunView, _view
+from rankwise.run.rundir import ADAPTER_DIR
 from rankwise.search import metrics
 
 
@@ -163,7 +164,7 @@ def config_snippet(run: str | Path | RunView) -> str:
     lora = rec["lora_config"]
     first = [k for k in ("r", "lora_alpha", "use_rslora", "target_modules") if k in lora]
     args = "".join(f"    {k}={_py(lora[k])},\n" for k in first + sorted(set(lora) - set(first)))
-    adapter = (view.run_dir / (rec["adapter_dir"] or "adapter")).as_posix()
+    adapter = (view.run_dir / (rec["adapter_dir"] or ADAPTER_DIR)).as_posix()
     lines = [
         "from peft import LoraConfig, PeftModel",
         "",

@@ -11,6 +11,7 @@ from typing import Any
 from rankwise.config import DEFAULT_RANKS
 from rankwise.errors import ConfigError
 from rankwise.records import TrialKind, TrialResult
+from rankwise.run.rundir import RECOMMENDATION_FILE, REPORT_FILE, SUMMARY_FILE  # noqa: F401
 from rankwise.run.store import RunStore
 from rankwise.search import metrics
 from rankwise.search.criteria import Criterion, recommend
@@ -33,15 +34,6 @@ _REC_DEFAULTS: dict[str, Any] = {
     "confidence": None,
     "diagnosis": None,
 }
-
-
-RECOMMENDATION_FILE = "recommendation.json"
-
-
-SUMMARY_FILE = "summary.md"
-
-
-REPORT_FILE = "report.html"
 
 
 @dataclass(frozen=True)

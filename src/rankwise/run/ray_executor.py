@@ -15,6 +15,7 @@ from rankwise.config import ExecutorConfig
 from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
 from rankwise.run.parallel import RETRIES, Arrival, _Job, annotated, drive_parallel, lost_result
+from rankwise.run.rundir import RunDir
 
 INSTALL_HINT = "--executor ray: Ray is not installed; pip install rankwise[ray]"
 
@@ -28,7 +29,7 @@ class Worker:
         import torch
 
         torch.set_num_threads(threads)  # one trial per worker: its share of the cores
-        self.local: Path | None = None  # tokens and adapters when the disk is not shared
+        self.local: RunDir | None = None  # tokens and adapters when the disk is not shared
 
     def run(self, spec_json: str, task: tuple = (), tokens: list | None = None) -> dict:
         """Train one trial (``task``: ``("nested", ranks, scale_for, distribution)`` for a
@@ -38,7 +39,7 @@ class Worker:
         from rankwise.training.trial import run_trial
 
         spec = TrialSpec.from_json(spec_json)
-        trials_root = Path(spec.adapter_dir).parent.parent if spec.adapter_dir else None
+        ships_adapter = tokens is not None and bool(spec.adapter_dir)
         if tokens is not None:
             spec = self._localise(spec, tokens[0])
         spec = _visible_device(spec)
@@ -54,8 +55,8 @@ class Worker:
             "healthy": _healthy(ctx.device, results),
             "info": {"host": socket.gethostname(), "pid": os.getpid()},
         }
-        if tokens is not None and trials_root is not None:
-            out["files"] = _take_files(self.local / "trials")
+        if ships_adapter:  # the driver's disk is not this worker's: send the adapter back
+            out["files"] = _take_files(self.local.trials)
         return out
 
     def _localise(self, spec: TrialSpec, ref) -> TrialSpec:
@@ -64,13 +65,11 @@ class Worker:
             import ray
             from safetensors.torch import save_file
 
-            self.local = Path(tempfile.mkdtemp(prefix="rankwise-worker-"))
-            (self.local / "data").mkdir()
-            save_file(ray.get(ref), str(self.local / "data" / "tokens.safetensors"))
-        adapter = None
-        if spec.adapter_dir:
-            adapter = str(self.local / "trials" / Path(spec.adapter_dir).parent.name / "adapter")
-        return spec.replace(data_dir=str(self.local / "data"), adapter_dir=adapter)
+            self.local = RunDir(tempfile.mkdtemp(prefix="rankwise-worker-"))
+            self.local.data.mkdir()
+            save_file(ray.get(ref), str(self.local.tokens))
+        adapter = str(self.local.relocate(spec.adapter_dir)) if spec.adapter_dir else None
+        return spec.replace(data_dir=str(self.local.data), adapter_dir=adapter)
 
 
 def _visible_device(spec: TrialSpec) -> TrialSpec:
@@ -175,7 +174,7 @@ class RayPool:
             if not any(r.status == COMPLETE or r.reason.startswith(OUT_OF_MEMORY) for r in results):
                 return Arrival(key, worker, None, f"GPU unusable after: {results[0].reason}")
         if "files" in out and spec.adapter_dir:
-            _write_files(Path(spec.adapter_dir).parent.parent, out["files"])
+            _write_files(RunDir.of_adapter(spec.adapter_dir).trials, out["files"])
         return Arrival(key, worker, results, info=out["info"])
 
     def cancel(self, key: str) -> None:
@@ -306,4 +305,4 @@ def _plan(cluster: dict, cfg: ExecutorConfig) -> tuple[dict, int]:
 def _token_arrays(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "data" / "tokens.safetensors"))
+    return load_file(str(RunDir(run_dir).tokens))

@@ -7,7 +7,6 @@ import gc
 from dataclasses import dataclass, field
 
 from rankwise.config import DEFAULT_RANKS, Options
-from rankwise.errors import ConfigError
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.calibrate import MAX_LR_EXTENSIONS
 from rankwise.run.rundir import RunDir, data_fingerprint
@@ -38,7 +37,6 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
     from rankwise.io.data import prepare_data, save_tokens
     from rankwise.io.models import check_targets, load_model, param_count, pick_autocast
     from rankwise.report.tracking import make_tracker
-    from rankwise.run.store import RunStore
     from rankwise.training.adapter import TrialContext
 
     identity = opts.identity()
@@ -63,10 +61,7 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
     if not opts.run.force:
         run_dir.check_identity(identity)
     tracker = make_tracker(opts.run.report_to, run_dir.path)
-    try:
-        store = RunStore(run_dir.path)
-    except OSError as exc:
-        raise ConfigError(f"--out: cannot write to {run_dir.path} ({exc})") from None
+    store = run_dir.open_store(force=opts.run.force)
     if store.claim(identity, force=opts.run.force):
         run_dir.clear_outputs()
     store.set_meta("options", opts.to_flat())

@@ -4,12 +4,20 @@ A trial's row is written ``running`` when it starts and replaced by its result i
 one transaction when it ends, so a crash (Ctrl-C, kill -9, power loss) leaves at
 worst a ``running`` row, which the next run discards and redoes. A finished row's
 result is never rewritten; only an annotation may change (:meth:`RunStore.annotate`:
-whether a trial run ahead by a parallel search turned out to be needed). WAL mode lets ``rankwise show``/``report`` read while a search
-writes.
+whether a trial run ahead by a parallel search turned out to be needed). WAL mode lets
+``rankwise show``/``report`` read while a search writes.
+
+A store is checked when it is opened, so every caller gets the same one-line
+:class:`UnreadableStore` (a :class:`~rankwise.errors.ConfigError`) instead of a
+``sqlite3.DatabaseError`` traceback: a file that is not a database, a damaged or truncated
+one (``PRAGMA quick_check``), a database without the store's tables or columns, or one
+written by a newer rankwise (``PRAGMA user_version`` above :data:`SCHEMA_VERSION`). The
+check writes nothing: the file is left as it was found, for a backup to replace it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -19,9 +27,22 @@ from typing import Any
 from rankwise.errors import ConfigError
 from rankwise.records import TrialResult, TrialSpec
 
-__all__ = ["RunStore", "STORE_FILE", "identity_diff", "raise_if_different"]
+__all__ = [
+    "RunStore",
+    "SCHEMA_VERSION",
+    "STORE_FILE",
+    "UnreadableStore",
+    "identity_diff",
+    "raise_if_different",
+    "remove_store",
+]
 
 STORE_FILE = "trials.sqlite"
+
+# PRAGMA user_version of the stores this rankwise writes. 0 is a store written before the
+# version was recorded (the same tables as 1). Raise it when a change would make an older
+# rankwise misread a store; an older rankwise then refuses the newer store in one line.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,9 +61,46 @@ CREATE TABLE IF NOT EXISTS trials (
 );
 """
 
+# SQLite's companions of a WAL database (its log and the log's shared-memory index).
+_SIDE_FILES = ("-wal", "-shm")
+
+
+class UnreadableStore(ConfigError):
+    """``DIR/trials.sqlite`` exists but is not a store this rankwise can use.
+
+    The message is one line: the file, the problem, the fix and the alternative
+    (:meth:`otherwise` swaps the alternative, e.g. for ``--force``).
+
+    Example:
+        >>> e = UnreadableStore(Path("r/trials.sqlite"), "damaged")
+        >>> str(e)
+        'r/trials.sqlite: damaged; restore it from a backup, or remove r to discard the run'
+        >>> str(e.otherwise("pass --force"))
+        'r/trials.sqlite: damaged; restore it from a backup, or pass --force'
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        problem: str,
+        fix: str = "restore it from a backup",
+        alternative: str | None = None,
+    ):
+        self.path, self.problem, self.fix = Path(path), problem, fix
+        self.alternative = alternative or f"remove {self.path.parent} to discard the run"
+        super().__init__(f"{self.path}: {problem}; {fix}, or {self.alternative}")
+
+    def otherwise(self, alternative: str) -> UnreadableStore:
+        """The same error with another way out after the fix."""
+        return UnreadableStore(self.path, self.problem, self.fix, alternative)
+
 
 class RunStore:
     """The run's trials and metadata in ``DIR/trials.sqlite``.
+
+    ``readonly`` opens an existing store for reading (``rankwise show``/``report``);
+    otherwise the directory and the store are created if missing. Either way a file that
+    is not a usable store raises :class:`UnreadableStore` and is left untouched.
 
     Example:
         >>> import tempfile
@@ -54,15 +112,11 @@ class RunStore:
     def __init__(self, run_dir: str | Path, readonly: bool = False):
         self.dir = Path(run_dir)
         self.path = self.dir / STORE_FILE
-        if readonly:
-            if not self.path.exists():
-                raise ConfigError(f"{self.dir}: no rankwise run here (missing {STORE_FILE})")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-        else:
+        if readonly and not self.path.exists():
+            raise ConfigError(f"{self.dir}: no rankwise run here (missing {STORE_FILE})")
+        if not readonly:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(_SCHEMA)
+        self.db = _open(self.path, readonly)
         self.db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -201,3 +255,95 @@ def raise_if_different(run_dir, stored: dict[str, Any], new: dict[str, Any]) -> 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
+
+
+def remove_store(run_dir: str | Path) -> None:
+    """Delete ``DIR/trials.sqlite`` and SQLite's companions of it (``--force`` on a store
+    that cannot be read; no connection may be open)."""
+    path = Path(run_dir) / STORE_FILE
+    for suffix in ("", *_SIDE_FILES, "-journal"):  # -journal: a rollback-mode database's
+        _side(path, suffix).unlink(missing_ok=True)
+
+
+# -- opening --------------------------------------------------------------------------------
+def _open(path: Path, readonly: bool) -> sqlite3.Connection:
+    """A connection to the store at ``path``, checked before anything is written to it."""
+    new = not path.exists() or path.stat().st_size == 0
+    before = {s for s in _SIDE_FILES if _side(path, s).exists()}
+    if readonly:  # a URI, percent-encoded, so any directory name is read as a path
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=30)
+    else:
+        db = sqlite3.connect(path, timeout=30)
+    try:
+        _check(db, path, empty_ok=new and not readonly)
+        if not readonly:
+            db.execute("PRAGMA journal_mode=WAL")  # after the check: it rewrites the header
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return db
+    except UnreadableStore:
+        db.close()
+        raise
+    except sqlite3.OperationalError as exc:  # locked, no permission: not damage
+        db.close()
+        raise ConfigError(f"{path}: cannot open the store ({_one_line(exc)})") from None
+    except sqlite3.DatabaseError as exc:  # not a database, or not a whole one
+        db.close()
+        # A read-only connection leaves SQLite's companions behind. No search can be using
+        # a damaged file, so those this open created go, and the directory is as it was.
+        for s in set(_SIDE_FILES) - before:
+            _side(path, s).unlink(missing_ok=True)
+        raise UnreadableStore(path, f"not a readable rankwise store ({_one_line(exc)})") from None
+
+
+def _check(db: sqlite3.Connection, path: Path, empty_ok: bool) -> None:
+    """Raise :class:`UnreadableStore` unless ``db`` is a store of a known version (or,
+    ``empty_ok``, an empty database about to become one), and ``sqlite3.DatabaseError``
+    if it is damaged. Reads only."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise UnreadableStore(
+            path,
+            f"written by a newer rankwise (store schema {version}; this one reads "
+            f"{SCHEMA_VERSION} and older)",
+            fix="upgrade rankwise",
+        )
+    problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+    if problems != ["ok"]:  # damage SQLite finds only by reading every page
+        raise sqlite3.DatabaseError(_one_line(problems))
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables and empty_ok:
+        return
+    for table, columns in _columns().items():
+        if table not in tables:
+            what = "an empty database" if not tables else f"a database without a {table} table"
+            raise UnreadableStore(path, f"not a rankwise store ({what})")
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if missing := [c for c in columns if c not in have]:
+            raise UnreadableStore(
+                path,
+                f"not a rankwise store of this version (table {table} has no column "
+                f"{', '.join(missing)})",
+            )
+
+
+@functools.cache
+def _columns() -> dict[str, list[str]]:
+    """Each table's columns, read from :data:`_SCHEMA` itself (one declaration)."""
+    db = sqlite3.connect(":memory:")
+    db.executescript(_SCHEMA)
+    names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    out = {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in names}
+    db.close()
+    return {t: cols for t, cols in out.items() if not t.startswith("sqlite_")}
+
+
+def _side(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _one_line(problem: Exception | list[str]) -> str:
+    """The first meaningful line of an SQLite error or of ``quick_check``'s report."""
+    text = "\n".join(problem) if isinstance(problem, list) else str(problem)
+    lines = [s.strip() for s in text.splitlines() if s.strip() and not s.startswith("***")]
+    return (lines[0] if lines else type(problem).__name__)[:200]

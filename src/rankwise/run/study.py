@@ -255,6 +255,7 @@ class Study:
         self._write(rec, answer.lora, trials, rank_scores(trials), extras)
         self._refresh(final=True)
         session.tracker.close()
+        session.store.close()  # with gc.freeze() nothing else would: checkpoint the WAL now
         self.progress.done(rec, self.dir.path)
         return SearchResult(self.dir.path, trials, rank_scores(trials), rec, answer.lora,
                             self.quantization_config())  # fmt: skip
@@ -319,7 +320,7 @@ class Study:
                 labels=ctx.data.info.get("labels"), warnings=warnings, extras=extras,
             )
         )  # fmt: skip
-        self.dir.write_json("recommendation.json", doc)
+        self.dir.write_json(self.dir.recommendation, doc)
 
     def _refresh(self, final: bool = False) -> None:
         """Rewrite summary.md and report.html so a running search can be watched.
