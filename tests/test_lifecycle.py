@@ -1,6 +1,7 @@
 """The one trial lifecycle: the base model restored bit for bit whatever the adapter made
-trainable (and however the trial ended), token-weighted gradient accumulation, and
-numerical parity with a plain PyTorch + PEFT loop written here."""
+trainable or its init rewrote (and however the trial ended), with its train/eval modes and
+gradients; token-weighted gradient accumulation; and numerical parity with a plain
+PyTorch + PEFT loop written here."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ from rankwise.training.trial import run_trial
 
 
 def digest(model) -> str:
-    """Names, values and requires_grad of every base parameter and buffer."""
+    """Names, values, requires_grad and gradient of every base parameter and buffer, and
+    the type and train/eval mode of every module."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict(keep_vars=True).items()):
         h.update(f"{name}:{getattr(t, 'requires_grad', False)}".encode())
         h.update(t.detach().cpu().numpy().tobytes())
-    h.update(repr([type(m).__name__ for m in model.modules()]).encode())
+        grad = getattr(t, "grad", None)
+        h.update(b"no grad" if grad is None else grad.detach().cpu().numpy().tobytes())
+    h.update(repr([(type(m).__name__, m.training) for m in model.modules()]).encode())
     return h.hexdigest()
 
 
@@ -70,15 +74,21 @@ def spec(arch, rank=4, bias="none", key="t", **train) -> TrialSpec:
 
 
 class FailAt(Hooks):
-    """Raises in the middle of training, after the optimizer has moved everything."""
+    """Raises in the middle of training: at step ``step``, after its backward pass (every
+    trainable parameter holds a gradient) and after earlier optimizer steps moved them all."""
 
     def __init__(self, step: int):
-        self.at = step
+        self.at, self.step_no = step, 0
 
     def step(self, peft_model, step):
-        if step == self.at:
-            raise RuntimeError("boom")
+        self.step_no = step
         return super().step(peft_model, step)
+
+    def optimizer_step(self, peft_model, optimizer):
+        if self.step_no == self.at:
+            assert any(p.grad is not None for p in peft_model.parameters())
+            raise RuntimeError("boom")
+        super().optimizer_step(peft_model, optimizer)
 
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
@@ -95,6 +105,84 @@ def test_base_is_bit_identical_after_trials(arch, bias):
     alone = run_trial(spec(arch, 2, bias), context(MODELS[arch]()))
     assert run_trial(spec(arch, 2, bias), ctx).best_val_loss == alone.best_val_loss
     assert first.best_val_loss == alone.best_val_loss
+
+
+def test_the_callers_modes_and_gradients_survive_a_failed_trial():
+    """A library user's model keeps its train/eval modes (mixed here) and its gradients, also
+    when a trial fails after a backward pass that gave trainable base biases gradients."""
+    ctx = context(MODELS["llama-bias"]())
+    ctx.model.train()
+    ctx.model.model.layers[0].eval()
+    weight = ctx.model.model.layers[1].mlp.up_proj.weight
+    weight.grad = torch.ones_like(weight)
+    grad, before = weight.grad, digest(ctx.model)
+    failed = run_lifecycle(spec("llama-bias", 2, "all"), ctx, FailAt(3))[0]
+    assert failed.status == "failed" and "boom" in failed.reason
+    assert digest(ctx.model) == before and weight.grad is grad
+
+
+def peek_at(param: torch.Tensor, seen: dict) -> Hooks:
+    """Hooks that note, at each evaluation, whether ``param`` differs from its value now."""
+    start = param.detach().clone()
+
+    class Peek(Hooks):
+        def evaluate(self, peft_model, run, c):
+            seen["changed"] = not torch.equal(param, start)
+            super().evaluate(peft_model, run, c)
+
+    return Peek()
+
+
+def with_init(s: TrialSpec, init) -> TrialSpec:
+    return s.replace(lora=s.lora.replace(init_lora_weights=init))
+
+
+@pytest.mark.parametrize(
+    "arch,init,bias",
+    [("gpt2", "pissa", "all"), ("llama", "pissa_niter_2", "none"), ("llama-bias", "olora", "all")],
+)
+def test_inits_that_rewrite_the_base_are_undone(arch, init, bias):
+    """PiSSA and OLoRA subtract their initial B·A from the wrapped base weights (in place,
+    for OLoRA in fp32); after the trial, complete or failed, the base is bit-identical."""
+    ctx = context(MODELS[arch]())
+    before, seen = digest(ctx.model), {}
+    wrapped = dict(ctx.model.named_parameters())[
+        "transformer.h.0.attn.c_attn.weight"
+        if arch == "gpt2"
+        else "model.layers.0.self_attn.q_proj.weight"
+    ]
+    done = run_lifecycle(with_init(spec(arch, 2, bias), init), ctx, peek_at(wrapped, seen))[0]
+    assert done.ok, done.reason
+    assert seen["changed"] and digest(ctx.model) == before  # rewritten during, restored after
+    failed = run_lifecycle(with_init(spec(arch, 4, bias), init), ctx, FailAt(3))[0]
+    assert failed.status == "failed" and digest(ctx.model) == before
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", "orthogonal", "mica"])
+def test_inits_known_to_leave_the_base_alone_do(init):
+    """The inits that are not snapshotted (PURE_INITS) really leave the base weights alone,
+    even in the middle of a trial."""
+    from rankwise.training.adapter import PURE_INITS
+
+    assert init in PURE_INITS
+    ctx = context(MODELS["llama"]())
+    before, seen = digest(ctx.model), {}
+    wrapped = ctx.model.model.layers[0].self_attn.q_proj.weight
+    r = run_lifecycle(with_init(spec("llama"), init), ctx, peek_at(wrapped, seen))[0]
+    assert r.ok, r.reason
+    assert not seen["changed"] and digest(ctx.model) == before
+
+
+@pytest.mark.parametrize("init", ["loftq", "corda", "lora_ga"])
+def test_inits_that_need_a_preparation_pass_are_refused(init):
+    from rankwise.errors import ConfigError
+
+    ctx = context(MODELS["llama"]())
+    before = digest(ctx.model)
+    with pytest.raises(ConfigError, match=f"init_lora_weights='{init}'.*accepted: True") as err:
+        run_trial(with_init(spec("llama"), init), ctx)
+    assert "\n" not in str(err.value) and "'pissa'" in str(err.value)
+    assert digest(ctx.model) == before
 
 
 def test_trainable_biases_do_move_during_training():
@@ -125,24 +213,25 @@ def test_injection_that_fails_leaves_the_base_alone():
 def test_modules_to_save_are_restored():
     """PEFT swaps a trained copy in for a modules_to_save module on unload; the lifecycle
     puts the original back."""
-    from rankwise.training import lifecycle as trial
+    from rankwise.training import adapter
 
     ctx = context(MODELS["llama"]())
     before = digest(ctx.model)
-    original = trial.lora_config
+    original = adapter.lora_config
 
     def with_head(s):
         cfg = original(s)
         cfg.modules_to_save = ["lm_head"]
         return cfg
 
-    trial.lora_config = with_head
+    adapter.lora_config = with_head
     try:
         r = run_trial(spec("llama"), ctx)
+        failed = run_lifecycle(spec("llama"), ctx, FailAt(3))[0]
     finally:
-        trial.lora_config = original
+        adapter.lora_config = original
     assert r.ok and r.trainable_params > 128 * 64  # the head copy trained
-    assert digest(ctx.model) == before
+    assert failed.status == "failed" and digest(ctx.model) == before
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

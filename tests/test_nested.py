@@ -24,6 +24,8 @@ from rankwise.training.nested import (
 )
 from rankwise.training.trial import run_trial
 
+from .test_lifecycle import digest
+
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 ALPHA = 8.0
 POLICIES = {  # scale_for(r) of each alpha policy, as rankwise.config.LoraSettings.scaling
@@ -167,7 +169,7 @@ def test_run_nested_records_adapters_and_base(tmp_path):
     ranks = [1, 2, 4]
     model = tiny_model()
     ctx = random_ctx(model)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base_state, base_digest = {k: v.clone() for k, v in model.state_dict().items()}, digest(model)
     spec = make_spec(tmp_path, 4, steps=6, eval_every=3)
     scale_for = POLICIES["fixed"][1]
     results = run_nested(spec, ranks, ctx, scale_for)
@@ -177,6 +179,7 @@ def test_run_nested_records_adapters_and_base(tmp_path):
     after = model.state_dict()
     assert after.keys() == base_state.keys()
     assert all(torch.equal(after[k], v) for k, v in base_state.items())
+    assert digest(model) == base_digest  # train/eval modes and gradients too
     for res in results:
         assert res.ok, res.reason
         assert math.isfinite(res.best_val_loss) and res.steps == 6
@@ -240,6 +243,28 @@ def test_one_rank_is_run_trial(tmp_path):
         assert [s for s, _ in got] == [s for s, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
     assert nested.trainable_params == plain.trainable_params
+
+
+def test_early_stopping_holds_under_nested_training(tmp_path, tiny_ctx):
+    """--early-stopping-patience is not ignored under nested training: the run stops at the
+    first evaluation where no truncation has improved for `patience` evaluations. Not at the
+    first stalled rank: at step 6 ranks 2 and 4 had spent their patience (best at step 2)
+    while rank 1 had just improved (step 4), and the run went on to step 8."""
+    from rankwise.training.lifecycle import _patience_spent
+
+    spec = make_spec(tmp_path, 4, steps=40, lr=1e-2, eval_every=2)
+    spec = spec.replace(train=spec.train.replace(early_stopping_patience=2))
+    results = run_nested(spec, [1, 2, 4], tiny_ctx, POLICIES["fixed"][1])
+    tc = spec.train
+    assert all(r.ok and r.early_stopped for r in results)
+    assert {r.steps for r in results} == {8} and {r.val_curve[-1][0] for r in results} == {8}
+    curves = {r.rank: r.val_curve for r in results}
+    assert all(_patience_spent(c, tc) for c in curves.values())  # nothing improving: stop
+    at_6 = {rank: _patience_spent(c[:3], tc) for rank, c in curves.items()}
+    assert at_6 == {1: False, 2: True, 4: True}  # rank 1 still improving: go on
+    assert [r.best_step for r in results] == [4, 2, 2]
+    for r in results:  # each rank's adapter is its own best checkpoint
+        assert (tmp_path / "trials" / r.key / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_keys_and_folders_follow_the_study(tmp_path):

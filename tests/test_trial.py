@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
@@ -11,13 +9,7 @@ from rankwise.records import TrialSpec
 from rankwise.training.adapter import attach_adapter
 from rankwise.training.trial import run_trial
 
-
-def digest(model) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
+from .test_lifecycle import digest  # values, grads, requires_grad and train/eval modes
 
 
 @pytest.fixture
@@ -149,3 +141,20 @@ def test_max_trial_time_stops_and_scores_what_was_reached(ctx):
     r = run_trial(s, ctx)
     assert r.status == "complete" and r.time_limited and r.steps < 1000
     assert r.val_curve[-1][0] == r.steps and r.best_val_loss is not None
+
+
+def test_a_trial_early_stops_at_the_first_spent_patience(ctx):
+    """A rate that overfits the random blocks: the val loss stops improving, and the trial
+    ends at the first evaluation whose last `patience` points did not beat the best before."""
+    from rankwise.training.lifecycle import _patience_spent
+
+    s = spec(4)
+    s = s.replace(
+        train=s.train.replace(max_steps=40, lr=3e-2, grad_accum=1, early_stopping_patience=2)
+    )
+    r = run_trial(s, ctx)
+    assert r.ok and r.early_stopped and r.steps < 40
+    assert r.val_curve[-1][0] == r.steps
+    spent = [_patience_spent(r.val_curve[:n], s.train) for n in range(1, len(r.val_curve) + 1)]
+    assert spent[-1] and not any(spent[:-1])
+    assert r.best_val_loss == min(v for _, v in r.val_curve)

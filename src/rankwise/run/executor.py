@@ -26,6 +26,7 @@ each trial's adapter files come back with its result and are written under ``DIR
 
 Example (a parallel grid over a fake pool: two trials at a time, told in order):
     >>> from rankwise.search.strategies import Grid
+    >>> from rankwise.run.parallel import drive_parallel
     >>> from rankwise.testing import FakePool, FakeRunner
     >>> pool = FakePool(slots=2, loss=lambda spec: 1.0 / spec.rank)
     >>> grid = drive_parallel(Grid(ranks=[1, 2, 4, 8]), FakeRunner(), pool=pool)

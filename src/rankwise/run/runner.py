@@ -268,7 +268,7 @@ class TrialRunner:
         if all(r is not None for r in stored):
             return stored
         spec = self.spec_for(r_max, seed, variant)
-        spec = spec.replace(key=nested_key(r_max, seed, variant.group))
+        spec = spec.replace(key=nested_key(r_max, seed, variant.group), kind=TrialKind.NESTED)
         self.store.start(spec)
         s = self.opts.search
         with self.progress.trial(spec) as bar:

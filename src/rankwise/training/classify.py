@@ -21,7 +21,7 @@ Example:
     >>> label_set(rows, DataConfig(), "train.jsonl")
     Traceback (most recent call last):
     ...
-    rankwise.config.ConfigError: --label-field label: train.jsonl, record 3 has no field 'label' (fields found: text)
+    rankwise.errors.ConfigError: --label-field label: train.jsonl, record 3 has no field 'label' (fields found: text)
 """
 
 from __future__ import annotations

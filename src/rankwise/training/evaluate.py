@@ -17,14 +17,41 @@ def _autocast(device: str, dtype: str | None):
     return torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def _token_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over the loss tokens, number of loss tokens)."""
+# Per-block validation losses kept with a trial, at most: blocks beyond it are averaged in
+# consecutive groups. 256 pairs estimate the standard error of a paired difference to ~5%.
+MAX_BLOCKS = 256
+
+
+def _token_loss(
+    model, ids: torch.Tensor, labels: torch.Tensor, blocks: list | None = None
+) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over the loss tokens, number of loss tokens);
+    with ``blocks``, each block's mean loss is appended to it (blocks with a loss token)."""
     logits = model(input_ids=ids).logits[:, :-1].float()
     target = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((target != -100).sum())
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).reshape(target.shape)
+    if blocks is not None:
+        counts = (target != -100).sum(dim=1)
+        sums = losses.sum(dim=1)
+        blocks += [float(s / c) for s, c in zip(sums, counts, strict=True) if c > 0]
+    return losses.sum(), int((target != -100).sum())
+
+
+def grouped(blocks: list[float], most: int = MAX_BLOCKS) -> list[float]:
+    """``blocks`` averaged in consecutive groups so that at most ``most`` remain.
+
+    >>> grouped([1.0, 2.0, 3.0, 4.0, 5.0], most=2)
+    [1.5, 4.0]
+    """
+    if len(blocks) <= most:
+        return list(blocks)
+    edges = [round(i * len(blocks) / most) for i in range(most + 1)]
+    return [sum(blocks[a:b]) / (b - a) for a, b in zip(edges, edges[1:], strict=False)]
 
 
 def _loss_items(labels: torch.Tensor) -> int:
@@ -41,8 +68,10 @@ def evaluate(
     device: str,
     max_batches: int | None = None,
     autocast: str | None = None,
+    blocks: list | None = None,
 ):
-    """Token-weighted mean cross-entropy (nats/token) over the validation blocks."""
+    """Token-weighted mean cross-entropy (nats/token) over the validation blocks (and each
+    block's own mean appended to ``blocks``, when given)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -52,22 +81,37 @@ def evaluate(
         x = ids[start : start + batch_size].to(device)
         y = labels[start : start + batch_size].to(device)
         with _autocast(device, autocast):
-            loss, n = _token_loss(model, x, y)
+            loss, n = _token_loss(model, x, y, blocks)
         total += float(loss)
         count += n
     model.train(was_training)
     return total / max(count, 1)
 
 
-def validation_loss(model, ctx: TrialContext, spec: TrialSpec) -> float:
+def validation_loss(model, ctx: TrialContext, spec: TrialSpec, blocks: list | None = None):
     """The validation loss a trial reports (the same blocks and batches for every rank)."""
     tc = spec.train
     d = ctx.data
     if _is_seq_cls(spec):
         return validation_scores(model, ctx, spec)["loss"]
     return evaluate(
-        model, d.val_ids, d.val_labels, tc.batch_size, ctx.device, tc.eval_batches, tc.autocast
-    )
+        model, d.val_ids, d.val_labels, tc.batch_size, ctx.device, tc.eval_batches, tc.autocast,
+        blocks,
+    )  # fmt: skip
+
+
+def measure(
+    model, ctx: TrialContext, spec: TrialSpec, blocks: list | None = None
+) -> tuple[float, dict | None]:
+    """(objective, scores) of one evaluation: the validation loss and no scores, or for a
+    classifier ``1 - metric`` (or the loss) and every metric measured. A language model's
+    per-block losses go to ``blocks`` (the paired noise of a comparison between ranks)."""
+    if not _is_seq_cls(spec):
+        return validation_loss(model, ctx, spec, blocks), None
+    from rankwise.search.metrics import objective
+
+    scores = validation_scores(model, ctx, spec)
+    return objective(scores, spec.train.metric), scores
 
 
 def validation_scores(model, ctx: TrialContext, spec: TrialSpec) -> dict[str, float]:

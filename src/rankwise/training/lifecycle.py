@@ -10,12 +10,17 @@ timing runs of ``estimate --calibrate``.
 
 Fairness: every rank sees the same token blocks in the same order (a generator
 seeded with ``spec.train.seed``), the same schedule, steps and evaluation points, and
-the adapter is initialised after ``torch.manual_seed(spec.seed)``.
+the adapter is initialised after ``torch.manual_seed(spec.train.seed)`` (``--seed`` + the seed index).
 
 The base model is left exactly as it was (:func:`attached`): the modules PEFT wrapped
-are put back, and every base parameter the adapter made trainable (biases under
-``bias="all"|"lora_only"``, ``modules_to_save``) is restored bit for bit — also when
-injection or training fails half-way.
+are put back, every base parameter the adapter made trainable (biases under
+``bias="all"|"lora_only"``, ``modules_to_save``) and every base weight an init rewrote
+(PiSSA, OLoRA) is restored bit for bit, and the train/eval modes and gradients are the
+caller's again — also when injection or training fails half-way.
+
+The loop owns the bookkeeping (:class:`Run`): each evaluated view's curve and best
+checkpoint, and early stopping (:func:`_stalled`); a variant supplies only its difference
+through :class:`Hooks`.
 
 The loss of an optimizer step is the sum of the token losses of its micro-batches
 divided by the number of loss tokens in all of them (transformers'
@@ -71,7 +76,7 @@ def run_lifecycle(
     except Exception as exc:  # a failed trial is a record, not the end of the search
         run.status, run.reason = FAILED, failure_reason(exc, peak)
     finally:
-        run.best_state = None
+        run.drop_checkpoints()
         if run.status != COMPLETE or ctx.device.startswith("cuda"):
             # A full collection costs ~0.5 s with a model loaded; refcounting frees a normal
             # trial's tensors, so collect only where memory must come back now.
@@ -112,9 +117,25 @@ def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progre
         if over and step < tc.max_steps:
             run.time_limited = True
             break
-        if evaluated and step < tc.max_steps and _patience_spent(run.val_curve, tc):
+        if evaluated and step < tc.max_steps and _stalled(run, tc):
             run.early_stopped = True
             break
+
+
+def _stalled(run: Run, tc) -> bool:
+    """Early stopping over every evaluated view: stop once none of them has improved for
+    ``early_stopping_patience`` evaluations (a plain trial has one view, so this is
+    :func:`_patience_spent` of its curve).
+
+    A nested run keeps training while any truncation still improves: its ranks peak at
+    different steps (a small truncation can plateau while a larger one still gains, or a
+    larger one overfit first), so stopping at the first stalled one, or watching r_max
+    alone, would cut some ranks' curves short of their best and bias the rank comparison.
+    Each rank keeps its own best checkpoint, so training on past one rank's best costs it
+    nothing but compute.
+    """
+    curves = run.curves.values()
+    return bool(curves) and all(_patience_spent(c.val_curve, tc) for c in curves)
 
 
 def _patience_spent(val: list[tuple[int, float]], tc) -> bool:

@@ -45,13 +45,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from rankwise.records import COMPLETE, FAILED, TrialResult, TrialSpec
+from rankwise.records import TrialResult, TrialSpec
+from rankwise.run.rundir import RunDir
 from rankwise.training.adapter import TrialContext
-from rankwise.training.evaluate import validation_loss
 from rankwise.training.hooks import Hooks, Run, trial_result
 from rankwise.training.lifecycle import Progress, run_lifecycle
 
@@ -306,16 +307,12 @@ def _check(spec: TrialSpec, ranks: list[int], distribution: str) -> list[int]:
 
 
 class NestedHooks(Hooks):
-    """The lifecycle's hooks for nested-rank training: a drawn active rank per optimizer
-    step (the inactive components held still), every truncation evaluated, and each
-    rank's best truncation saved as a plain rank-r adapter."""
+    """Nested-rank training's difference from a plain trial: a drawn active rank per
+    optimizer step (the inactive components held still), one view per truncation (the loop
+    evaluates each and keeps its best), and each rank's best saved as a plain rank-r adapter."""
 
     def __init__(self, ranks: list[int], scale_for: ScaleFor, draw: RankSampler):
         self.ranks, self.scale_for, self.draw = ranks, scale_for, draw
-        self.val_curves: dict[int, list[tuple[int, float]]] = {r: [] for r in ranks}
-        self.best: dict[int, tuple[float, int]] = {}
-        self.best_state: dict[int, dict] = {}
-        self.own_seconds = dict.fromkeys(ranks, 0.0)  # a rank's own evaluations and save
         self.steps_at = dict.fromkeys(ranks, 0)
         self.trainable: dict[int, int] = {}
         self.b = ranks[-1]
@@ -335,37 +332,36 @@ class NestedHooks(Hooks):
         optimizer.step()
         _restore(held)
 
-    def evaluate(self, peft_model, run: Run, ctx: TrialContext) -> None:
-        """Evaluate every truncation; keep each rank's best checkpoint (its truncated state)."""
+    def views(self, peft_model, run: Run) -> dict[int, Callable]:
+        """Every truncation, each as the rank-r adapter it stands for."""
+        return {
+            r: partial(active_rank, peft_model, r, self.scale_for(r), self.adapter)
+            for r in self.ranks
+        }
+
+    def checkpoint(self, peft_model, view: int) -> dict[str, torch.Tensor]:
+        """Rank ``view``'s truncation of the adapter (what :meth:`save` writes)."""
         from peft import get_peft_model_state_dict
 
-        improved = []
-        for r in self.ranks:
-            t = time.perf_counter()
-            with active_rank(peft_model, r, self.scale_for(r)):
-                loss = validation_loss(peft_model, ctx, run.spec)
-            self.val_curves[r].append((run.step, loss))
-            if math.isfinite(loss) and (r not in self.best or loss < self.best[r][0]):
-                self.best[r] = (loss, run.step)
-                improved.append(r)
-            self.own_seconds[r] += time.perf_counter() - t
-        if improved:
-            full = get_peft_model_state_dict(peft_model)
-            for r in improved:
-                self.best_state[r] = truncate_state(full, r)
+        return truncate_state(get_peft_model_state_dict(peft_model), view)
 
     def save(self, peft_model, run: Run) -> None:
-        config = peft_model.peft_config[peft_model.active_adapter]
-        for r, best in self.best_state.items():
+        config = peft_model.peft_config[self.adapter]
+        for r in self.ranks:
+            curve = run.curve(r)
+            if curve.best_state is None:
+                continue
             t = time.perf_counter()
-            save_truncated(best, r, nested_adapter_dir(run.spec, r), self.scale_for(r), config)
-            self.own_seconds[r] += time.perf_counter() - t
-        self.best_state.clear()
+            save_truncated(
+                curve.best_state, r, nested_adapter_dir(run.spec, r), self.scale_for(r), config
+            )
+            curve.own_seconds += time.perf_counter() - t
 
     def results(self, run: Run) -> list[TrialResult]:
+        """One record per rank; the shared cost is charged to r_max (see the module doc)."""
         spec, r_max = run.spec, self.ranks[-1]
         wall = run.wall_seconds
-        others = sum(s for r, s in self.own_seconds.items() if r != r_max)
+        others = sum(run.curve(r).own_seconds for r in self.ranks if r != r_max)
         shared = {
             "nested": True,
             "r_max": r_max,
@@ -376,28 +372,19 @@ class NestedHooks(Hooks):
         }
         out = []
         for r in self.ranks:
-            best = self.best.get(r)
-            status, reason = run.status, run.reason
-            if status == COMPLETE and best is None:
-                status, reason = FAILED, "no finite validation loss"
             top = r == r_max
+            setup = run.first_step_at - run.started_at if top and run.first_step_at else 0.0
             out.append(
                 trial_result(
                     run,
+                    view=r,
                     key=nested_key(r, spec.seed, spec.group),
                     rank=r,
-                    status=status,
-                    reason=reason,
                     lora_alpha=lora_alpha_for(self.scale_for(r), r, spec.lora.use_rslora),
-                    best_val_loss=best[0] if best else None,
-                    best_step=best[1] if best else None,
-                    val_curve=self.val_curves[r],
                     trainable_params=self.trainable.get(r),
                     train_tokens=run.tokens if top else 0,
-                    wall_seconds=wall - others if top else self.own_seconds[r],
-                    setup_seconds=(run.first_step_at - run.started_at)
-                    if top and run.first_step_at
-                    else 0.0,
+                    wall_seconds=wall - others if top else run.curve(r).own_seconds,
+                    setup_seconds=setup,
                     tokens_per_second=run.tokens / wall if top and run.tokens else None,
                     extra={**shared, "steps_at_rank": self.steps_at[r]},
                 )
@@ -420,8 +407,9 @@ def nested_adapter_dir(spec: TrialSpec, rank: int) -> Path | None:
     named after its key as the Study names trial folders (``/`` → ``_``)."""
     if not spec.adapter_dir:
         return None
-    name = nested_key(rank, spec.seed, spec.group).replace("/", "_")
-    return Path(spec.adapter_dir).parent.parent / name / "adapter"
+    return RunDir.of_adapter(spec.adapter_dir).trial_adapter(
+        nested_key(rank, spec.seed, spec.group)
+    )
 
 
 def run_nested(
@@ -438,6 +426,8 @@ def run_nested(
     is the alpha policy's LoRA scale of a rank-r adapter (fixed: alpha/r; rslora:
     alpha/sqrt(r); ratio: k). Each rank's best checkpoint is saved as a plain rank-r adapter
     in :func:`nested_adapter_dir`. A failure (OOM, NaN, error) fails every rank's record.
+    Early stopping (``spec.train.early_stopping_patience``) ends the run once no truncation
+    has improved for that many evaluations (:func:`rankwise.training.lifecycle._stalled`).
     """
     ranks = _check(spec, ranks, distribution)
     draw = RankSampler(ranks, distribution, seed=spec.seed + RANK_SEED_OFFSET)
