@@ -22,30 +22,27 @@ re-running resumes finished trials. ``--report`` prints the table from the JSON.
 
 Usage::
 
-    .venv/bin/python bench/per_layer.py                   # all three tasks (~20 min, 2 cores)
-    .venv/bin/python bench/per_layer.py --tasks planted-mlp --energies 0.9 0.95  # + 2 trials
-    .venv/bin/python bench/per_layer.py --report
-    .venv/bin/python bench/per_layer.py --smoke           # seconds, for tests
+    .venv/bin/python -m bench.per_layer                   # all three tasks (~20 min, 2 cores)
+    .venv/bin/python -m bench.per_layer --tasks planted-mlp --energies 0.9 0.95  # + 2 trials
+    .venv/bin/python -m bench.per_layer --report
+    .venv/bin/python -m bench.per_layer --smoke           # seconds, for tests
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import planted
+from rankwise import search
+from rankwise.analysis.spectra import inspect_adapter
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # bench/planted.py
-
-import planted  # noqa: E402
-
-from rankwise import search  # noqa: E402
-from rankwise.analysis.spectra import inspect_adapter  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "per-layer"
 # Planted tasks: short records (seq_len 32) so that an r=32 all-linear trial takes about a
@@ -99,11 +96,15 @@ def run(task: str, args) -> dict:
     ranks = options.pop("ranks")
     out = args.out / task
     start = time.perf_counter()
+    # Smoke: 6 steps leave a near-full-rank update, of which the default energy share keeps
+    # every component; at 0.9 the spectra propose a pattern and both proposals are trained.
+    energy = {"per_layer_energy": 0.9} if args.smoke else {}
     result = search(
         strategy="grid",
         start_rank=ranks[0],
         target_modules=["all-linear"],
         per_layer=True,
+        **energy,
         out=str(out),
         quiet=True,
         **options,
@@ -132,7 +133,7 @@ def energy_sweep(task: str, energies: list[float], args) -> list[dict]:
     """The spectral pattern at other energy shares, trained from the same uniform adapter
     with the same spec (what ``--per-layer --per-layer-energy E`` would train)."""
     from rankwise.run.store import RunStore
-    from rankwise.training.eva import pattern_spec
+    from rankwise.analysis.patterns import pattern_spec
     from rankwise.training.trial import run_trial
 
     out = args.out / task
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.tasks, args.rank, args.steps, args.batch, args.eval_every = ["planted-mlp"], 4, 6, 4, 3
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-per-layer-"))
+        if args.out == OUT:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-per-layer-"))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
         rows = [

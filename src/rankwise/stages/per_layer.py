@@ -33,6 +33,7 @@ EVA is run with ``adjust_scaling_factors`` set exactly when the policy is ``rati
 which makes PEFT's alpha·r_i/r the policy's ratio·r_i.
 
 Example (the pattern of a proposal, alpha by policy):
+    >>> from rankwise.records import LoraSpec
     >>> base = LoraSpec(r=8, lora_alpha=16.0, target_modules="all-linear")
     >>> spec = pattern_spec(base, {"a.q_proj": 8, "a.v_proj": 8, "a.up_proj": 1}, "fixed")
     >>> spec.r, spec.rank_pattern, spec.lora_alpha, spec.alpha_pattern
@@ -47,11 +48,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rankwise.analysis.patterns import PROPOSALS, eva_spec, pattern_spec
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.runner import Variant
 from rankwise.search.scores import paired_scores, rank_scores
 from rankwise.stages.base import Answer, StageContext, StageOutcome
-from rankwise.training.eva import PROPOSALS, eva_spec, pattern_spec
 
 
 # -- the step after the search ---------------------------------------------------------------

@@ -3,79 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from typing import Any
 
 import torch
 
-from rankwise.records import LoraSpec, TrainSpec, TrialResult
+from rankwise.records import TrainSpec, TrialResult
 from rankwise.training.adapter import TrialContext
 from rankwise.training.hooks import Hooks, Run, trial_result
 
-PROPOSALS = ("spectral", "eva")
-
-
-# PEFT's default: a module's PCA stops once its components' cosine similarity between two
-# batches is at least this (EvaConfig.tau).
-EVA_TAU = 0.99
-
-
 # get_peft_model says so for every EVA adapter; rankwise attaches to a loaded model.
 warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem")
-
-
-def module_alpha(policy: str, reference: LoraSpec, rank: int) -> float:
-    """``lora_alpha`` of a module at ``rank`` under the alpha policy (see the module doc).
-
-    >>> ref = LoraSpec(r=16, lora_alpha=32.0)
-    >>> module_alpha("fixed", ref, 4), module_alpha("rslora", ref, 4), module_alpha("ratio", ref, 4)
-    (32.0, 32.0, 8.0)
-    """
-    if policy == "ratio":
-        return reference.lora_alpha * rank / reference.r
-    return reference.lora_alpha
-
-
-def pattern_spec(reference: LoraSpec, ranks: dict[str, int], policy: str) -> LoraSpec:
-    """``reference`` with every module at its rank in ``ranks``: ``r`` is the most common
-    rank (on a tie the smaller), the others go to ``rank_pattern``; alpha by the policy."""
-    counts = Counter(ranks.values())
-    r = max(counts, key=lambda k: (counts[k], -k))
-    rank_pattern = {name: k for name, k in ranks.items() if k != r}
-    alpha = module_alpha(policy, reference, r)
-    alpha_pattern = {
-        name: a
-        for name, k in rank_pattern.items()
-        if (a := module_alpha(policy, reference, k)) != alpha
-    }
-    return reference.replace(
-        r=r,
-        lora_alpha=alpha,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        init_lora_weights=True,
-        eva_config=None,
-    )
-
-
-def eva_spec(reference: LoraSpec, budget_rank: int, policy: str) -> LoraSpec:
-    """EVA at a budget of ``budget_rank`` per module, any module up to ``reference.r``.
-
-    >>> eva_spec(LoraSpec(r=32, lora_alpha=8.0), 4, "fixed").eva_config
-    {'rho': 8.0, 'tau': 0.99, 'adjust_scaling_factors': False}
-    """
-    return reference.replace(
-        r=budget_rank,
-        lora_alpha=module_alpha(policy, reference, budget_rank),
-        rank_pattern={},
-        alpha_pattern={},
-        init_lora_weights="eva",
-        eva_config={
-            "rho": max(1.0, reference.r / budget_rank),
-            "tau": EVA_TAU,
-            "adjust_scaling_factors": policy == "ratio",
-        },
-    )
 
 
 # -- EVA inside the trial lifecycle ------------------------------------------------------------
