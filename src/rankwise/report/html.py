@@ -14,6 +14,9 @@ Every string that comes from the user (run name, model id, paths, reasons) is es
 Example (a run folder with two finished trials and no recommendation yet):
     >>> import tempfile
     >>> from rankwise.records import TrialResult
+    >>> from rankwise.report.summary import rank_table_rows
+    >>> from rankwise.report.view import load_run
+    >>> from rankwise.run.store import RunStore
     >>> store = RunStore(tempfile.mkdtemp())
     >>> for rank, loss in ((1, 3.2), (2, 3.1)):
     ...     store.finish(TrialResult(key=f"r{rank}-s0", rank=rank, seed=0, status="complete",
