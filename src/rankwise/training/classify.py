@@ -32,7 +32,8 @@ from typing import Any
 
 from rankwise.config import DataConfig
 from rankwise.errors import ConfigError
-from rankwise.io.data import load_records, split_records
+from rankwise.io.data import split_records
+from rankwise.io.readers import load_records
 
 __all__ = [
     "Labelled",
