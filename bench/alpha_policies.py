@@ -8,9 +8,9 @@ the curves, the calibrated rates, and the rank recommended at 1%, 0.5% and 0.25%
 
 Usage::
 
-    .venv/bin/python bench/alpha_policies.py --tasks planted-k2 planted-k8
-    .venv/bin/python bench/alpha_policies.py --tasks planted-k32
-    .venv/bin/python bench/alpha_policies.py --report
+    .venv/bin/python -m bench.alpha_policies --tasks planted-k2 planted-k8
+    .venv/bin/python -m bench.alpha_policies --tasks planted-k32
+    .venv/bin/python -m bench.alpha_policies --report
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import search_efficiency as se  # noqa: E402
-
-import rankwise  # noqa: E402
-from rankwise.search.criteria import recommend  # noqa: E402
+import rankwise
+from bench import search_efficiency as se
+from rankwise.search.criteria import recommend
 from rankwise.search.scores import rank_scores
 
 OUT = Path(__file__).parent / ".cache" / "runs" / "alpha-policies"
@@ -43,7 +40,7 @@ def run(task: str, policy: str, args) -> dict:
     k = int(task.split("-k")[1])
     options = se.planted_options(k, args, args.smoke)
     options.pop("lr")
-    out = (args.tmp if args.smoke else OUT) / f"{task}-{policy}"
+    out = args.out / f"{task}-{policy}"
     result = rankwise.search(
         strategy="grid",
         ranks=[1, 2, 4] if args.smoke else se.RANKS[task],
@@ -68,7 +65,7 @@ def run(task: str, policy: str, args) -> dict:
         "rank": {str(t): recommend(scores, t).rank for t in (0.01, 0.005, 0.0025)},
     }
     if not args.smoke:
-        (OUT / f"{task}-{policy}.json").write_text(json.dumps(row, indent=2))
+        (args.out / f"{task}-{policy}.json").write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -98,16 +95,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--report", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny planted task, seconds (for tests)")
     args = p.parse_args(argv)
     if args.smoke:
         args.tasks, args.policies = ["planted-k2"], ["fixed", "ratio"]
         args.steps, args.batch, args.eval_every = 10, 4, 5
-        args.tmp = Path(tempfile.mkdtemp(prefix="rankwise-alpha-"))
-    OUT.mkdir(parents=True, exist_ok=True)
+        if args.out == OUT:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-alpha-"))
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
+        rows = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json"))]
         print(table(rows))
         return 0
     import torch

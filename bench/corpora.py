@@ -22,8 +22,8 @@ text.
 
 Usage::
 
-    python bench/corpora.py                     # bench/.cache/corpora/package-readmes.jsonl
-    python bench/corpora.py --max-records 500   # ...-n500.jsonl
+    python -m bench.corpora                     # bench/.cache/corpora/package-readmes.jsonl
+    python -m bench.corpora --max-records 500   # ...-n500.jsonl
     rankwise search --model smollm2 --train bench/.cache/corpora/package-readmes.jsonl ...
 """
 

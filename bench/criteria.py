@@ -17,8 +17,8 @@ tasks and equal to k on at least three (issue 11); the last lines say which ones
 
 Usage::
 
-    .venv/bin/python bench/criteria.py                  # the tables, from bench/.cache/curves
-    .venv/bin/python bench/criteria.py --smoke          # made-up curves, for tests
+    .venv/bin/python -m bench.criteria                  # the tables, from bench/.cache/curves
+    .venv/bin/python -m bench.criteria --smoke          # made-up curves, for tests
 
 No torch: a replay takes milliseconds.
 """
@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
+from rankwise.records import COMPLETE, TrialResult
+from rankwise.search.criteria import Criterion, recommend
+from rankwise.search.scores import rank_scores
+from rankwise.search.strategies import Ladder
 
-from rankwise.records import COMPLETE, TrialResult  # noqa: E402
-from rankwise.search.criteria import Criterion, recommend  # noqa: E402
-from rankwise.search.scores import rank_scores  # noqa: E402
-from rankwise.search.strategies import Ladder  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 CURVES = ROOT / ".cache" / "curves"
 START_RANK = 4  # rankwise's default start for a model under 1B parameters

@@ -25,8 +25,8 @@ the blocks).
 
 Usage::
 
-    .venv/bin/python bench/data_prep.py                  # 1,000,000 records; a few minutes each
-    .venv/bin/python bench/data_prep.py --smoke          # 3,000 records, seconds
+    .venv/bin/python -m bench.data_prep                  # 1,000,000 records; a few minutes each
+    .venv/bin/python -m bench.data_prep --smoke          # 3,000 records, seconds
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def write_records(path: Path, n: int, seed: int = 0) -> int:
 
 
 # -- the measured process -----------------------------------------------------------------------
-def _old_prepare(commit: str):
+def old_prepare(commit: str):
     """``prepare_data`` of an earlier commit, run against today's config module."""
     import types
 
@@ -104,7 +104,7 @@ def child(args) -> None:
     from rankwise.io.data import prepare_data
     from rankwise.testing import make_tokenizer
 
-    prepare = _old_prepare(BEFORE) if args.impl == "before" else prepare_data
+    prepare = old_prepare(BEFORE) if args.impl == "before" else prepare_data
     tokenizer = make_tokenizer()
     cfg = DataConfig(train=args.data, seq_len=args.seq_len, num_proc=args.num_proc)
     baseline = psutil.Process().memory_info().rss
@@ -176,7 +176,7 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--seq-len", type=int, default=256)
@@ -188,7 +188,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-proc", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return child(args)
+        child(args)
+        return 0
     n = 3_000 if args.smoke else args.records
     arms = ("before,after" if args.smoke else args.arms).split(",")
     if "before" in arms and not _git_has(BEFORE):
@@ -217,7 +218,8 @@ def main(argv=None) -> None:
                 f"| {r['digest']} |",
                 flush=True,
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.batch = 8, 4
     else:
         tasks = {"planted-k8": planted.make_task(8), "planted2-k8": planted2.make_task(8)}
-    rows = [measure(name, task, args.steps, args.batch, out / "runs") for name, task in tasks.items()]
+    rows = [
+        measure(name, task, args.steps, args.batch, out / "runs") for name, task in tasks.items()
+    ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "lr_horizon.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))

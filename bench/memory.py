@@ -5,9 +5,9 @@ carry over into the next): imports, RSS baseline, model load, the prediction, th
 few real training steps as rankwise.training.lifecycle runs them (fresh PEFT adapter, train mode,
 ``model(...).loss.backward()``, grad clipping, AdamW) inside ``PeakMemory``.
 
-    .venv/bin/python bench/memory.py            # full: tiny Llama, tiny GPT-2, SmolLM2-135M
-    .venv/bin/python bench/memory.py --smoke    # tiny models only, < 1 minute (CI)
-    .venv/bin/python bench/memory.py --saved    # also count autograd's saved bytes (hooks)
+    .venv/bin/python -m bench.memory            # full: tiny Llama, tiny GPT-2, SmolLM2-135M
+    .venv/bin/python -m bench.memory --smoke    # tiny models only, < 1 minute (CI)
+    .venv/bin/python -m bench.memory --saved    # also count autograd's saved bytes (hooks)
 
 The full run rewrites its own section of bench/RESULTS.md.
 """
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     summary = f"median |error| {median:.1f}%, max |error| {worst:.1f}% (target: 10% / 20%)"
     print("\n" + text + "\n\n" + summary)
     if not (args.smoke or args.no_write):
-        command = "bench/memory.py" + (" --saved" if args.saved else "")
+        command = "-m bench.memory" + (" --saved" if args.saved else "")
         write_section(
             f"{SECTION}\n\n"
             f"{datetime.date.today().isoformat()} · {machine()} · "

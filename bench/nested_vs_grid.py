@@ -25,12 +25,12 @@ nested searches run there too; re-running resumes finished work.
 
 Usage::
 
-    .venv/bin/python bench/nested_vs_grid.py                         # all five tasks
-    .venv/bin/python bench/nested_vs_grid.py --tasks planted-k2 smollm2
-    .venv/bin/python bench/nested_vs_grid.py --tasks planted-k2 --nested-steps 1000 --no-final
+    .venv/bin/python -m bench.nested_vs_grid                         # all five tasks
+    .venv/bin/python -m bench.nested_vs_grid --tasks planted-k2 smollm2
+    .venv/bin/python -m bench.nested_vs_grid --tasks planted-k2 --nested-steps 1000 --no-final
                                      # variant: 2x nested steps, no final trial (same tokens)
-    .venv/bin/python bench/nested_vs_grid.py --report                # tables from saved JSON
-    .venv/bin/python bench/nested_vs_grid.py --smoke                 # seconds, for tests
+    .venv/bin/python -m bench.nested_vs_grid --report                # tables from saved JSON
+    .venv/bin/python -m bench.nested_vs_grid --smoke                 # seconds, for tests
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,18 +45,16 @@ from types import SimpleNamespace
 
 import torch
 
+from bench import planted
+from bench import search_efficiency as se
+from rankwise import search
+from rankwise.config import Options
+from rankwise.records import COMPLETE
+from rankwise.run.store import RunStore
+from rankwise.search.criteria import recommend
+from rankwise.search.scores import rank_scores
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # bench/planted.py, bench/search_efficiency.py
-
-import planted  # noqa: E402
-import search_efficiency as se  # noqa: E402
-
-from rankwise import search  # noqa: E402
-from rankwise.config import Options  # noqa: E402
-from rankwise.records import COMPLETE  # noqa: E402
-from rankwise.run.store import RunStore  # noqa: E402
-from rankwise.search.criteria import recommend  # noqa: E402
-from rankwise.search.scores import rank_scores  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "nested-vs-grid"
 TOLERANCE = se.TOLERANCE  # rankwise's default, 1%
@@ -314,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny planted-k2 task, seconds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    cleanup = None
     if args.smoke:
         args.tasks = ["planted-k2"]
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-nested-vs-grid-"))
+        if args.out == OUT:  # a fresh folder unless --out names one (then it is kept)
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-nested-vs-grid-"))
+            cleanup = args.out
         args.grid_source = args.out / "no-reuse"
     results = args.out / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     order = {n: i for i, n in enumerate(["planted-k2", "planted-k4", "planted-k8", "planted-k32"])}
     rows.sort(key=lambda r: (r.get("variant", ""), order.get(r["task"], 9)))
     print(table(rows))
-    if args.smoke:
-        shutil.rmtree(args.out, ignore_errors=True)
+    if cleanup:
+        shutil.rmtree(cleanup, ignore_errors=True)
     return 0
 
 

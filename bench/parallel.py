@@ -20,8 +20,9 @@ during the run is printed with the table.
 
 Usage::
 
-    .venv/bin/python bench/parallel.py            # a few minutes
-    .venv/bin/python bench/parallel.py --smoke    # seconds of training, for tests
+    .venv/bin/python -m bench.parallel            # a few minutes
+    .venv/bin/python -m bench.parallel --smoke    # seconds of training
+    .venv/bin/python -m bench.parallel --smoke --strategies ladder   # tests: the speculative one
 """
 
 from __future__ import annotations
@@ -108,19 +109,26 @@ def run(model: Path, train: Path, out: Path, p: dict, strategy: str, executor: s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny model and few steps")
+    ap.add_argument(
+        "--strategies", nargs="+", default=["grid", "ladder"], choices=["grid", "ladder"]
+    )
     args = ap.parse_args(argv)
     p = SMOKE if args.smoke else FULL
     import ray
 
     torch.set_num_threads(1)  # the local executor gets what one worker gets
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    own = not ray.is_initialized()  # else join the Ray this process runs (the tests')
+    if own:
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+        )
     ray_start = time.perf_counter() - t0
     load = [os.getloadavg()[0]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model, train = make_task(Path(tmp), p)
-        for strategy in ("grid", "ladder"):
+        for strategy in args.strategies:
             local = run(model, train, Path(tmp) / f"{strategy}-local", p, strategy, "local")
             load.append(os.getloadavg()[0])
             par = run(model, train, Path(tmp) / f"{strategy}-ray", p, strategy, "ray")
@@ -128,7 +136,8 @@ def main(argv=None) -> int:
             same = all(par["losses"][k] == v for k, v in local["losses"].items())
             assert local["decided"] == par["decided"] and local["rank"] == par["rank"]
             rows.append((strategy, local, par, same))
-    ray.shutdown()
+    if own:
+        ray.shutdown()
     print(
         f"ray start: {ray_start:.1f} s; load average (1 min) during the run: "
         f"{min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores"

@@ -48,9 +48,9 @@ by a constant, the constant is a parameter here.
 
 Usage::
 
-    python bench/planted.py --k 2 8 32          # full tasks (a few seconds to a minute each)
-    python bench/planted.py --k 2 --smoke       # tiny task, for tests
-    python bench/planted.py --k 8 --modules q_proj+v_proj   # planted-k8-q_proj-v_proj
+    python -m bench.planted --k 2 8 32          # full tasks (a few seconds to a minute each)
+    python -m bench.planted --k 2 --smoke       # tiny task, for tests
+    python -m bench.planted --k 8 --modules q_proj+v_proj   # planted-k8-q_proj-v_proj
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,10 +69,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
+from rankwise.testing import CHARS, make_tokenizer, tiny_model
 
-from rankwise.testing import CHARS, make_tokenizer, tiny_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 __all__ = [
     "PlantedParams",

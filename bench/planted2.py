@@ -66,8 +66,8 @@ folder whose ``task.json`` records the same parameters is reused as is.
 
 Usage::
 
-    python bench/planted2.py --k 2 8 32         # full tasks (seconds each)
-    python bench/planted2.py --k 2 --smoke      # tiny task, for tests
+    python -m bench.planted2 --k 2 8 32         # full tasks (seconds each)
+    python -m bench.planted2 --k 2 --smoke      # tiny task, for tests
 """
 
 from __future__ import annotations
@@ -75,17 +75,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
-sys.path.insert(0, str(ROOT))
-
-from planted import (  # noqa: E402
+from bench.planted import (
     CACHE,
     EOS,
     add_bias_channel,
@@ -104,10 +99,11 @@ from planted import (  # noqa: E402
     with_update,
     write_files,
 )
-from planted import directions as _directions  # noqa: E402
-from planted import task_name as _task_name  # noqa: E402
+from bench.planted import directions as _directions
+from bench.planted import task_name as _task_name
+from rankwise.testing import TINY_VOCAB
 
-from rankwise.testing import TINY_VOCAB  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 __all__ = [
     "Planted2Params",

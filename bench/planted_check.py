@@ -12,8 +12,8 @@ confounds the rank comparison (FIELD.md, "Alpha rule vs rank curve").
 
 Usage::
 
-    python bench/planted.py --k 8 && python bench/planted_check.py --k 8
-    python bench/planted_check.py --k 8 --ranks 2 4 8 16 32 --steps 1200 --json out.json
+    python -m bench.planted --k 8 && python -m bench.planted_check --k 8
+    python -m bench.planted_check --k 8 --ranks 2 4 8 16 32 --steps 1200 --json out.json
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.planted import CACHE, TARGETS
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-from planted import CACHE, TARGETS  # noqa: E402
 
 
 def load_split(path: Path, tokenizer) -> torch.Tensor:

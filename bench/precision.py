@@ -12,9 +12,9 @@ stdlib docstrings (the ``make demo`` setting, shortened).
 
 Usage::
 
-    .venv/bin/python bench/precision.py                  # all three tasks (one thread)
-    .venv/bin/python bench/precision.py --smoke          # seconds, for tests
-    .venv/bin/python bench/precision.py --planted-cache DIR   # reuse generated tasks
+    .venv/bin/python -m bench.precision                  # all three tasks (one thread)
+    .venv/bin/python -m bench.precision --smoke          # seconds, for tests
+    .venv/bin/python -m bench.precision --planted-cache DIR   # reuse generated tasks
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from pathlib import Path
 
 import torch
 
+from bench import planted
+from rankwise import search
+from rankwise.io import models
+from rankwise.io.models import cpu_has_bf16
+from rankwise.search.scores import rank_scores
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
-import planted  # noqa: E402
-
-from rankwise import search  # noqa: E402
-from rankwise.io import models  # noqa: E402
-from rankwise.io.models import cpu_has_bf16  # noqa: E402
-from rankwise.search.scores import rank_scores  # noqa: E402
-
+OUT = ROOT / ".cache" / "runs" / "precision"
 PLANTED = {"steps": 200, "batch": 8, "eval_every": 50}
 
 
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["planted-k2", "planted-k8", "smollm2"])
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / ".cache" / "runs" / "precision")
+    p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--planted-cache", type=Path, default=planted.CACHE)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -147,7 +146,8 @@ def main(argv=None) -> int:
     models.AUTOCAST_MIN_PARAMS_CPU = 0
     if args.smoke:
         args.tasks = ["planted-k2"]
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-precision-"))
+        if args.out == OUT:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-precision-"))
     print(f"bf16 on this CPU: {cpu_has_bf16()}", file=sys.stderr)
     rows = [run_task(name, args) for name in args.tasks]
     if not args.smoke:

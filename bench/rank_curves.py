@@ -15,9 +15,9 @@ ranks keeps falling past k for want of steps, not of capacity.
 
 Usage::
 
-    .venv/bin/python bench/rank_curves.py                       # all five tasks
-    .venv/bin/python bench/rank_curves.py --k 8 --steps 300     # one task, other budget
-    .venv/bin/python bench/rank_curves.py --smoke               # seconds, for tests
+    .venv/bin/python -m bench.rank_curves                       # all five tasks
+    .venv/bin/python -m bench.rank_curves --k 8 --steps 300     # one task, other budget
+    .venv/bin/python -m bench.rank_curves --smoke               # seconds, for tests
 
 Run folders go to ``bench/.cache/runs/criteria/``; a rerun resumes finished trials.
 """
@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import planted
+from rankwise import search
+from rankwise.search.scores import rank_scores
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # bench/planted.py
-sys.path.insert(0, str(ROOT.parent / "src"))  # run from a checkout without installing
-
-import planted  # noqa: E402
-
-from rankwise import search  # noqa: E402
-from rankwise.search.scores import rank_scores  # noqa: E402
 
 CURVES = planted.CACHE / "curves"
 RUNS = planted.CACHE / "runs" / "criteria"
@@ -120,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = RUNS
     if args.smoke:
         args.k, args.ranks, args.steps, args.batch, args.eval_every = [2], [1, 2], 4, 4, 2
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-curves-"))
+        if args.out == CURVES:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-curves-"))
         runs = args.out / "runs"
     args.out.mkdir(parents=True, exist_ok=True)
     for k in args.k:

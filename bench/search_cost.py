@@ -36,32 +36,29 @@ stdlib docstrings and on installed packages' READMEs (``bench/corpora.py``).
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/search_cost.py --tasks planted-k2 planted-k8
-    .venv/bin/python bench/search_cost.py --report      # the table from saved JSON
-    .venv/bin/python bench/search_cost.py --smoke       # seconds, for tests
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.search_cost --tasks planted-k2 planted-k8
+    .venv/bin/python -m bench.search_cost --report      # the table from saved JSON
+    .venv/bin/python -m bench.search_cost --smoke       # seconds, for tests
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import planted
+from rankwise import search
+from rankwise.config import SearchConfig
+from rankwise.run.store import RunStore
+from rankwise.search.criteria import recommend
+from rankwise.search.strategies import Ladder
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-
-import planted  # noqa: E402
-
-from rankwise import search  # noqa: E402
-from rankwise.config import SearchConfig  # noqa: E402
-from rankwise.run.store import RunStore  # noqa: E402
-from rankwise.search.criteria import recommend  # noqa: E402
-from rankwise.search.strategies import Ladder  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "search-cost"
 PLANTED = {"max_steps": 300, "batch_size": 16, "eval_every": 50, "warmup_steps": 15}
@@ -113,7 +110,7 @@ def task_options(name: str, smoke: bool = False) -> tuple[dict, list[int]]:
     """rankwise.search options (data, model, training) and ranks of a task."""
     if name.startswith("smollm2"):
         if name.endswith("readmes"):
-            import corpora
+            from bench import corpora
 
             train = str(corpora.package_readmes())
         else:
@@ -122,7 +119,7 @@ def task_options(name: str, smoke: bool = False) -> tuple[dict, list[int]]:
     gen, k = name.split("-k")
     k = int(k)
     if gen == "planted2":
-        import planted2 as module
+        from bench import planted2 as module
     else:
         module = planted
     if smoke:
@@ -296,7 +293,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-search-cost-"))
+        if args.out == OUT:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-search-cost-"))
         args.tasks = ["planted-k2"]
     rows = []
     for name in args.tasks:

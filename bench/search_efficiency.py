@@ -26,34 +26,31 @@ per task); re-running resumes finished trials. ``--report`` prints the tables fr
 
 Usage::
 
-    .venv/bin/python bench/search_efficiency.py                      # all four tasks
-    .venv/bin/python bench/search_efficiency.py --tasks planted-k8 --policies fixed rslora ratio
-    .venv/bin/python bench/search_efficiency.py --report             # tables only
-    .venv/bin/python bench/search_efficiency.py --smoke              # seconds, for tests
+    .venv/bin/python -m bench.search_efficiency                      # all four tasks
+    .venv/bin/python -m bench.search_efficiency --tasks planted-k8 --policies fixed rslora ratio
+    .venv/bin/python -m bench.search_efficiency --report             # tables only
+    .venv/bin/python -m bench.search_efficiency --smoke              # seconds, for tests
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench import planted
+from rankwise import search
+from rankwise.config import SearchConfig
+from rankwise.records import COMPLETE, TrialResult
+from rankwise.search.criteria import recommend
+from rankwise.search.scores import rank_scores
+from rankwise.search.strategies import Ladder
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # bench/planted.py
-
-import planted  # noqa: E402
-
-from rankwise import search  # noqa: E402
-from rankwise.config import SearchConfig  # noqa: E402
-from rankwise.records import COMPLETE, TrialResult  # noqa: E402
-from rankwise.search.criteria import recommend  # noqa: E402
-from rankwise.search.scores import rank_scores  # noqa: E402
-from rankwise.search.strategies import Ladder  # noqa: E402
 
 OUT = ROOT / ".cache" / "runs" / "search-efficiency"
 TOLERANCE = 0.01  # the relative criterion at 1%: the rule these results were measured with
@@ -273,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.tasks, args.replay, args.policies = ["planted-k2"], [], ["fixed"]
         args.steps, args.batch, args.eval_every = 8, 4, 4
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-search-eff-"))
+        if args.out == OUT:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-search-eff-"))
     results = args.out / "results"
     results.mkdir(parents=True, exist_ok=True)
     if not args.report:

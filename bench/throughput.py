@@ -34,8 +34,8 @@ Precision (``--precisions``), each arm's setting said in the table:
 
 Usage::
 
-    .venv/bin/python bench/throughput.py                 # SmolLM2-135M, then the tiny Llama
-    .venv/bin/python bench/throughput.py --smoke         # tiny model, seconds
+    .venv/bin/python -m bench.throughput                 # SmolLM2-135M, then the tiny Llama
+    .venv/bin/python -m bench.throughput --smoke         # tiny model, seconds
 """
 
 from __future__ import annotations
@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.models, args.tiny_steps, args.pairs, args.eval_batches = ["tiny"], 5, 1, 1
         args.precisions = ["default"]
-        args.out = Path(tempfile.mkdtemp(prefix="rankwise-throughput-"))
+        if args.out == OUT:  # a fresh folder unless --out names one
+            args.out = Path(tempfile.mkdtemp(prefix="rankwise-throughput-"))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:

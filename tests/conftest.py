@@ -1,13 +1,34 @@
-"""Shared fixtures: tiny models written once per session, small data files."""
+"""Shared fixtures and helpers: tiny models written once per session, small data files, one
+TrialSpec factory (:func:`make_spec`) and the benchmarks' smoke runner (``bench_main``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 
 import pytest
 
+from rankwise.records import LoraSpec, TrainSpec, TrialSpec
+
+# One torch thread, in this process and in the ones tests start: the tiny models' tensors are
+# too small to gain from a second thread, and on two shared cores its spin-waiting made trials
+# up to 10x slower (a warm-start test: 2.35 s -> 0.18 s). Tests that compare against a Ray
+# worker (one thread each) already set it themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch may be imported before this file sets OMP_NUM_THREADS
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +87,48 @@ def chat_jsonl(tmp_path):
     return path
 
 
+_LORA_FIELDS = {f.name for f in dataclasses.fields(LoraSpec)} - {"r"}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainSpec)} - {"seed"}
+
+
+def make_spec(
+    rank: int = 4,
+    *,
+    key: str | None = None,
+    seed: int = 0,
+    model: dict | None = None,
+    data_dir: str = "",
+    adapter_dir: str | None = None,
+    **overrides,
+) -> TrialSpec:
+    """A trial on the tiny models: rank ``rank`` on q/v, four steps at a rate that moves them.
+
+    ``overrides`` go to :class:`LoraSpec` or :class:`TrainSpec` by field name (their fields do
+    not overlap but for ``seed``, which, as in ``TrialRunner.spec_for``, sets both the trial's
+    seed and its training seed). The key defaults to the search's own, ``r{rank}-s{seed}``.
+
+        >>> make_spec(2, lora_dropout=0.1, max_steps=1).lora.lora_dropout
+        0.1
+    """
+    unknown = set(overrides) - _LORA_FIELDS - _TRAIN_FIELDS
+    if unknown:
+        raise TypeError(f"make_spec: neither a LoraSpec nor a TrainSpec field: {sorted(unknown)}")
+    lora = {"lora_alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+    train = {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_every": 2}
+    lora |= {k: v for k, v in overrides.items() if k in _LORA_FIELDS}
+    train |= {k: v for k, v in overrides.items() if k in _TRAIN_FIELDS}
+    return TrialSpec(
+        key=key or f"r{rank}-s{seed}",
+        rank=rank,
+        seed=seed,
+        lora=LoraSpec(r=rank, **lora),
+        train=TrainSpec(seed=seed, **train),
+        model=model or {},
+        data_dir=data_dir,
+        adapter_dir=None if adapter_dir is None else str(adapter_dir),
+    )
+
+
 def fast_args(**over) -> dict:
     """Tiny training settings for end-to-end tests (seconds per search)."""
     args = {
@@ -79,6 +142,9 @@ def fast_args(**over) -> dict:
         # fp32 throughout, so tests compare losses exactly; --dtype auto (bf16 autocast where
         # the CPU has it) is tested on its own.
         "dtype": "float32",
+        # One seed per rank: racing (a second and third seed where an answer is close) about
+        # doubles a search's trials, and tests/test_noise.py is where it is tested.
+        "max_seeds": 1,
     }
     args.update(over)
     return args
@@ -136,3 +202,45 @@ def tiny_ctx():
     val = torch.randint(4, 100, (6, 16))
     model = tiny_model("llama").requires_grad_(False)
     return TrialContext(model, None, "cpu", TokenData(ids, ids.clone(), val, val.clone(), {}))
+
+
+# -- the benchmarks' smoke modes ----------------------------------------------------------------
+@pytest.fixture
+def bench_main(capsys):
+    """Runs a benchmark's ``main(["--smoke", *argv])`` in this process; returns its stdout.
+
+    In this process rather than a subprocess: a new interpreter spends seconds importing
+    torch, transformers and peft again. The benchmarks set torch's thread count for their
+    own measurements; it is put back.
+    """
+    import torch
+
+    def run(module, *argv: str) -> str:
+        threads = torch.get_num_threads()
+        try:
+            code = module.main(["--smoke", *argv])
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr().out
+        assert code == 0, out[-3000:]
+        return out
+
+    return run
+
+
+def table_rows(text: str, first: str = "") -> list[list[str]]:
+    """The cells of the markdown table rows in ``text`` whose first cell is ``first`` (any
+    row when empty), header and separator lines left out.
+
+        >>> table_rows("| a | b |\\n|---|---|\\n| x | 1 |\\n| y | 2 |", "y")
+        [['y', '2']]
+    """
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("| ") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if first and cells[0] != first:
+            continue
+        rows.append(cells)
+    return rows

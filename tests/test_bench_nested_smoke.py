@@ -1,29 +1,35 @@
-"""bench/nested_vs_grid.py --smoke runs end to end and prints its table."""
+"""bench/nested_vs_grid.py --smoke: one nested run beside the grid on planted-k2, and what
+the benchmark charges it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import json
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-HEADER = "| task | k | ranks | nested rank | grid rank | same? | regret (nats) |"
+import pytest
+
+from bench import nested_vs_grid
+
+from .conftest import table_rows
 
 
-def test_nested_vs_grid_smoke():
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "nested_vs_grid.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert HEADER in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| planted-k2 | 2 |")]
-    assert len(rows) == 1, proc.stdout[-3000:]
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert cells[5] in ("yes", "NO")
-    assert float(cells[7]) > 0  # nested + final tokens ÷ one r_max trial
-    curves = [line for line in proc.stdout.splitlines() if line.startswith("| planted-k2 | ")]
-    assert any("| nested | r=1,2,4:" in c for c in curves)
-    assert any("| grid | r=1,2,4:" in c for c in curves)
+def test_nested_vs_grid_smoke(bench_main, tmp_path):
+    out = bench_main(nested_vs_grid, "--out", str(tmp_path))
+    assert nested_vs_grid.HEADER in out
+    row = json.loads((tmp_path / "results" / "planted-k2.json").read_text())
+    ranks = [1, 2, 4]
+    assert row["ranks"] == ranks and sorted(map(int, row["nested_curve"])) == ranks
+    # The regret is the grid's loss at the nested rank minus at the grid's: zero when they
+    # agree, never below zero (the grid's rank is its best by the same rule).
+    assert (row["regret"] == 0) == row["same_rank"]
+    assert row["regret"] >= 0 or row["nested_rank"] > row["grid_rank"]
+    # Tokens: the nested run trains one r_max trial's worth (each step trains one drawn
+    # rank), the final trial one more; the grid trains one per trial.
+    tokens = row["tokens"]
+    assert tokens["nested"] == tokens["one_trial_r_max"] == tokens["final"]
+    assert row["tokens_vs_one_trial"] == pytest.approx(2.0)
+    assert row["tokens_vs_grid"] == pytest.approx(2 / row["grid_trials"])
+    # The table shows those numbers, and both curves.
+    [cells] = table_rows(out.split("\n\n")[0], "planted-k2")
+    assert cells[5] == ("yes" if row["same_rank"] else "NO") and cells[7] == "2.00"
+    curves = [c[1] for c in table_rows(out, "planted-k2") if c[1] in ("nested", "grid")]
+    assert curves == ["nested", "grid"]

@@ -12,7 +12,6 @@ from rankwise.cli import main
 from rankwise.config import DataConfig, ModelConfig, Options
 from rankwise.errors import ConfigError
 from rankwise.io.models import load_model
-from rankwise.records import LoraSpec, TrainSpec, TrialSpec
 from rankwise.search.criteria import recommend
 from rankwise.search.metrics import accuracy, macro_f1
 from rankwise.search.scores import RankScore
@@ -22,6 +21,7 @@ from rankwise.training.hooks import Hooks
 from rankwise.training.lifecycle import run_lifecycle
 from rankwise.training.trial import run_trial
 
+from .conftest import make_spec
 from .test_bad_input import check_error
 from .test_lifecycle import FailAt, digest
 
@@ -59,6 +59,8 @@ def classify_argv(model, train, out, *extra, ranks="1,4,16"):
         "0",
         "--val-fraction",
         "0.25",
+        "--max-seeds",  # one seed per rank (racing: tests/test_noise.py)
+        "1",
         "--quiet",
         *extra,
     ]
@@ -128,18 +130,13 @@ def labelled_context(encoder_dir, topics_jsonl):
     return TrialContext(model, tokenizer, device, encode(labelled, tokenizer, 32))
 
 
-def cls_spec(rank=4, metric="accuracy") -> TrialSpec:
-    return TrialSpec(
-        key="c",
-        rank=rank,
-        seed=0,
-        lora=LoraSpec(r=rank, lora_alpha=8, target_modules=["query", "value"]),
-        train=TrainSpec(
-            max_steps=4, batch_size=8, lr=1e-2, warmup_steps=0, eval_every=2, metric=metric
-        ),
-        model={"task": "seq-cls"},
-        data_dir="",
-    )
+# A seq-cls trial: the encoder's attention projections, scored by accuracy.
+SEQ_CLS = {
+    "target_modules": ["query", "value"],
+    "batch_size": 8,
+    "metric": "accuracy",
+    "model": {"task": "seq-cls"},
+}
 
 
 def test_base_is_bit_identical_across_seq_cls_trials(encoder_dir, topics_jsonl):
@@ -156,11 +153,11 @@ def test_base_is_bit_identical_across_seq_cls_trials(encoder_dir, topics_jsonl):
             moved["head"] = not torch.equal(trained, head)
             super().evaluate(peft_model, run, c)
 
-    first = run_lifecycle(cls_spec(), ctx, Peek())[0]
+    first = run_lifecycle(make_spec(**SEQ_CLS), ctx, Peek())[0]
     assert first.ok and moved["head"] and digest(ctx.model) == before
-    failed = run_lifecycle(cls_spec(2), ctx, FailAt(3))[0]
+    failed = run_lifecycle(make_spec(2, **SEQ_CLS), ctx, FailAt(3))[0]
     assert failed.status == "failed" and digest(ctx.model) == before
-    again = run_trial(cls_spec(), ctx)
+    again = run_trial(make_spec(**SEQ_CLS), ctx)
     assert again.best_val_loss == first.best_val_loss and again.val_metrics == first.val_metrics
 
 

@@ -137,7 +137,7 @@ def test_ratio_policy_warns_and_is_carried_into_the_config(tmp_path, llama_dir, 
 def test_lr_range_is_extended_past_an_edge_and_bracketed(tmp_path, llama_dir, text_jsonl):
     """Both candidates far too low: the best sits at the top edge, so rates beyond it are
     tried until the best is interior (or the extension limit); the bracket is recorded."""
-    from rankwise.run.study import MAX_LR_EXTENSIONS
+    from rankwise.run.calibrate import MAX_LR_EXTENSIONS
 
     out = tmp_path / "run"
     args = fast_args(max_steps=20, eval_every=5)

@@ -10,8 +10,8 @@ import pytest
 from rankwise.config import DataConfig
 from rankwise.errors import ConfigError
 from rankwise.io.data import IGNORE, detect_format, prepare_data, split_records
-from rankwise.io.readers import load_records
 from rankwise.io.formats import render_batch
+from rankwise.io.readers import load_records
 from rankwise.testing import make_tokenizer
 
 from .conftest import sentences

@@ -3,7 +3,7 @@
 The digests below were computed with ``prepare_data`` as of commit 9887486 (every record
 tokenised into Python lists, then packed). Reprint them with::
 
-    PYTHONPATH=src python tests/test_data_parity.py --commit 9887486
+    python -m tests.test_data_parity --commit 9887486
 """
 
 from __future__ import annotations
@@ -20,11 +20,7 @@ from rankwise.config import DataConfig
 from rankwise.io.data import prepare_data
 from rankwise.testing import make_tokenizer
 
-try:
-    from .conftest import sentences
-except ImportError:  # run as a script
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import sentences
+from .conftest import sentences
 
 # Awkward text on purpose: newlines inside records, a form feed (str.splitlines splits at
 # it), non-ASCII (the character tokenizer's <unk>), quotes for CSV.
@@ -124,31 +120,13 @@ def test_worker_processes_do_not_change_the_tokens(tmp_path, num_proc):
     assert digest(data) == EXPECTED["messages-jsonl"]
 
 
-def _old_prepare(commit: str):
-    """``prepare_data`` of an earlier commit, run against today's config module."""
-    import subprocess
-    import types
-
-    root = Path(__file__).resolve().parents[1]
-    src = subprocess.run(
-        ["git", "show", f"{commit}:src/rankwise/data.py"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    mod = types.ModuleType(f"rankwise._data_{commit}")
-    mod.__package__ = "rankwise"
-    sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"data.py@{commit}", "exec"), mod.__dict__)
-    return mod.prepare_data
-
-
 if __name__ == "__main__":
     import tempfile
 
+    from bench.data_prep import old_prepare
+
     commit = sys.argv[sys.argv.index("--commit") + 1] if "--commit" in sys.argv else None
-    prepare = _old_prepare(commit) if commit else prepare_data
+    prepare = old_prepare(commit) if commit else prepare_data
     for name in EXPECTED:
         with tempfile.TemporaryDirectory() as d:
             print(f'    "{name}": "{digest(_prepare(name, Path(d), prepare))}",')

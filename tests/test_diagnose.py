@@ -9,10 +9,12 @@ import torch
 
 from rankwise.analysis.diagnose import Diagnosis, Thresholds, diagnose, diagnose_search
 from rankwise.io.data import TokenData
-from rankwise.records import TrialResult, TrialSpec
+from rankwise.records import TrialResult
 from rankwise.testing import tiny_model
 from rankwise.training.adapter import TrialContext
 from rankwise.training.trial import run_trial
+
+from .conftest import make_spec
 
 
 def result(val, train=None, rank=8, seed=0, status="complete", reason="", **kw) -> TrialResult:
@@ -248,37 +250,12 @@ def model():
     torch.set_num_threads(threads)
 
 
-def spec(rank, alpha, steps, lr, eval_every, batch_size):
-    lora = {
-        "r": rank,
-        "lora_alpha": alpha,
-        "target_modules": ["q_proj", "v_proj"],
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-    }
-    train = {
-        "max_steps": steps,
-        "batch_size": batch_size,
-        "grad_accum": 1,
-        "lr": lr,
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "eval_every": eval_every,
-        "eval_batches": None,
-        "seed": 0,
-        "max_trial_time": None,
-    }
-    return TrialSpec(f"r{rank}", rank, 0, lora, train, {}, "")
-
-
 def test_real_run_that_memorises_four_blocks_overfits(model):
     gen = torch.Generator().manual_seed(0)
     train = torch.randint(4, 100, (4, 16), generator=gen)  # 4 blocks of random tokens
     val = torch.randint(4, 100, (8, 16), generator=gen)
     ctx = TrialContext(model, None, "cpu", TokenData(train, train.clone(), val, val.clone(), {}))
-    r = run_trial(spec(rank=32, alpha=64, steps=40, lr=1e-2, eval_every=4, batch_size=4), ctx)
+    r = run_trial(make_spec(32, lora_alpha=64, max_steps=40, eval_every=4), ctx)
     assert r.status == "complete", r.reason
     d = diagnose(r)
     assert d.label == "overfitting", d.evidence
@@ -294,7 +271,7 @@ def test_real_run_stopped_early_is_still_improving(model):
     blocks = 4 + (start - 4 + torch.arange(16)) % 96
     train, val = blocks[:48], blocks[48:]
     ctx = TrialContext(model, None, "cpu", TokenData(train, train.clone(), val, val.clone(), {}))
-    s = spec(rank=4, alpha=64, steps=9, lr=3e-3, eval_every=3, batch_size=8)
+    s = make_spec(4, lora_alpha=64, max_steps=9, lr=3e-3, eval_every=3, batch_size=8)
     r = run_trial(s, ctx)
     assert r.status == "complete", r.reason
     d = diagnose(r)

@@ -72,6 +72,8 @@ def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys):
         "2",
         "--lr",
         "1e-3",
+        "--max-seeds",  # one seed per rank: each trial of a 135M model costs seconds
+        "1",
         "--quiet",
     ]
     assert main(argv) == 0

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench import planted
+
 SMALL = {"n_train": 24, "n_val": 8, "seq_chars": 16}
-
-
-def _load_planted():
-    spec = importlib.util.spec_from_file_location("planted", BENCH / "planted.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["planted"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-planted = _load_planted()
 
 
 def _files(folder: Path) -> dict[str, bytes]:

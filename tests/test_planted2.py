@@ -4,26 +4,12 @@ deterministic and in the layout the benchmarks read."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-planted2 = _load("planted2")
-corpora = _load("corpora")
+from bench import corpora, planted2
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -14,12 +14,11 @@ from rankwise.cli import main
 from rankwise.config import ModelConfig
 from rankwise.io.data import TokenData
 from rankwise.io.models import load_model
-from rankwise.records import LoraSpec, TrainSpec, TrialSpec
 from rankwise.training.adapter import TrialContext
 from rankwise.training.lifecycle import run_lifecycle
 from rankwise.training.trial import run_trial
 
-from .conftest import search_argv
+from .conftest import make_spec, search_argv
 from .test_lifecycle import FailAt, digest, masked_blocks
 
 CHATTER = ("gemm_4bit", "bitsandbytes", "kernels", "matmul8bitlt")
@@ -30,16 +29,8 @@ def quantized(llama_dir, bits: str):
     return model
 
 
-def spec(rank=2, key="q") -> TrialSpec:
-    return TrialSpec(
-        key=key,
-        rank=rank,
-        seed=0,
-        lora=LoraSpec(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
-        train=TrainSpec(max_steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=2),
-        model={},
-        data_dir="",
-    )
+# The trial these tests repeat: the update on an MLP projection too, one warm-up step.
+QLORA = {"target_modules": ["q_proj", "v_proj", "up_proj"], "warmup_steps": 1}
 
 
 def context(model) -> TrialContext:
@@ -88,11 +79,11 @@ def test_quantized_trials_repeat_and_leave_the_base_alone(llama_dir, bits):
     the first evaluation unless rankwise.io.quantize.prepare switches it off."""
     ctx = context(quantized(llama_dir, bits))
     before = digest(ctx.model)
-    first = run_trial(spec(), ctx)
+    first = run_trial(make_spec(2, **QLORA), ctx)
     assert first.ok and digest(ctx.model) == before
-    failed = run_lifecycle(spec(4), ctx, FailAt(3))[0]
+    failed = run_lifecycle(make_spec(4, **QLORA), ctx, FailAt(3))[0]
     assert failed.status == "failed" and digest(ctx.model) == before
-    again = run_trial(spec(), ctx)
+    again = run_trial(make_spec(2, **QLORA), ctx)
     assert again.best_val_loss == first.best_val_loss and again.val_curve == first.val_curve
     assert digest(ctx.model) == before
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rankwise.errors import ConfigError
-from rankwise.records import COMPLETE, FAILED, SKIPPED, TrialResult, TrialSpec
+from rankwise.records import COMPLETE, FAILED, SKIPPED, TrialResult
 from rankwise.report.html import write_report
 from rankwise.report.summary import (
     config_snippet,
@@ -29,28 +29,20 @@ from rankwise.report.summary import (
 from rankwise.report.view import load_run
 from rankwise.run.store import RunStore
 
+from .conftest import make_spec
+
 # A plateau after r=4, like "LoRA Without Regret"'s curve: 4 -> 8 gains < 1%.
 LOSSES = {1: 3.40, 2: 3.20, 4: 3.05, 8: 3.04, 16: 3.035, 32: 3.034}
 PARAMS_PER_RANK = 12_288  # a tiny model's trainable params per unit of rank
-
-
-def spec(rank: int, seed: int = 0) -> TrialSpec:
-    lora = {
-        "r": rank,
-        "lora_alpha": 16.0,
-        "target_modules": ["q_proj", "v_proj"],
-        "lora_dropout": 0.0,
-        "bias": "none",
-    }
-    return TrialSpec(
-        key=f"r{rank}-s{seed}",
-        rank=rank,
-        seed=seed,
-        lora=lora,
-        train={"max_steps": 40, "lr": 2e-4},
-        model={"model": "tiny"},
-        data_dir="/tmp/data",
-    )
+FIGURES = 5  # report.html's figures (rankwise.report.html)
+# How the hand-made trials say they were trained (the config snippet reads it back).
+TRAINED_AS = {
+    "lora_alpha": 16.0,
+    "max_steps": 40,
+    "lr": 2e-4,
+    "model": {"model": "tiny"},
+    "data_dir": "/tmp/data",
+}
 
 
 def result(rank: int, seed: int = 0, status: str = COMPLETE, **kw) -> TrialResult:
@@ -118,10 +110,10 @@ def make_run(
         },
     )
     for r in results:
-        store.start(spec(r.rank, r.seed))
+        store.start(make_spec(r.rank, seed=r.seed, **TRAINED_AS))
         store.finish(r)
     for rank, seed in running:
-        store.start(spec(rank, seed))
+        store.start(make_spec(rank, seed=seed, **TRAINED_AS))
     if recommendation:
         write_recommendation(run_dir, store, model, name)
     store.close()
@@ -244,7 +236,8 @@ def test_reports_of_every_run_shape(tmp_path, case):
     assert summary.startswith("# rankwise: demo")
     assert "## Trials" in summary and "| rank | seed | status |" in summary
     parsed = parse(page)
-    assert parsed.tags.count("img") == 4 and page.count("data:image/png;base64,") == 4
+    # loss, cost, Pareto front, the answer over steps, learning curves: all inline
+    assert parsed.tags.count("img") == FIGURES and page.count("data:image/png;base64,") == FIGURES
     assert parsed.tags.count("table") >= 2 and "script" not in parsed.tags
     for needle in ("http://", "https://", 'src="//', "<script"):
         assert needle not in page
@@ -345,7 +338,7 @@ def test_hostile_strings_are_escaped(tmp_path):
     page = write_report(run_dir).read_text()
     parsed = parse(page)
     assert "script" not in parsed.tags and "b" not in parsed.tags
-    assert [t for t in parsed.tags if t == "img"] == ["img"] * 4  # only the four figures
+    assert [t for t in parsed.tags if t == "img"] == ["img"] * FIGURES  # only the figures
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert name in "".join(parsed.text)  # shown as text
     assert "onerror" not in " ".join(f"{k}={v}" for k, v in parsed.attrs)

@@ -13,12 +13,14 @@ from transformers import AutoModelForCausalLM
 import rankwise
 from rankwise.config import Options
 from rankwise.errors import ConfigError
-from rankwise.records import TrialSpec
 from rankwise.report.progress import trial_line
 from rankwise.training.evaluate import evaluate
 from rankwise.training.trial import run_trial
 
-from .conftest import fast_args
+from .conftest import fast_args, make_spec
+
+# Twelve steps, an evaluation every three: room for early stopping to end a trial.
+TWELVE = {"max_steps": 12, "eval_every": 3}
 
 
 @pytest.fixture
@@ -26,47 +28,37 @@ def ctx(tiny_ctx):
     return tiny_ctx
 
 
-def spec(key="t", adapter_dir=None, **train) -> TrialSpec:
-    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
-    base = {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_every": 3}
-    return TrialSpec(
-        key=key,
-        rank=4,
-        seed=0,
-        lora=lora,
-        train={**base, **train},
-        model={},
-        data_dir="",
-        adapter_dir=str(adapter_dir) if adapter_dir else None,
-    )
-
-
 def test_early_stopping_ends_a_trial_that_stopped_improving(ctx):
     # A rate too small to move the loss by the threshold: the first evaluation is the best,
     # the next one spends the patience.
-    r = run_trial(spec(lr=1e-9, early_stopping_patience=1, early_stopping_threshold=1e-3), ctx)
+    r = run_trial(
+        make_spec(**TWELVE, lr=1e-9, early_stopping_patience=1, early_stopping_threshold=1e-3),
+        ctx,
+    )
     assert r.ok and r.early_stopped
     assert r.steps == 6 and [s for s, _ in r.val_curve] == [3, 6]
     assert r.train_tokens == 6 * 4 * 16
     assert "early stopped at step 6" in trial_line(r)
     # Without the threshold the same run trains every step (each evaluation is a new best).
-    full = run_trial(spec(lr=1e-2, early_stopping_patience=1), ctx)
+    full = run_trial(make_spec(**TWELVE, early_stopping_patience=1), ctx)
     assert not full.early_stopped and full.steps == 12
 
 
 def test_a_warm_start_begins_where_the_adapter_ended(ctx, tmp_path):
-    first = run_trial(spec("a", tmp_path / "a"), ctx)
+    first = run_trial(make_spec(key="a", adapter_dir=tmp_path / "a"), ctx)
     assert first.ok
     # One step at a vanishing rate: the val loss is the saved adapter's, not a fresh one's.
-    warm = run_trial(spec("b", max_steps=1, lr=1e-12, init_adapter=str(tmp_path / "a")), ctx)
-    fresh = run_trial(spec("c", max_steps=1, lr=1e-12), ctx)
+    warm = run_trial(
+        make_spec(key="b", max_steps=1, lr=1e-12, init_adapter=str(tmp_path / "a")), ctx
+    )
+    fresh = run_trial(make_spec(key="c", max_steps=1, lr=1e-12), ctx)
     assert warm.best_val_loss == pytest.approx(first.best_val_loss, abs=1e-6)
     assert abs(fresh.best_val_loss - first.best_val_loss) > 1e-3
 
 
 def test_a_warm_start_from_a_folder_without_an_adapter_is_refused(ctx, tmp_path):
     with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
-        run_trial(spec(init_adapter=str(tmp_path)), ctx)
+        run_trial(make_spec(init_adapter=str(tmp_path)), ctx)
 
 
 def test_final_steps_and_scale_options_are_checked():

@@ -201,6 +201,9 @@ class Study:
     def _search(self) -> SearchResult:
         session, runner, tc = self.session, self.session.runner, self.opts.train
         self.t0 = time.perf_counter()
+        # The first report.html is drawn 5 s in, not at the first trial: a search shorter
+        # than that draws it once, at the end (drawing costs ~1 s of a tiny search's 5).
+        self._drawn = (self.t0, 0.0)
         self.elapsed_before = sum(r.wall_seconds for r in session.store.results())
         self.progress.plan(max_trials(self.opts, session.ranks), self.opts.search.max_time,
                            self.elapsed_before)  # fmt: skip

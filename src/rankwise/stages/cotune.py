@@ -84,7 +84,12 @@ def cotune(runner, judge, answer: Answer) -> StageOutcome:
     )
     metric = runner.opts.train.metric
     gain = (current["best_val_loss"] - best["best_val_loss"]) / abs(current["best_val_loss"])
-    scores = paired_scores({"current": _trials(results, current), "best": _trials(results, best)})
+    scores = paired_scores(
+        {
+            "current": _trials(results, current, len(source)),
+            "best": _trials(results, best, len(source)),
+        }
+    )
     as_good = judge(scores["current"], scores["best"])
     if best is current or as_good:
         verdict = (
@@ -113,8 +118,8 @@ def cotune(runner, judge, answer: Answer) -> StageOutcome:
     return StageOutcome(Cotune.name, section, Answer(rec, lora, picked))
 
 
-def _trials(results: list[TrialResult], row: dict) -> list[TrialResult]:
+def _trials(results: list[TrialResult], row: dict, searched: int) -> list[TrialResult]:
     """The trials behind a row: every seed of the rank as searched, or the variant's trial."""
-    if row["variant"] == "as searched":
-        return [r for r in results if r.rank == row["rank"] and r.kind == TrialKind.MAIN]
+    if row["variant"] == "as searched":  # every seed of the curve at that rank
+        return [r for r in results[:searched] if r.rank == row["rank"] and r.ok]
     return [r for r in results if r.key == row["key"]]
