@@ -22,10 +22,11 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from bench import planted, planted2
+from bench import planted, planted2, rank_curves
 from rankwise import search
 
 CANDIDATES = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -33,31 +34,22 @@ OUT = planted.CACHE / "lr_horizon"
 
 
 def options(task: Path, steps: int, batch: int) -> dict:
-    meta = json.loads((task / "task.json").read_text())
-    return {
-        "model": str(task / "model"),
-        "train": str(task / "train.jsonl"),
-        "val": str(task / "val.jsonl"),
-        "seq_len": meta["usage"]["seq_len"],
-        "target_modules": list(planted.TARGETS),
-        "alpha": 8.0,
-        "batch_size": batch,
-        "max_steps": steps,
-        "eval_every": max(1, steps // 5),
-        "warmup_steps": max(1, steps // 20),
-        "quiet": True,
-        "max_seeds": 1,
-    }
+    """The planted task's search options (bench/rank_curves.py's), one seed per run."""
+    every = max(1, steps // 5)
+    args = SimpleNamespace(lr=None, batch=batch, steps=steps, eval_every=every)
+    return {**rank_curves.options(task, args), "quiet": True, "max_seeds": 1}
 
 
-def sweep(opts: dict, rank: int, fraction: float, runs: Path) -> dict[float, float | None]:
+def sweep(
+    opts: dict, rank: int, fraction: float, runs: Path, rates=CANDIDATES
+) -> dict[float, float | None]:
     """Best val loss per candidate rate, each trained ``fraction`` of the steps."""
     steps = max(1, round(opts["max_steps"] * fraction))
     losses = {}
-    for lr in CANDIDATES:
+    for lr in rates:
         out = runs / f"f{fraction:g}-lr{lr:g}"
-        r = search(out=str(out), strategy="grid", ranks=[rank], lr=lr,
-                   **{**opts, "max_steps": steps, "eval_every": max(1, steps // 5)})  # fmt: skip
+        short = {**opts, "lr": lr, "max_steps": steps, "eval_every": max(1, steps // 5)}
+        r = search(out=str(out), strategy="grid", ranks=[rank], **short)
         trial = next(t for t in r.trials if t.rank == rank)
         losses[lr] = trial.best_val_loss if trial.ok else None
     return losses
@@ -67,12 +59,10 @@ def best(losses: dict[float, float | None]) -> float:
     return min((v, lr) for lr, v in losses.items() if v is not None)[1]
 
 
-def measure(name: str, task: Path, steps: int, batch: int, runs: Path) -> dict:
+def measure(name: str, task: Path, steps: int, batch: int, runs: Path, rates=CANDIDATES) -> dict:
     opts = options(task, steps, batch)
     t0 = time.perf_counter()
-    full = sweep(opts, 4, 1.0, runs / name)
-    quarter = sweep(opts, 4, 0.25, runs / name)
-    half = sweep(opts, 4, 0.5, runs / name)
+    full, half, quarter = (sweep(opts, 4, f, runs / name, rates) for f in (1.0, 0.5, 0.25))
     row = {"task": name, "steps": steps, "full": full, "quarter": quarter, "half": half}
     for key in ("quarter", "half"):
         pick = best(row[key])
@@ -102,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--smoke", action="store_true", help="a tiny task, seconds")
+    parser.add_argument("--out", type=Path, default=None, help="folder of the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    out = OUT
+    out = args.out or OUT
     if args.smoke:
-        out = Path(tempfile.mkdtemp(prefix="rankwise-lr-"))
+        out = args.out or Path(tempfile.mkdtemp(prefix="rankwise-lr-"))
         tasks = {"planted-k2-smoke": planted.make_task(2, out / "task", **planted.SMOKE)}
         args.steps, args.batch = 8, 4
     else:

@@ -107,3 +107,19 @@ def test_search_cost_counts_tokens_in_trials(bench_main, tmp_path):
     assert cost["ladder"] == round(cost["ladder"]) >= 1
     assert (cost["short-ladder¼"] - 1) * 4 == pytest.approx(round((cost["short-ladder¼"] - 1) * 4))
     assert "| nested+warm½ | 1.50 | " in out  # the summary row
+
+
+def test_lr_horizon_picks_from_its_own_sweeps(bench_main, tmp_path):
+    from bench import lr_horizon
+
+    out = bench_main(lr_horizon, "--out", str(tmp_path))
+    [row] = table_rows(out, "planted-k2-smoke")
+    rows = json.loads((tmp_path / "lr_horizon.json").read_text())
+    [r] = rows
+    # Each horizon's pick is its own sweep's lowest loss, and the ratio is to the full-length
+    # pick: the table says what the sweeps measured.
+    for key in ("full", "half", "quarter"):
+        losses = {float(lr): v for lr, v in r[key].items() if v is not None}
+        assert r[f"{key}_pick"] == min(losses, key=losses.get)
+    assert r["quarter_ratio"] == pytest.approx(r["quarter_pick"] / r["full_pick"])
+    assert row[2] == f"{r['full_pick']:g}"
