@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/dev.txt
 
 demo: $(STAMP)
 	$(BIN)/rankwise search --model smollm2 --train stdlib-docstrings \
-		--out runs/demo --seq-len 64 --batch-size 4 --max-steps 80 --eval-every 20 \
+		--out runs/demo --seq-len 64 --batch-size 4 --max-steps 48 --eval-every 12 \
 		--lr 2e-3 --warmup-steps 4 --max-examples 100 --eval-batches 16
 	$(BIN)/rankwise show runs/demo
 

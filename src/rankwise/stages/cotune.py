@@ -52,31 +52,7 @@ class Cotune:
 def cotune(runner, judge, answer: Answer) -> StageOutcome:
     """A small grid around the chosen rank (and the next one up), judged paired by seed."""
     rec, lora, source = answer.rec, answer.lora, answer.source
-    tried = sorted({r.rank for r in source if r.ok})
-    ranks = [rec.rank] + [r for r in tried if r > rec.rank][:1]
-    rows, results = [], list(source)
-    for rank in ranks:
-        base = min((r for r in source if r.rank == rank and r.ok), key=lambda r: r.best_val_loss)
-        rows.append(
-            {
-                "rank": rank,
-                "variant": "as searched",
-                "best_val_loss": base.best_val_loss,
-                "key": base.key,
-            }
-        )
-        for label, variant in _tune_variants(runner, rank):
-            r = runner.run(rank, 0, variant)
-            results.append(r)
-            rows.append(
-                {
-                    "rank": rank,
-                    "variant": label,
-                    "best_val_loss": r.best_val_loss,
-                    "status": r.status,
-                    "key": r.key,
-                }
-            )
+    rows, results = _train_variants(runner, rec.rank, source)
     ok = [row for row in rows if row["best_val_loss"] is not None]
     best = min(ok, key=lambda row: row["best_val_loss"])
     current = next(
@@ -116,6 +92,22 @@ def cotune(runner, judge, answer: Answer) -> StageOutcome:
     )
     section = {"rows": rows, "verdict": verdict, "changed": True}
     return StageOutcome(Cotune.name, section, Answer(rec, lora, picked))
+
+
+def _train_variants(runner, rank: int, source: list[TrialResult]):
+    """Every variant at the chosen rank and the next one up: (rows, all results)."""
+    tried = sorted({r.rank for r in source if r.ok})
+    rows, results = [], list(source)
+    for r_ in [rank] + [r for r in tried if r > rank][:1]:
+        base = min((r for r in source if r.rank == r_ and r.ok), key=lambda r: r.best_val_loss)
+        rows.append({"rank": r_, "variant": "as searched", "best_val_loss": base.best_val_loss,
+                     "key": base.key})  # fmt: skip
+        for label, variant in _tune_variants(runner, r_):
+            r = runner.run(r_, 0, variant)
+            results.append(r)
+            rows.append({"rank": r_, "variant": label, "best_val_loss": r.best_val_loss,
+                         "status": r.status, "key": r.key})  # fmt: skip
+    return rows, results
 
 
 def _trials(results: list[TrialResult], row: dict, searched: int) -> list[TrialResult]:
