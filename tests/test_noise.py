@@ -180,3 +180,10 @@ def test_bad_noise_options_exit_2_naming_the_option(tmp_path, capsys, extra, fra
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_the_range_scale_measures_the_smallest_rank_first():
+    lad = Ladder(ranks=[1, 2, 4, 8, 16], start_rank=4, criterion=Criterion("knee", 0.1, "range"),
+                 base_loss=4.0)  # fmt: skip
+    asked = drive(lad, lambda r, s: CURVE[r])
+    assert asked[0] == (1, 0) and asked.count((1, 0)) == 1  # first, and not probed again

@@ -251,6 +251,11 @@ class Ladder(_Base):
         ranks = sorted(set(self.ranks))
         self._up = [r for r in ranks if r >= self.start_rank]
         self._down = [r for r in reversed(ranks) if r < self.start_rank]
+        if self.criterion.scale == "range" and self._down:
+            # The range yardstick runs from the smallest rank: measure it first, or the
+            # climb judges its steps against a span that starts at the start rank
+            # (bench/RESULTS.md, "Stability").
+            self._up.insert(0, self._down.pop())
 
     # -- what the results say -------------------------------------------------------------
     def _ok(self) -> list[RankScore]:
