@@ -212,3 +212,13 @@ def test_force_replaces_an_unreadable_store_and_its_outputs_but_keeps_the_tokens
     left = {p.name for p in d.path.iterdir()} - {"trials.sqlite-wal", "trials.sqlite-shm"}
     assert left == {"data", "trials.sqlite"}
     store.close()
+
+
+def test_write_json_takes_a_name_or_a_path_of_a_relative_run_dir(tmp_path, monkeypatch):
+    """``--out runs/x`` is relative: its recommendation path must not be joined twice."""
+    monkeypatch.chdir(tmp_path)
+    d = RunDir("runs/x")
+    d.path.mkdir(parents=True)
+    assert d.write_json(d.recommendation, {"rank": 4}) == d.recommendation
+    assert d.write_json("other.json", {}) == d.path / "other.json"
+    assert json.loads((tmp_path / "runs/x/recommendation.json").read_text()) == {"rank": 4}

@@ -247,7 +247,9 @@ class RunDir:
     def write_json(self, name: str | Path, doc: dict) -> Path:
         """Write ``DIR/name`` (or a path such as :attr:`recommendation`) atomically: a
         reader never sees half a file."""
-        path = self.path / name
+        path = Path(name)
+        if path.parent != self.path:  # a bare name (a path of this run stays as it is)
+            path = self.path / name
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         tmp.replace(path)
