@@ -137,22 +137,25 @@ class Study:
 
     def strategy(self):
         """The strategy ``--strategy`` names, with the search's settings."""
-        s, session = self.opts.search, self.session
+        s = self.opts.search
         common = dict(criterion=self.criterion, base_loss=self.base_loss, seeds=s.seeds)
-        noise = dict(max_seeds=s.max_seeds, noise_seeds=min(2, s.max_seeds))
         if s.strategy == "grid":
-            return Grid(ranks=session.ranks, **common, **noise)
+            return Grid(ranks=self.session.ranks, **common, **self._noise())
         if s.strategy == "nested":
             return self._nested(common)
         return self.ladder()
+
+    def _noise(self) -> dict:
+        """Racing to --max-seeds; the first rank trained twice to measure the noise."""
+        s = self.opts.search
+        return dict(max_seeds=s.max_seeds, noise_seeds=min(2, s.max_seeds))
 
     def ladder(self) -> Ladder:
         """A fresh ladder with the search's settings (a target set's curve)."""
         s, session = self.opts.search, self.session
         return Ladder(
             ranks=session.ranks, start_rank=session.start_rank, patience=s.patience,
-            criterion=self.criterion, base_loss=self.base_loss, seeds=s.seeds,
-            max_seeds=s.max_seeds, noise_seeds=min(2, s.max_seeds),
+            criterion=self.criterion, base_loss=self.base_loss, seeds=s.seeds, **self._noise(),
         )  # fmt: skip
 
     def _nested(self, common: dict) -> Nested:
