@@ -21,8 +21,12 @@ demo: $(STAMP)
 		--lr 2e-3 --warmup-steps 4 --max-examples 100 --eval-batches 16
 	$(BIN)/rankwise show runs/demo
 
+# Two workers (the 2-core machines this runs on); a file's tests share one worker, so
+# module-scoped fixtures (a Ray session, a reference grid) are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

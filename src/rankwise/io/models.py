@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +186,12 @@ def _load_gguf(source: ModelSource, trust_remote_code: bool):
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(cache)  # atomic: a half-written cache is never used
+        try:
+            tmp.rename(cache)  # atomic: a half-written cache is never used
+        except OSError:  # another process converted it meanwhile: keep theirs
+            if not (cache / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)
 
 
