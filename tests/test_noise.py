@@ -83,6 +83,26 @@ def test_an_unresolved_race_says_so_in_words():
     assert rec.noise["source"] in ("paired", "unpaired")
 
 
+def test_a_step_within_the_noise_of_the_bar_goes_to_the_smaller_rank():
+    """The knee's bar is 1% of the 0.608-nat improvement, 0.0061 per doubling. r=2 -> 4 gains
+    0.008 on average: over the bar, but by less than 2 standard errors of the paired
+    difference (the three seeds' differences are 0.004, 0.012, 0.008). Not shown to be worth
+    the rank: r=2, said to be undecided. The same mean step with no noise is steep: r=4."""
+
+    def grid(jitter):
+        g = Grid(ranks=[1, 2, 4], seeds=3, criterion=KNEE, base_loss=4.0)
+        curve = {1: 3.50, 2: 3.40, 4: 3.392}
+        drive(g, lambda r, s: curve[r] + SEED[s] + (jitter[s] if r == 4 else 0.0))
+        return recommend(g.scores(), KNEE, base_loss=4.0)
+
+    noisy_step = grid({0: 0.004, 1: -0.004, 2: 0.0})
+    assert noisy_step.rank == 2
+    assert noisy_step.undecided.startswith("whether r=2 to r=4 differ by enough to matter")
+    assert noisy_step.undecided.endswith("r=2, the smallest, is recommended")
+    exact_step = grid({0: 0.0, 1: 0.0, 2: 0.0})
+    assert exact_step.rank == 4 and not exact_step.undecided
+
+
 def test_pairing_is_used_when_seeds_match():
     """Seed effects of 0.1 nats, rank steps of 0.02: the paired difference is exact."""
     losses = {

@@ -13,8 +13,11 @@ The criteria (``--criterion``, each with its ``--threshold`` t; *B* is the best 
   step (the smallest rank tried when no step is steep).
 
 Without a base-model score, ``share`` and ``knee`` fall back to ``relative`` at its
-default threshold, and the reason says so. With several seeds per rank a difference
-counts only beyond :data:`Z` standard errors as well. The recommendation is the smallest
+default threshold, and the reason says so. Every decision counts a difference only beyond
+the noise: a step is steep, and a rank worse than the best, only when the difference clears
+the criterion's bar by :data:`Z` standard errors of the paired difference (the seeds' and
+the validation blocks' noise, :mod:`rankwise.search.noise`). A difference the noise leaves
+open goes to the smaller rank, and the recommendation says it is undecided. The recommendation is the smallest
 rank that is as good as the best (for ``knee``: the knee), or none when no rank improves
 on the base model by more than the noise and the criterion's floor: then LoRA does not help
 this data at this budget, and the recommendation says so.
@@ -146,19 +149,21 @@ class Criterion:
         if c.kind == "knee":
             doublings = abs(math.log2(best.rank / score.rank)) or 1.0
             return not c._steep(diff, se, doublings, c.improvement(ok, best, base))
-        return diff <= c.margin(score, best, ok, base) or (se is not None and diff <= Z * se)
+        return diff - Z * (se or 0.0) <= c.margin(score, best, ok, base)
 
     def steep(self, low: RankScore, high: RankScore, base: float, ok: list = ()) -> bool:
         """knee: whether the step up from rank ``low`` to ``high`` gains, per doubling of r,
-        more than ``threshold`` of the yardstick at ``high`` (and more than the noise)."""
+        more than ``threshold`` of the yardstick at ``high``, by more than ``Z`` standard
+        errors of their paired difference."""
         doublings = math.log2(high.rank / low.rank)
         ok = list(ok) or [low, high]
         gain, se = low.mean - high.mean, noise(low, high)
         return self._steep(gain, se, doublings, self.improvement(ok, high, base))
 
     def _steep(self, gain: float, se: float | None, doublings: float, improvement: float):
-        beyond_noise = se is None or gain > Z * se
-        return gain / doublings > self.threshold * improvement and beyond_noise
+        """Steep: the gain per doubling clears the bar by ``Z`` standard errors (a gain
+        within the noise of the bar is not shown to be worth the rank)."""
+        return (gain - Z * (se or 0.0)) / doublings > self.threshold * improvement
 
     def pick(self, scores: list[RankScore], base: float | None = None) -> RankScore | None:
         """The recommended rank's score, or None (nothing completed, or no help)."""
@@ -417,7 +422,7 @@ def _confidence(pick: RankScore, ok: list[RankScore], c: Criterion, base) -> str
     if not c.as_good(nxt, pick, base):
         return (
             f"high: r={nxt.rank} is worse by {diff:.4f} "
-            f"(beyond the criterion and > {Z:g} SE = {Z * (se or 0):.4f})"
+            f"(beyond the criterion by more than {Z:g} SE = {Z * (se or 0):.4f})"
         )
     return (
         f"low: r={nxt.rank} is worse by only {diff:.4f}, within the noise "
