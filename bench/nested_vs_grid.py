@@ -77,11 +77,12 @@ def task_options(name: str, smoke: bool = False) -> dict:
 
 
 def identity_diff(stored: dict, opts: Options) -> list[str]:
-    """Options whose stored value differs from ``opts``'s (the data fingerprint aside: the
-    same options make the same token blocks)."""
+    """Options whose stored value differs from ``opts``'s (the data and retain-set
+    fingerprints aside: the same options make the same token blocks and retain set)."""
     from rankwise.run.store import identity_diff as diff
 
-    return diff({k: v for k, v in stored.items() if k != "data_sha256"}, opts.identity())
+    derived = ("data_sha256", "retain_sha256")
+    return diff({k: v for k, v in stored.items() if k not in derived}, opts.identity())
 
 
 def _complete_grid(run_dir: Path, flat: dict, ranks: list[int]) -> tuple[str, list | None]:

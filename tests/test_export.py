@@ -146,6 +146,37 @@ def test_llama_factory(tmp_path, capsys, case):
             assert line in text.splitlines(), text
 
 
+# TRL's ModelConfig (trl/trainer/model_config.py): the keys `trl sft --config` builds its
+# LoraConfig from.
+TRL_KEYS = {
+    "model_name_or_path",
+    "use_peft",
+    "load_in_4bit",
+    "load_in_8bit",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trl(tmp_path, capsys, case):
+    rec = fabricate_run(tmp_path / "run", *CASES[case])
+    lora = rec["lora_config"]
+    text = run_export(tmp_path, capsys, "trl")
+    cfg = yaml.safe_load(text)
+    assert set(cfg) <= TRL_KEYS, set(cfg) - TRL_KEYS
+    assert cfg["use_peft"] is True and cfg["lora_r"] == lora["r"] and cfg["lora_alpha"] == 16
+    assert cfg["lora_target_modules"] == lora["target_modules"]  # a list, or all-linear
+    assert cfg.get("load_in_4bit") is (True if rec.get("quantize") == "4bit" else None)
+    assert cfg.get("load_in_8bit") is (True if rec.get("quantize") == "8bit" else None)
+    if "rank_pattern" in lora:  # ModelConfig has no per-module key: said, not dropped
+        assert "TRL has no per-module rank key; not applied" in text
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft(tmp_path, capsys, case):
     from peft import LoraConfig

@@ -44,6 +44,12 @@ def _arg_type(hint):
     return base if base in (int, float, str) else str
 
 
+def _switchable(hint) -> bool:
+    """An option that takes a value or ``false`` (``str | bool | None``): ``--X V``/``--no-X``."""
+    args = typing.get_args(hint)
+    return hint is not bool and bool in args and str in args
+
+
 def _add_group_flags(parser: argparse.ArgumentParser, groups=GROUPS) -> None:
     for gname, klass in groups.items():
         group = parser.add_argument_group(gname)
@@ -61,8 +67,11 @@ def _add_group_flags(parser: argparse.ArgumentParser, groups=GROUPS) -> None:
                     help=help_text,
                 )
             else:
+                # --from is also --recipe, the option's name in YAML and keyword arguments
+                alias = ["--" + f.name.replace("_", "-")] if flag(f.name) != "--" + f.name else []
                 group.add_argument(
                     flag(f.name),
+                    *alias,
                     dest=f.name,
                     default=None,
                     type=_arg_type(hints[f.name]),
@@ -70,6 +79,11 @@ def _add_group_flags(parser: argparse.ArgumentParser, groups=GROUPS) -> None:
                     metavar=f.name.upper(),
                     choices=f.metadata.get("choices"),
                 )
+            if _switchable(hints[f.name]):  # a value, or --no-NAME to turn it off
+                group.add_argument(
+                    "--no-" + flag(f.name)[2:], dest=f"no_{f.name}", action="store_true",
+                    help=f"Turn {flag(f.name)} off.",
+                )  # fmt: skip
 
 
 def load_yaml(path: str) -> dict:
@@ -106,6 +120,12 @@ def options_from_args(ns: argparse.Namespace, groups=GROUPS) -> dict:
         for f in dataclasses.fields(GROUPS[gname]):
             if getattr(ns, f.name, None) is not None:
                 values[f.name] = getattr(ns, f.name)
+            if getattr(ns, f"no_{f.name}", False):
+                if getattr(ns, f.name, None) is not None:
+                    raise ConfigError(
+                        f"{flag(f.name)}: cannot be combined with --no-{flag(f.name)[2:]}"
+                    )
+                values[f.name] = False
     return values
 
 
@@ -155,18 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--to",
         required=True,
         choices=TOOLS,
-        help="axolotl or llama-factory: YAML keys to merge into that tool's config; peft: "
-        "LoraConfig keyword arguments as JSON",
+        help="axolotl, llama-factory or trl: YAML keys to merge into that tool's config; "
+        "peft: LoraConfig keyword arguments as JSON",
     )
+    p.add_argument(
+        "--merge-into",
+        metavar="FILE",
+        help="write the answer into this training config of the --to tool, keeping every "
+        "other key, the order and the comments (to --output, default FILE.rankwise.yml)",
+    )
+    p.add_argument("--in-place", action="store_true", help="--merge-into: rewrite FILE itself")
     p.add_argument("--output", help="file to write (default: standard output)")
     p.add_argument("--debug", action="store_true")
     return parser
 
 
 def _cmd_search(ns) -> int:
+    from rankwise.io.recipes import with_recipe
     from rankwise.run.study import Study
 
-    Study(Options.from_flat(options_from_args(ns), "--config")).run()
+    Study(Options.from_flat(with_recipe(options_from_args(ns)), "--config")).run()
     return 0
 
 
@@ -206,7 +234,16 @@ def _cmd_inspect(ns) -> int:
 
 def _cmd_export(ns) -> int:
     from rankwise.report.export import export
+    from rankwise.report.merge import merge_into
 
+    if ns.merge_into:
+        merged = merge_into(ns.dir, ns.to, ns.merge_into, ns.output, ns.in_place)
+        print(merged.path)
+        for note in merged.notes:
+            print(f"rankwise export: {note}", file=sys.stderr)
+        return 0
+    if ns.in_place:
+        raise ConfigError("--in-place: needs --merge-into FILE")
     result = export(ns.dir, ns.to)
     if ns.output:
         try:

@@ -178,6 +178,13 @@ class TrialResult:
     val_blocks: list[float] = field(default_factory=list)
     """Validation loss of each validation block at the best checkpoint: the paired
     per-block differences between two ranks give their validation-sampling noise."""
+    forgetting: float | None = None
+    """What the adapter costs the base model: the increase of the loss on the retain set
+    over the base model's, at the best checkpoint (nats/token; rankwise.training.retain)."""
+    forgetting_kl: float | None = None
+    """Mean KL(base || adapted) of the next-token distributions on the retain set (nats)."""
+    retain_seconds: float = 0.0
+    """Wall time of the retain evaluation (not part of ``wall_seconds``)."""
 
     def __post_init__(self):
         object.__setattr__(self, "kind", TrialKind(self.kind))

@@ -15,11 +15,14 @@ Example:
 
 from rankwise.config.fields import (
     DEFAULT_RANKS,
+    VLLM_RANKS,
     flag,
     format_bytes,
     opt,
     parse_duration,
+    parse_serve,
     parse_size,
+    serve_round_up,
 )
 from rankwise.config.groups import (
     DataConfig,
@@ -38,6 +41,7 @@ from rankwise.errors import ConfigError
 __all__ = [
     "ConfigError",
     "DEFAULT_RANKS",
+    "VLLM_RANKS",
     "EstimateConfig",
     "ModelConfig",
     "DataConfig",
@@ -51,6 +55,8 @@ __all__ = [
     "flag",
     "opt",
     "parse_size",
+    "parse_serve",
+    "serve_round_up",
     "parse_duration",
     "parse_resources",
     "format_bytes",

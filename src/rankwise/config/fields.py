@@ -13,6 +13,11 @@ from rankwise.errors import ConfigError  # noqa: F401  (re-exported: the config'
 # The ranks a search may try by default: powers of two, as PEFT users pick them.
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
+# The LoRA ranks vLLM loads (its --max-lora-rank must be one of them, and an adapter's ranks
+# must fit under it), and its default --max-lora-rank: vllm/config/lora.py.
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX = 16
+
 
 def opt(default: Any = None, help: str = "", *, identity: bool = True, choices=None, **kw):
     """A dataclass field with CLI/YAML metadata.
@@ -26,8 +31,43 @@ def opt(default: Any = None, help: str = "", *, identity: bool = True, choices=N
     return field(default=default, metadata=meta, **kw)
 
 
+# Options whose flag is not their name: ``from`` is a Python keyword, so the option is
+# ``recipe`` in YAML and keyword arguments and ``--from`` on the command line.
+FLAG_NAMES = {"recipe": "from"}
+
+
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "--" + FLAG_NAMES.get(name, name).replace("_", "-")
+
+
+def parse_serve(value: Any) -> tuple[str, int] | None:
+    """``--serve``: 'vllm' or 'vllm:N' -> ('vllm', max rank); N must be a rank vLLM loads.
+
+    >>> parse_serve("vllm"), parse_serve("vllm:64"), parse_serve(None)
+    (('vllm', 16), ('vllm', 64), None)
+    """
+    if value is None:
+        return None
+    engine, sep, cap = str(value).strip().partition(":")
+    if engine != "vllm":
+        raise ConfigError(f"--serve: expected vllm or vllm:MAX_LORA_RANK, got {value!r}")
+    if not sep:
+        return engine, VLLM_DEFAULT_MAX
+    if not cap.strip().isdigit() or int(cap) not in VLLM_RANKS:
+        raise ConfigError(
+            f"--serve {value}: {cap.strip()!r} is not a rank vLLM loads; expected one of "
+            f"{', '.join(map(str, VLLM_RANKS))}"
+        )
+    return engine, int(cap)
+
+
+def serve_round_up(rank: int) -> int:
+    """The smallest rank vLLM loads that holds ``rank`` (512 at most).
+
+    >>> [serve_round_up(r) for r in (1, 2, 5, 16, 300, 321)]
+    [1, 8, 8, 16, 320, 512]
+    """
+    return next((r for r in VLLM_RANKS if r >= rank), VLLM_RANKS[-1])
 
 
 _SIZE_UNITS = {

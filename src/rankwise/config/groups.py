@@ -111,11 +111,24 @@ class DataConfig:
         "available CPU core, at most 8).",
         identity=False,
     )
+    retain: str | bool | None = opt(
+        None,
+        "General text to measure forgetting on (the retain set): a file in any format --train "
+        "reads. Default: 16 sequences of 64 tokens sampled from the base model itself at "
+        "temperature 1 before the first trial (cached in DIR/data). Each trial's retain-loss "
+        "increase over the base model, and on sampled text its KL(base || adapted), is shown "
+        "beside its gain. --no-retain (false in YAML): off.",
+    )
 
     def __post_init__(self):
         _choice(self, "format")
         _integer(self, "seq_len", "max_examples", "num_proc")
         _positive(self, "seq_len", "max_examples", "num_proc")
+        if self.retain is True:  # "retain: true" in YAML: the default, sampled text
+            self.retain = None
+        if self.retain is not None and self.retain is not False:
+            if not isinstance(self.retain, str) or not self.retain.strip():
+                raise ConfigError(f"--retain: expected a file of general text, got {self.retain!r}")
         if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"--val-fraction: expected a number in (0, 1), got {self.val_fraction!r}"
@@ -178,7 +191,12 @@ class LoraSettings:
 class TrainConfig:
     """How each trial trains. Identical for every rank of a search."""
 
-    max_steps: int = opt(100, "Optimizer steps per trial.")
+    max_steps: int = opt(100, "Optimizer steps per trial (unless --epochs).")
+    epochs: float | None = opt(
+        None,
+        "Train this many passes over the training blocks per trial instead of --max-steps "
+        "(as num_epochs / num_train_epochs; the steps are counted once the data is packed).",
+    )
     batch_size: int = opt(8, "Sequences per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step (gradient accumulation).")
     lr: float | None = opt(
@@ -204,6 +222,11 @@ class TrainConfig:
     )
     warmup_steps: int = opt(
         5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule)."
+    )
+    warmup_ratio: float | None = opt(
+        None,
+        "Warm-up as a share of the trial's steps (HF's warmup_ratio: ceil(ratio * steps)); "
+        "replaces --warmup-steps.",
     )
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (HF's default).")
@@ -268,6 +291,15 @@ class TrainConfig:
             "max_grad_norm",
         )
         _positive(self, "warmup_steps", "weight_decay", "seed", allow_zero=True)
+        _positive(self, "epochs")
+        if self.warmup_ratio is not None and (
+            isinstance(self.warmup_ratio, bool)
+            or not isinstance(self.warmup_ratio, int | float)
+            or not 0 <= self.warmup_ratio < 1
+        ):
+            raise ConfigError(
+                f"--warmup-ratio: expected a share in [0, 1), got {self.warmup_ratio!r}"
+            )
         _positive(self, "early_stopping_patience")
         _positive(self, "early_stopping_threshold", allow_zero=True)
 
@@ -277,6 +309,15 @@ class RunConfig:
     """Where results go and how the run talks."""
 
     out: str | None = opt(None, "Run directory (default runs/<name>).", identity=False)
+    recipe: str | None = opt(
+        None,
+        "An axolotl or LLaMA-Factory YAML, or a TRL SFTConfig / TrainingArguments YAML or "
+        "JSON: its model, data, sequence length, batch, learning rate, warm-up, epochs or "
+        "steps, LoRA targets, dropout, alpha and quantization become this search's options "
+        "(flags override it; what the search cannot honour is warned about). See the README's "
+        "recipe tables.",
+        identity=False,
+    )
     name: str | None = opt(None, "Run name (default: derived from model and data).", identity=False)
     force: bool = opt(
         False,

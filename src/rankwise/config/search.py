@@ -8,6 +8,7 @@ from typing import Any
 
 from rankwise.config.fields import (
     DEFAULT_RANKS,
+    VLLM_RANKS,
     _choice,
     _int_item,
     _integer,
@@ -15,6 +16,7 @@ from rankwise.config.fields import (
     flag,
     opt,
     parse_duration,
+    parse_serve,
     parse_size,
 )
 from rankwise.errors import ConfigError  # noqa: F401  (re-exported: the config's own error)
@@ -62,6 +64,18 @@ class SearchConfig:
         "Largest rank allowed (serving cap: vLLM's max_lora_rank defaults to 16).",
         identity=False,
     )
+    serve: str | None = opt(
+        None,
+        "The server the adapter is for: vllm (ranks vLLM loads, 1, 8, 16, 32, 64, 128, 256, "
+        "320, 512, up to its default --max-lora-rank 16) or vllm:MAX (up to MAX). Only those "
+        "ranks are candidates, per-layer patterns are rounded up into them, and the answer "
+        "gives the --max-lora-rank to start vLLM with.",
+    )
+    trial_budget: float = opt(
+        1.0,
+        "Train each trial on this share of the training budget (--epochs or --max-steps, as "
+        "a recipe gives them); the answer says which budget it holds for.",
+    )
     max_trainable_params: int | None = opt(
         None, "Skip ranks whose adapter has more trainable parameters.", identity=False
     )
@@ -80,6 +94,13 @@ class SearchConfig:
     )
     max_adapter_size: Any = opt(
         None, "Skip ranks whose adapter file would exceed this (e.g. 50MB).", identity=False
+    )
+    max_forgetting: float | None = opt(
+        None,
+        "Ranks whose retain-loss increase over the base model (nats/token, on the retain set "
+        "of --retain) exceeds this are not eligible: known only after training, they are "
+        "recorded as skipped with the figure measured, and the criterion chooses among the rest "
+        "(so a resumed search must keep the same limit).",
     )
     seeds: int = opt(
         1,
@@ -171,6 +192,10 @@ class SearchConfig:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"--ranks: every rank must be a positive integer, got {r!r}")
         self.ranks = sorted(set(self.ranks))
+        self._serve_ranks()
+        tb = self.trial_budget
+        if isinstance(tb, bool) or not isinstance(tb, int | float) or not 0 < tb <= 1:
+            raise ConfigError(f"--trial-budget: expected a share in (0, 1], got {tb!r}")
         _integer(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _positive(self, "start_rank", "patience", "max_rank", "max_trainable_params", "seeds")
         _integer(self, "max_seeds")
@@ -211,10 +236,32 @@ class SearchConfig:
         self.max_trial_time = parse_duration(self.max_trial_time, "max_trial_time")
         self.max_memory = parse_size(self.max_memory, "max_memory")
         self.max_adapter_size = parse_size(self.max_adapter_size, "max_adapter_size")
+        _positive(self, "max_forgetting")
         if self.start_rank is not None and self.start_rank not in self.ranks:
             raise ConfigError(
                 f"--start-rank: {self.start_rank} is not in --ranks {','.join(map(str, self.ranks))}"
+                + (f" (the ranks --serve {self.serve} loads)" if self.serve else "")
             )
+
+    def _serve_ranks(self) -> None:
+        """--serve: keep the ranks the server loads, up to its max (--max-rank still caps)."""
+        served = parse_serve(self.serve)
+        if served is None:
+            return
+        cap = served[1]
+        ranks = [r for r in self.ranks if r in VLLM_RANKS and r <= cap]
+        if not ranks:
+            raise ConfigError(
+                f"--serve {self.serve}: none of --ranks {','.join(map(str, self.ranks))} is a "
+                f"rank vLLM loads up to {cap} ({', '.join(str(r) for r in VLLM_RANKS if r <= cap)})"
+            )
+        self.ranks = ranks
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        """The --serve cap (vLLM's --max-lora-rank), or None without --serve."""
+        served = parse_serve(self.serve)
+        return served[1] if served else None
 
     def search_criterion(self):
         """The :class:`rankwise.search.criteria.Criterion` these options name."""

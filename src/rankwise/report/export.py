@@ -22,6 +22,13 @@ quantize 4bit / 8bit       ``adapter: qlora`` +        ``quantization_bit: 4`` /
                            + ``load_in_8bit``
 =========================  ==========================  ============================
 
+``trl`` writes TRL's ``ModelConfig`` keys as ``trl sft --config`` reads them
+(``model_name_or_path``, ``use_peft``, ``lora_r``, ``lora_alpha``, ``lora_dropout``,
+``lora_target_modules``, ``use_rslora``, ``use_dora``, ``load_in_4bit``/``8bit``; no
+per-module keys). ``--merge-into FILE`` (:mod:`rankwise.report.merge`) sets these keys in
+the user's own config instead, keeping the rest of it. With ``--serve`` the text says the
+``--max-lora-rank`` to start vLLM with.
+
 Keys as axolotl's config schema (``axolotl/utils/schemas/peft.py``) and LLaMA-Factory's
 ``LoraArguments`` and ``ModelArguments`` (``llamafactory/hparams/``) spell them. A setting
 the tool has no key for is written as a comment saying it is not applied, never dropped
@@ -64,8 +71,8 @@ from rankwise.run.rundir import RunDir
 
 __all__ = ["TOOLS", "Exported", "export", "export_config"]
 
-TOOLS = ("axolotl", "llama-factory", "peft")
-TOOL_NAMES = {"axolotl": "axolotl", "llama-factory": "LLaMA-Factory", "peft": "PEFT"}
+TOOLS = ("axolotl", "llama-factory", "trl", "peft")
+TOOL_NAMES = {"axolotl": "axolotl", "llama-factory": "LLaMA-Factory", "trl": "TRL", "peft": "PEFT"}
 QUANTIZE_BITS = {None: None, "none": None, "4bit": 4, "8bit": 8}
 # rankwise's embedded model is the GGUF of this hub model, dequantised
 EMBEDDED = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -73,10 +80,18 @@ EMBEDDED = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 @dataclass
 class Exported:
-    """A tool's config as text, and the recommended settings it could not express."""
+    """A tool's config as text, and the recommended settings it could not express.
+
+    ``keys``: the LoRA keys and their values (what ``--merge-into`` sets in the user's
+    file); ``setup``: the other keys (model, adapter, quantization), which it checks;
+    ``comments``: the comment lines of ``text`` without their ``#``.
+    """
 
     text: str
     notes: list[str] = field(default_factory=list)
+    keys: dict[str, Any] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)
+    comments: list[str] = field(default_factory=list)
 
 
 def export(run_dir: str | Path, tool: str) -> Exported:
@@ -84,7 +99,8 @@ def export(run_dir: str | Path, tool: str) -> Exported:
     if tool not in TOOLS:
         raise ConfigError(f"--to: expected one of {', '.join(TOOLS)}, got {tool!r}")
     rec = load_recommendation(run_dir)
-    return {"axolotl": _axolotl, "llama-factory": _llama_factory, "peft": _peft}[tool](rec)
+    write = {"axolotl": _axolotl, "llama-factory": _llama_factory, "trl": _trl, "peft": _peft}
+    return write[tool](rec)
 
 
 def export_config(run_dir: str | Path, tool: str) -> str:
@@ -120,17 +136,25 @@ class _Yaml:
 
     def __init__(self, rec: dict, tool: str):
         self.tool, self.lines, self.notes = TOOL_NAMES[tool], [], []
+        self.keys, self.setup, self.comments = {}, {}, []
         name = rec.get("name") or "?"
         reason = " ".join(str(rec.get("reason") or f"r={rec['rank']}").split())
         self.comment(f"LoRA settings recommended by rankwise (run {name}): {reason}")
+        if holds := (rec.get("budget") or {}).get("holds_for"):
+            self.comment(f"The answer holds for a trial budget of {holds}.")
         self.comment(f"Merge these keys into your {self.tool} training config.")
+        if serve := rec.get("serve"):
+            self.comment(f"Serve it with vLLM: --max-lora-rank {serve['max_lora_rank']}"
+                         + (f" ({serve['command']})" if serve.get("command") else ""))  # fmt: skip
 
     def comment(self, text: str) -> None:
         self.lines += [f"# {line}" for line in text.splitlines()]
+        self.comments += text.splitlines()
 
-    def key(self, name: str, value: Any) -> None:
+    def key(self, name: str, value: Any, *, lora: bool = True) -> None:
         import yaml
 
+        (self.keys if lora else self.setup)[name] = value
         self.lines.append(yaml.safe_dump({name: value}, sort_keys=False).rstrip("\n"))
 
     def unsupported(self, setting: str, value: Any, why: str = "") -> None:
@@ -139,7 +163,8 @@ class _Yaml:
         self.comment(note + "; not applied")
 
     def done(self) -> Exported:
-        return Exported("\n".join(self.lines) + "\n", self.notes)
+        text = "\n".join(self.lines) + "\n"
+        return Exported(text, self.notes, self.keys, self.setup, self.comments)
 
 
 def _number(x: Any) -> Any:
@@ -153,11 +178,11 @@ def _model(rec: dict, y: _Yaml, key: str) -> None:
         y.comment(f"{key}: the run does not record its model; set it yourself")
     elif model in EMBEDDED:
         y.comment(f"rankwise's embedded {model!r} is {EMBEDDED[model]} (read from a GGUF)")
-        y.key(key, EMBEDDED[model])
+        y.key(key, EMBEDDED[model], lora=False)
     else:
         if str(model).endswith(".gguf"):
             y.comment(f"{model} is a GGUF file; {y.tool} needs the original model's weights")
-        y.key(key, model)
+        y.key(key, model, lora=False)
 
 
 def _alpha(lora: dict, y: _Yaml, key: str) -> None:
@@ -194,9 +219,9 @@ def _axolotl(rec: dict) -> Exported:
     lora, y = rec["lora_config"], _Yaml(rec, "axolotl")
     bits = QUANTIZE_BITS[rec.get("quantize")]
     _model(rec, y, "base_model")
-    y.key("adapter", "qlora" if bits == 4 else "lora")
+    y.key("adapter", "qlora" if bits == 4 else "lora", lora=False)
     if bits:
-        y.key(f"load_in_{bits}bit", True)
+        y.key(f"load_in_{bits}bit", True, lora=False)
     y.key("lora_r", lora["r"])
     _alpha(lora, y, "lora_alpha")
     y.key("lora_dropout", lora.get("lora_dropout", 0.0))
@@ -227,9 +252,9 @@ def _llama_factory(rec: dict) -> Exported:
     lora, y = rec["lora_config"], _Yaml(rec, "llama-factory")
     bits = QUANTIZE_BITS[rec.get("quantize")]
     _model(rec, y, "model_name_or_path")
-    y.key("finetuning_type", "lora")
+    y.key("finetuning_type", "lora", lora=False)
     if bits:
-        y.key("quantization_bit", bits)
+        y.key("quantization_bit", bits, lora=False)
     y.key("lora_rank", lora["r"])
     _alpha(lora, y, "lora_alpha")
     y.key("lora_dropout", lora.get("lora_dropout", 0.0))
@@ -255,6 +280,35 @@ def _llama_factory(rec: dict) -> Exported:
     return y.done()
 
 
+def _trl(rec: dict) -> Exported:
+    """TRL's ``ModelConfig`` keys (``trl sft --config``): they build its LoraConfig."""
+    lora, y = rec["lora_config"], _Yaml(rec, "trl")
+    bits = QUANTIZE_BITS[rec.get("quantize")]
+    _model(rec, y, "model_name_or_path")
+    y.key("use_peft", True)
+    if bits:
+        y.key(f"load_in_{bits}bit", True, lora=False)
+    y.key("lora_r", lora["r"])
+    _alpha(lora, y, "lora_alpha")
+    y.key("lora_dropout", lora.get("lora_dropout", 0.0))
+    targets = lora.get("target_modules")
+    if targets is None:
+        y.comment("target_modules not recorded (PEFT's default for the architecture)")
+    else:  # TRL passes a list or "all-linear" through to LoraConfig
+        y.key("lora_target_modules", targets)
+    y.key("use_rslora", bool(lora.get("use_rslora", False)))
+    if lora.get("use_dora"):
+        y.key("use_dora", True)
+    for ours in ("rank_pattern", "alpha_pattern"):
+        if lora.get(ours):
+            y.unsupported(ours, lora[ours], f"per-module {ours.split('_')[0]} key")
+    if lora.get("bias", "none") != "none":
+        y.unsupported("bias", lora["bias"], "LoRA bias key")
+    handled = {"lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"}
+    _leftovers(lora, handled | {"rank_pattern", "alpha_pattern", "bias"}, y)
+    return y.done()
+
+
 def _peft(rec: dict) -> Exported:
     config = {"peft_type": "LORA", **rec["lora_config"]}
     model = EMBEDDED.get(rec.get("model"), rec.get("model"))
@@ -267,4 +321,6 @@ def _peft(rec: dict) -> Exported:
             f"quantize {rec['quantize']}: not a LoraConfig setting; load the base model with "
             f"BitsAndBytesConfig(load_in_{bits}bit=True)"
         )
+    if serve := rec.get("serve"):
+        notes.append(f"serve with vLLM: --max-lora-rank {serve['max_lora_rank']}")
     return Exported(json.dumps(config, indent=2) + "\n", notes)

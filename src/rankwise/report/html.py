@@ -43,6 +43,7 @@ from rankwise.report.plots import (
     answer_figure,
     cost_figure,
     curves_figure,
+    forgetting_figure,
     loss_figure,
     pareto_figure,
 )
@@ -168,6 +169,14 @@ def report_html(run: str | Path | RunView) -> str:
             f"Every trial's training loss and validation {score}, coloured by rank.",
         ),
     ]
+    if view.forgetting():  # what each rank costs the base model, beside its gain
+        figures.insert(1, (
+            "Gain and forgetting vs rank",
+            forgetting_figure(view),
+            "Each rank's share of the improvement over the base model (left) and what it "
+            "costs the base model (right): the increase of its loss on the retain set and the "
+            "mean KL(base || adapted) of its next-token distributions there.",
+        ))  # fmt: skip
     body = [_header_html(view), _recommendation_html(view)]
     body += [_figure_html(*f) for f in figures]
     body += [_spectra_html(view)]

@@ -26,6 +26,7 @@ __all__ = [
     "curves_figure",
     "spectra_figure",
     "write_heatmap",
+    "forgetting_figure",
 ]
 
 
@@ -374,4 +375,38 @@ def answer_figure(view: RunView) -> Any:
     ax.set_yticks(ranks, [str(r) for r in ranks])
     ax.axvspan(steps[-1]["step"] * 0.75, steps[-1]["step"], color="#eee", zorder=0)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def forgetting_figure(view: RunView) -> Any:
+    """The gain and the cost of each rank on one figure: its share of the improvement over
+    the base model (left axis) and its forgetting, the retain-loss increase (right axis),
+    with ``--max-forgetting`` and the recommended rank."""
+    fig, (ax,) = _figure(height=4.0)
+    drift = view.forgetting()
+    shares = [(s.rank, view.share(s.mean)) for s in view.scores if s.ok]
+    shares = [(r, 100 * v) for r, v in shares if v is not None]
+    if shares:
+        ax.plot(*zip(*shares, strict=True), "o-", color="tab:blue", label="share of improvement")
+    ax.set_ylabel("share of the improvement over the base model (%)", color="tab:blue")
+    cost = ax.twinx()
+    if drift:
+        ranks = list(drift)
+        cost.plot(ranks, [drift[r]["forgetting"] for r in ranks], "s--", color="tab:red",
+                  label="forgetting (retain-loss increase)")  # fmt: skip
+        kl = [(r, d["forgetting_kl"]) for r, d in drift.items() if d["forgetting_kl"] is not None]
+        if kl:
+            cost.plot(*zip(*kl, strict=True), "^:", color="tab:orange", label="KL(base || adapted)")
+    limit = view.options.get("max_forgetting")
+    if limit is not None:
+        cost.axhline(limit, color="tab:red", alpha=0.5, label=f"--max-forgetting {limit:g}")
+    cost.set_ylabel("nats per retain token", color="tab:red")
+    if (pick := view.recommendation["rank"]) is not None:
+        ax.axvline(pick, color="tab:green", alpha=0.4, lw=6, label=f"recommended r={pick}")
+    if not shares and not drift:
+        _no_data(ax, "no trial measured yet")
+    _rank_axis(ax, view.ranks())
+    handles = [h for a in (ax, cost) for h in a.get_legend_handles_labels()[0]]
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize=9)
     return fig

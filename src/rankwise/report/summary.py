@@ -64,6 +64,7 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     workers = any(r.extra.get("worker") for r in view.results + view.side)
     trials = sorted(view.results + view.side, key=lambda t: (t.group, t.rank, t.seed))
     measured = list(dict.fromkeys(k for r in trials for k in r.val_metrics if k != view.metric))
+    drift = bool(view.retain) or any(r.forgetting is not None for r in trials)
     score = "best val loss" if view.metric == "loss" else f"best {metrics.label(view.metric)}"
     rows = []
     for r in trials:
@@ -83,6 +84,9 @@ def trial_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
         if pred_mem:
             row["peak memory (pred.)"] = format_bytes(r.predicted.get("peak_memory_bytes"))
             row["pred. error"] = _error(r.predicted.get("peak_memory_bytes"), r.peak_memory_bytes)
+        if drift:
+            row["forgetting"] = _num(r.forgetting, "+.4f")
+            row["KL"] = _num(r.forgetting_kl, ".4f")
         row["tokens/s"] = _num(r.tokens_per_second, ",.0f")
         row["wall s"] = _num(r.wall_seconds or None, ".1f")  # 0: never ran (skipped)
         if pred_wall:
@@ -109,6 +113,8 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
     view = _view(run)
     rec, rows = view.recommendation, []
     limit = view.good_limit()
+    drift = view.forgetting()
+    drift = drift if drift or view.retain else None  # a run without a retain set: no column
     for s in view.scores:
         params = [
             r.trainable_params
@@ -128,18 +134,23 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
         elif s.ok and limit is not None and s.mean <= limit:
             verdict = "as good as the best"
         share = view.share(s.mean)
-        rows.append(
-            {
-                "rank": str(s.rank),
-                "status": s.status,
-                metrics.label(view.metric): loss,
-                "share of improvement": f"{share:.1%}" if share is not None else "-",
-                "seeds": str(s.n),
-                "trainable params": _num(params[0] if params else None, ",d"),
-                "verdict": verdict,
-                "reason": s.reason,
-            }
-        )
+        row = {
+            "rank": str(s.rank),
+            "status": s.status,
+            metrics.label(view.metric): loss,
+            "share of improvement": f"{share:.1%}" if share is not None else "-",
+        }
+        if drift is not None:  # what the rank costs the base model, beside its gain
+            f = drift.get(s.rank) or {}
+            row["forgetting"] = _num(f.get("forgetting"), "+.4f")
+            row["KL"] = _num(f.get("forgetting_kl"), ".4f")
+        row |= {
+            "seeds": str(s.n),
+            "trainable params": _num(params[0] if params else None, ",d"),
+            "verdict": verdict,
+            "reason": s.reason,
+        }
+        rows.append(row)
     return rows
 
 
@@ -246,6 +257,7 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         ("strategy", rec["strategy"] or o.get("strategy")),
         ("criterion", view.criterion.resolve(view.base_loss).describe()),
         ("base model val loss (no adapter)", _num(view.base_loss, ".4f")),
+        ("retain set", _retain_fact(view.retain, o.get("max_forgetting"))),
         ("task", o.get("task") if o.get("task") not in (None, "causal-lm") else None),
         ("labels", view.data.get("labels")),
         ("quantized base", o.get("quantize") if o.get("quantize") not in (None, "none") else None),
@@ -264,6 +276,19 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         for k, v in facts
         if v not in (None, "")
     ]
+
+
+def _retain_fact(retain: dict | None, limit: float | None) -> str | None:
+    """What forgetting is measured on (rankwise.training.retain)."""
+    if not retain:
+        return None
+    what = "sampled from the base model" if retain["source"] == "self-sampled" else retain["source"]
+    budget = f"; --max-forgetting {limit:g} nats" if limit is not None else ""
+    return (
+        f"{retain['sequences']} x {retain['length']} tokens {what}, base model loss "
+        f"{retain['base_loss']:.4f} (sha256 {retain['sha256'][:12]}); forgetting: the "
+        f"retain-loss increase over it, KL: mean KL(base || adapted){budget}"
+    )
 
 
 def _lr_fact(lr: Any) -> str | None:
@@ -351,6 +376,9 @@ def _noise_lines(rec: dict) -> list[str]:
     by_step = [a for a in rec.get("answer_by_step") or [] if a.get("rank")]
     if by_step:
         lines.append("answer by step: " + ", ".join(f"{a['step']}: r={a['rank']}" for a in by_step))
+    budget = rec.get("budget") or {}
+    if budget.get("epochs") or budget.get("trial_budget", 1) < 1:
+        lines.append(f"the answer holds for a trial budget of {budget['holds_for']}")
     if rec.get("answer_moved"):
         lines.append(f"warning: {rec['answer_moved']}")
     return lines

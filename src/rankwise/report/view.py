@@ -10,7 +10,7 @@ from typing import Any
 
 from rankwise.config import DEFAULT_RANKS
 from rankwise.errors import ConfigError
-from rankwise.records import TrialKind, TrialResult
+from rankwise.records import SKIPPED, TrialKind, TrialResult
 from rankwise.run.rundir import RECOMMENDATION_FILE, REPORT_FILE, SUMMARY_FILE  # noqa: F401
 from rankwise.run.store import RunStore
 from rankwise.search import metrics
@@ -54,6 +54,12 @@ class RunView:
     side: list[TrialResult] = dataclasses.field(default_factory=list)
     """Trials outside the rank curve (learning-rate calibration, co-tuning, the final trial
     of a nested search, other target sets): listed, not pooled into scores."""
+    retain: dict[str, Any] | None = None
+    """The retain set forgetting is measured on (rankwise.training.retain), or None."""
+
+    def forgetting(self) -> dict[int, dict[str, Any]]:
+        """Each rank's mean forgetting over its measured trials (see :func:`forgetting_by_rank`)."""
+        return forgetting_by_rank(self.results)
 
     @property
     def model(self) -> str:
@@ -125,6 +131,7 @@ def load_run(run_dir: str | Path) -> RunView:
         results = [r for r, c in zip(everything, curve, strict=True) if c]
         side = [r for r, c in zip(everything, curve, strict=True) if not c]
         data = store.get_meta("data") or {}
+        retain = store.get_meta("retain")
         final = _read_recommendation(run_dir)
         if final is None:
             scores = rank_scores(results)
@@ -138,7 +145,9 @@ def load_run(run_dir: str | Path) -> RunView:
         store.close()
     rec = {**_REC_DEFAULTS, **rec}
     finished = final is not None
-    return RunView(run_dir, str(name), options, results, running, scores, rec, finished, data, side)
+    return RunView(
+        run_dir, str(name), options, results, running, scores, rec, finished, data, side, retain
+    )
 
 
 def _read_recommendation(run_dir: Path) -> dict[str, Any] | None:
@@ -177,6 +186,7 @@ def _provisional(
     if metric != "loss":
         found = dataclasses.replace(found, reason=metrics.reason(found, scores, criterion, metric))
     rec = dataclasses.asdict(found)
+    rec["reason"] = with_drift(rec["reason"], found, results, options.get("max_forgetting"))
     lora: dict[str, Any] = {}
     key = next((r.key for r in results if r.ok and r.rank == rec["rank"]), None)
     if key is not None and (spec := store.spec(key)) is not None:
@@ -193,3 +203,83 @@ def _provisional(
 
 def _view(run: str | Path | RunView) -> RunView:
     return run if isinstance(run, RunView) else load_run(run)
+
+
+# -- forgetting beside the gain (rankwise.training.retain) -----------------------------------
+# The recommended rank's drift is worth a sentence when it differs from the best rank's by a
+# third of the larger (a ratio of 1.5) and by more than DRIFT_FLOOR nats per retain token.
+DRIFT_FLOOR = 0.002
+
+
+def forgetting_by_rank(trials: list[TrialResult]) -> dict[int, dict[str, Any]]:
+    """Mean retain-loss increase (``forgetting``) and KL per rank of the curve, over the
+    trials where it was measured, those ``--max-forgetting`` excluded included.
+
+    >>> t = lambda r, f, k: TrialResult(key="", rank=r, seed=0, status="complete",
+    ...                                 forgetting=f, forgetting_kl=k)
+    >>> forgetting_by_rank([t(4, 0.01, 0.02), t(4, 0.03, 0.04), t(8, 0.05, None)])
+    {4: {'forgetting': 0.02, 'forgetting_kl': 0.03, 'n': 2}, 8: {'forgetting': 0.05, 'forgetting_kl': None, 'n': 1}}
+    """
+    by: dict[int, list[TrialResult]] = {}
+    for r in trials:
+        if r.forgetting is not None and r.on_curve:
+            by.setdefault(r.rank, []).append(r)
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 6) if values else None
+
+    return {
+        rank: {
+            "forgetting": mean([r.forgetting for r in rs]),
+            "forgetting_kl": mean([r.forgetting_kl for r in rs]),
+            "n": len(rs),
+        }
+        for rank, rs in sorted(by.items())
+    }
+
+
+def drift_sentence(by_rank: dict[int, dict], pick: int | None, best: int | None) -> str:
+    """The recommended rank's drift against the best rank's, when notably lower or higher.
+
+    >>> by = {4: {"forgetting": 0.012, "forgetting_kl": 0.010},
+    ...       64: {"forgetting": 0.034, "forgetting_kl": 0.029}}
+    >>> drift_sentence(by, 4, 64)
+    'r=4 drifts less from the base model than r=64: retain-loss increase 0.0120 vs 0.0340 nats (KL 0.0100 vs 0.0290)'
+    >>> drift_sentence({4: {"forgetting": 0.030}, 64: {"forgetting": 0.034}}, 4, 64)
+    ''
+    """
+    a, b = by_rank.get(pick) if pick else None, by_rank.get(best) if best else None
+    if pick == best or not a or not b:
+        return ""
+    fa, fb = a["forgetting"], b["forgetting"]
+    if abs(fa - fb) < max(DRIFT_FLOOR, max(abs(fa), abs(fb)) / 3):
+        return ""
+    ka, kb = a.get("forgetting_kl"), b.get("forgetting_kl")
+    kl = f" (KL {ka:.4f} vs {kb:.4f})" if ka is not None and kb is not None else ""
+    return (
+        f"r={pick} drifts {'less' if fa < fb else 'more'} from the base model than r={best}: "
+        f"retain-loss increase {fa:.4f} vs {fb:.4f} nats{kl}"
+    )
+
+
+def excluded_by_forgetting(trials: list[TrialResult]) -> list[TrialResult]:
+    """The trials ``--max-forgetting`` excluded (skipped, with the figure measured)."""
+    return [r for r in trials if r.status == SKIPPED and r.forgetting is not None]
+
+
+def with_drift(reason: str, rec, trials: list[TrialResult], limit: float | None) -> str:
+    """The recommendation's reason with the drift sentence and the ranks --max-forgetting
+    excluded, placed before its ``stopped:`` clause."""
+    said = [drift_sentence(forgetting_by_rank(trials), rec.rank, rec.best_rank)]
+    gone = excluded_by_forgetting(trials)
+    if gone and limit is not None:
+        ranks = ", ".join(f"r={r.rank} ({r.forgetting:.4f})" for r in gone)
+        said.append(f"--max-forgetting {limit:g} excluded {ranks}")
+    extra = "; ".join(s for s in said if s)
+    if not extra:
+        return reason
+    stopped = f"; stopped: {rec.stop_reason}" if rec.stop_reason else ""
+    if stopped and reason.endswith(stopped):
+        return f"{reason[: -len(stopped)]}; {extra}{stopped}"
+    return f"{reason}; {extra}"

@@ -1,8 +1,9 @@
 """The run directory: its paths, its lock, its identity, and the delivered answer.
 
 ``DIR/`` holds ``trials.sqlite`` (the store), ``data/tokens.safetensors`` (the token blocks
-every trial reads), ``trials/<key>/adapter`` (each trial's best adapter), ``adapter`` (the
-recommended one), ``recommendation.json``, ``summary.md`` and ``report.html``. Every one of
+every trial reads), ``data/retain.safetensors`` (the retain set forgetting is measured on),
+``trials/<key>/adapter`` (each trial's best adapter), ``adapter`` (the recommended one),
+``recommendation.json``, ``summary.md`` and ``report.html``. Every one of
 these paths is a :class:`RunDir` property or method, so the layout is written down once;
 a trial that knows only its adapter folder finds its run directory with
 :meth:`RunDir.of_adapter`.
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 DATA_DIR = "data"
+RETAIN_FILE = "retain.safetensors"
 TRIALS_DIR = "trials"
 ADAPTER_DIR = "adapter"  # the delivered adapter, and each trial's, inside its key's folder
 RECOMMENDATION_FILE = "recommendation.json"
@@ -103,6 +105,11 @@ class RunDir:
     @property
     def tokens(self) -> Path:
         return self.data / TOKENS_FILE
+
+    @property
+    def retain(self) -> Path:
+        """The retain set and the base model's figures on it (rankwise.training.retain)."""
+        return self.data / RETAIN_FILE
 
     @property
     def trials(self) -> Path:

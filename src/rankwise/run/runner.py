@@ -54,6 +54,7 @@ class TrialRunner:
             self.execute = state["execute"]
         self.nested = state.get("nested")  # where a nested-rank run trains (an executor's)
         self.nested_scale = state.get("nested_scale")  # the LoRA scale of each drawn rank
+        self.forgetting = state.get("forgetting")  # rankwise.training.retain.Forgetting, or None
 
     # -- specs ----------------------------------------------------------------------------
     def lora_spec(self, rank: int, target_modules: list[str] | str | None = None) -> LoraSpec:
@@ -307,6 +308,8 @@ class TrialRunner:
 
     def record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
         """Diagnose a finished trial and write it (one transaction), then tell the world."""
+        if self.forgetting is not None:  # its forgetting at the best checkpoint; a budget
+            result = self.forgetting(result, spec)
         diagnosis = diagnose(result).to_dict()
         result = result.replace(extra={**result.extra, "diagnosis": diagnosis})
         self.store.finish(result, spec)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field
 
-from rankwise.config import DEFAULT_RANKS, Options
+from rankwise.config import DEFAULT_RANKS, Options, SearchConfig
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.calibrate import MAX_LR_EXTENSIONS
 from rankwise.run.rundir import RunDir, data_fingerprint
 from rankwise.run.runner import TrialRunner
 from rankwise.search.strategies import plan_ranks
 
-__all__ = ["Session", "open_session", "max_trials", "fairness_warnings"]
+__all__ = ["Session", "open_session", "max_trials", "fairness_warnings", "apply_budget"]
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Session:
     start_rank: int
     excluded: list[TrialResult] = field(default_factory=list)
     plan_notes: list[str] = field(default_factory=list)
+    budget: dict = field(default_factory=dict)  # the trial budget (apply_budget)
 
 
 def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) -> Session:
@@ -41,7 +42,8 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
 
     identity = opts.identity()
     if not opts.run.force:  # refuse a mismatch before loading anything
-        run_dir.check_identity(identity, ignore=("data_sha256",))
+        run_dir.check_identity(identity, ignore=("data_sha256", "retain_sha256"))
+    retain_records = _check_retain(opts)  # an unreadable --retain is refused before loading
     labelled = None
     if opts.model.task == "seq-cls":  # labels first: they size the model's head
         from rankwise.training.classify import read_labelled
@@ -58,6 +60,12 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
     else:
         data = prepare_data(opts.data, tokenizer, run_dir.path, opts.train.seed)
     identity["data_sha256"] = data_fingerprint(data)
+    autocast = pick_autocast(opts.model.dtype, device, n_params)
+    retain = _open_retain(opts, run_dir, (model, tokenizer, device, autocast), retain_records)
+    identity["retain_sha256"] = retain and retain[0].sha256
+    budget = apply_budget(opts, int(data.train_ids.shape[0]))
+    if opts.train.epochs or opts.search.trial_budget < 1:
+        progress.log(f"trial budget: {budget['holds_for']}; the answer holds for this budget")
     if not opts.run.force:
         run_dir.check_identity(identity)
     tracker = make_tracker(opts.run.report_to, run_dir.path)
@@ -74,15 +82,52 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
         opts, run_dir, store, ctx, progress, tracker,
         ranks=ranks,
         targets=targets,
-        autocast=pick_autocast(opts.model.dtype, device, n_params),
+        autocast=autocast,
+        forgetting=_keep_retain(opts, run_dir, store, ctx, retain, progress),
         execute=executor.execute,
         nested=executor.nested,
         nested_scale=lambda allowed: _nested_scale(opts, allowed),
         **state,
     )  # fmt: skip
     session = Session(ctx, store, tracker, runner, ranks, opts.search.start_rank_for(n_params))
+    session.budget = budget
     _plan(session, progress)
     return session
+
+
+def _check_retain(opts: Options) -> tuple | None:
+    """Refuse retain options that do not go together, and read a --retain file now."""
+    from rankwise.training.retain import check_retain_options, read_retain_records
+
+    check_retain_options(opts)
+    return read_retain_records(opts)
+
+
+def _open_retain(opts: Options, run_dir: RunDir, loaded: tuple, records):
+    """(the retain set, its cache key), or None with --no-retain (rankwise.training.retain)."""
+    from rankwise.training.retain import prepare_retain
+
+    model, tokenizer, device, autocast = loaded
+    retain, key = prepare_retain(opts, model, tokenizer, device, autocast, run_dir.retain, records)
+    return None if retain is None else (retain, key)
+
+
+def _keep_retain(opts: Options, run_dir: RunDir, store, ctx, retain, progress):
+    """Cache the retain set, record it, and measure every trial's forgetting on it."""
+    if retain is None:
+        store.set_meta("retain", None)
+        return None
+    from rankwise.training.retain import SELF_SAMPLED, Forgetting
+
+    retain_set, key = retain
+    what = "sampled from the base model" if retain_set.source == SELF_SAMPLED else retain_set.source
+    progress.log(
+        f"retain set: {retain_set.ids.shape[0]} x {retain_set.ids.shape[1]} tokens {what} "
+        f"(base model loss {retain_set.base_loss:.4f}; {retain_set.seconds:.1f}s)"
+    )
+    retain_set.save(run_dir.retain, key)
+    store.set_meta("retain", retain_set.info())
+    return Forgetting(retain_set, ctx, run_dir, opts.search.max_forgetting)
 
 
 def _plan(session: Session, progress) -> None:
@@ -104,12 +149,43 @@ def _fit_ranks(opts: Options, model) -> list[int]:
     from rankwise.io.models import check_targets, linear_module_names
 
     ranks = opts.search.ranks
-    if ranks == DEFAULT_RANKS:
+    if ranks == DEFAULT_RANKS or ranks == SearchConfig(serve=opts.search.serve).ranks:
         matched = check_targets(model, opts.lora.target_modules, [1])
         sizes = linear_module_names(model)
         cap = min(min(sizes[n]) for n in matched)
         ranks = [r for r in ranks if r <= cap]
     return ranks
+
+
+def apply_budget(opts: Options, train_blocks: int) -> dict:
+    """Resolve a trial's steps once the data is packed: --epochs over ``train_blocks``, times
+    --trial-budget; --warmup-ratio becomes steps, and --warmup-steps shrinks with the budget
+    so the schedule keeps its shape. Sets ``opts.train.max_steps`` and returns the budget
+    as recommendation.json records it, with ``holds_for``: which budget the answer is for.
+
+    >>> o = Options.from_flat({"epochs": 2, "batch_size": 4, "trial_budget": 0.25,
+    ...                        "warmup_ratio": 0.1})
+    >>> print(apply_budget(o, train_blocks=400)["holds_for"])
+    50 steps: 0.25 of 2 epochs (200 steps)
+    >>> o.train.max_steps, o.train.warmup_steps
+    (50, 5)
+    """
+    import math
+
+    tc, share = opts.train, opts.search.trial_budget
+    per_epoch = max(1, math.ceil(train_blocks / (tc.batch_size * tc.grad_accum)))
+    full = math.ceil(tc.epochs * per_epoch) if tc.epochs else tc.max_steps
+    tc.max_steps = max(1, math.ceil(full * share))
+    if tc.warmup_ratio is not None:
+        tc.warmup_steps = math.ceil(tc.warmup_ratio * tc.max_steps)
+    elif share < 1:
+        tc.warmup_steps = max(0, min(tc.max_steps - 1, round(tc.warmup_steps * share)))
+    whole = f"{tc.epochs:g} epochs ({full} steps)" if tc.epochs else f"{full} steps"
+    of = "the recipe's " if opts.run.recipe else ""
+    holds = f"{tc.max_steps} steps" + (f": {share:g} of {of}{whole}" if share < 1 else "")
+    if share == 1 and tc.epochs:
+        holds += f": {whole}"
+    return {"full_steps": full, "trial_budget": share, "epochs": tc.epochs, "holds_for": holds}
 
 
 def _nested_scale(opts: Options, ranks: list[int]):
@@ -144,6 +220,10 @@ def fairness_warnings(opts: Options, ctx=None) -> list[str]:
             "Adam a higher rank also acts like a larger learning rate; gains on the curve mix "
             "capacity with step size (--alpha-policy fixed compares capacity)"
         )
+    if opts.run.recipe:  # what the recipe trains that the trials cannot (named once)
+        from rankwise.io.recipes import read_recipe
+
+        out += read_recipe(opts.run.recipe).warnings
     n_val = ctx.data.val_ids.shape[0] if ctx is not None else None
     if opts.train.metric != "loss" and n_val and n_val < 200:
         out.append(

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from rankwise.analysis.diagnose import diagnose_search
 from rankwise.config import Options
+from rankwise.io.recipes import with_recipe
 from rankwise.records import TrialResult
 from rankwise.report.recommendation import RecommendationInputs, recommendation_doc
 from rankwise.run.calibrate import calibrate_lr
@@ -83,13 +84,15 @@ class SearchResult:
 
 
 def search(model: str | None = None, train: str | None = None, **options) -> SearchResult:
-    """Find the LoRA rank for ``model`` on ``train``. Options are the CLI's, as keywords."""
+    """Find the LoRA rank for ``model`` on ``train``. Options are the CLI's, as keywords;
+    ``recipe=FILE`` (``--from``) reads an axolotl, LLaMA-Factory or TRL config, which the
+    other keywords override."""
     flat = dict(options)
     if model is not None:
         flat["model"] = model
     if train is not None:
         flat["train"] = train
-    return Study(Options.from_flat(flat, "search()")).run()
+    return Study(Options.from_flat(with_recipe(flat), "search()")).run()
 
 
 def _slug(text: str) -> str:
@@ -324,6 +327,7 @@ class Study:
                 lr=runner.lr, lr_record=self.lr_record, precision=precision,
                 quantization_config=self.quantization_config(),
                 labels=ctx.data.info.get("labels"), warnings=warnings, extras=extras,
+                budget=self.session.budget,
             )
         )  # fmt: skip
         self.dir.write_json(self.dir.recommendation, doc)

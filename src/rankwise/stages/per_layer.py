@@ -49,6 +49,7 @@ import dataclasses
 from typing import Any
 
 from rankwise.analysis.patterns import PROPOSALS, eva_spec, pattern_spec
+from rankwise.config import serve_round_up
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.runner import Variant
 from rankwise.search.scores import paired_scores, rank_scores
@@ -123,6 +124,8 @@ def _proposals(runner, chosen: TrialResult, rank: int):
     ref_lora = runner.store.spec(chosen.key).lora.replace(r=rank)
     spectra = inspect_adapter(runner.dir.trial_adapter(chosen.key), s.per_layer_energy)
     ranks = spectra.proposal().ranks
+    if s.serve:  # --serve: each module's rank rounded up to one the server loads
+        ranks = {name: serve_round_up(k) for name, k in ranks.items()}
     budget = max(1, round(sum(ranks.values()) / len(ranks)))
     specs, skipped = {}, {}
     if all(k == rank for k in ranks.values()):
@@ -131,6 +134,8 @@ def _proposals(runner, chosen: TrialResult, rank: int):
         specs["spectral"] = pattern_spec(ref_lora, ranks, policy)
     if budget >= rank:  # every module may hold at most r: EVA would give each exactly r
         skipped["eva"] = f"at a budget of r={budget} per module EVA cannot move ranks"
+    elif s.serve:
+        skipped["eva"] = f"EVA picks any rank per module; --serve {s.serve} loads only its set"
     else:
         specs["eva"] = eva_spec(ref_lora, budget, policy)
     return ranks, specs, skipped
