@@ -369,6 +369,9 @@ def _noise_lines(rec: dict) -> list[str]:
             )
     for race in rec.get("races") or []:
         low, high = race["ranks"]
+        if race.get("not_raced"):
+            lines.append(race["not_raced"])
+            continue
         lines.append(
             f"raced r={low} vs r={high}: +{len(race['added'])} trials "
             f"({race.get('train_tokens', 0):,} tokens, {race.get('wall_seconds', 0):.0f}s)"

@@ -230,6 +230,35 @@ class Criterion:
         pairs = [(pick, best)] + ([(max(below, key=lambda s: s.rank), best)] if below else [])
         return [(a.rank, b.rank) for a, b in pairs if a.rank != b.rank and c._open(a, b, base, ok)]
 
+    def undecidable(
+        self, scores: list[RankScore], pair: tuple[int, int], max_seeds: int, base=None
+    ) -> str:
+        """Why racing the open comparison ``pair`` to ``max_seeds`` seeds each would most
+        likely leave it open ("" if it may settle): its estimate is closer to the bar than
+        :data:`Z` standard errors would be at ``max_seeds`` paired seeds (the measured noise,
+        shrunk as 1/sqrt(seeds)). Needs the seed noise of both ranks (two seeds each)."""
+        c = self.resolve(base)
+        ok = sorted((s for s in scores if s.ok), key=lambda s: s.rank)
+        by_rank = {s.rank: s for s in ok}
+        if pair[0] not in by_rank or pair[1] not in by_rank:
+            return ""
+        a, b = by_rank[pair[0]], by_rank[pair[1]]
+        se = noise(a, b)
+        if not se or min(a.n, b.n) < 2 or min(a.n, b.n) >= max_seeds:
+            return ""
+        if c.kind == "knee":
+            bar = c.threshold * c.improvement(ok, b, base) * math.log2(b.rank / a.rank)
+            distance = (a.mean - b.mean) - max(bar, 0.0)
+        else:
+            distance = (a.mean - b.mean) - c.margin(a, b, ok, base)
+        at_max = Z * se * math.sqrt(min(a.n, b.n) / max_seeds)
+        if abs(distance) >= at_max:
+            return ""
+        return (
+            f"r={a.rank} vs r={b.rank} not raced: {abs(distance):.4f} nats from the bar, under "
+            f"{Z:g} SE at {max_seeds} seeds ({at_max:.4f})"
+        )
+
     def _open_step(self, lo: RankScore, hi: RankScore, base, ok) -> bool:
         gain, se = lo.mean - hi.mean, noise(lo, hi)
         if not se:

@@ -101,7 +101,10 @@ class _Base:
     Racing: when the strategy would stop and a comparison its answer rests on is open
     (:meth:`Criterion.open_questions`: within the noise of the paired difference), it asks
     for more seeds of exactly the two ranks compared, both up to the same seeds (so they
-    stay paired), at most ``max_seeds`` each, then decides again.
+    stay paired), at most ``max_seeds`` each, then decides again. A comparison that
+    ``max_seeds`` would most likely leave open (:meth:`Criterion.undecidable`: its estimate
+    sits closer to the bar than the noise at ``max_seeds`` seeds) is not raced; it stays
+    open, and the answer says so.
     """
 
     results: list[TrialResult] = field(default_factory=list, init=False)
@@ -160,7 +163,14 @@ class _Base:
         if self._max_seeds <= self.seeds and self.noise_seeds <= self.seeds:
             return []
         criterion = _criterion(self.criterion)
-        for low, high in criterion.open_questions(self.scores(), self.base_loss):
+        scores = self.scores()
+        for low, high in criterion.open_questions(scores, self.base_loss):
+            why = criterion.undecidable(scores, (low, high), self._max_seeds, self.base_loss)
+            if why:
+                seen = {(tuple(r["ranks"]), r.get("not_raced")) for r in self.races}
+                if ((low, high), why) not in seen:
+                    self.races.append({"ranks": [low, high], "added": [], "not_raced": why})
+                continue
             tried = {r: {t.seed for t in self.results if t.rank == r} for r in (low, high)}
             ok = {r: {t.seed for t in self.results if t.rank == r and t.ok} for r in (low, high)}
             n = max(len(ok[low]), len(ok[high]))
