@@ -267,17 +267,7 @@ def _llama_factory(rec: dict) -> Exported:
         y.unsupported("target_modules", None, "key for PEFT's per-architecture default")
     else:
         y.unsupported("target_modules", targets, "regex targets (lora_target takes names)")
-    y.key("use_rslora", bool(lora.get("use_rslora", False)))
-    if lora.get("use_dora"):
-        y.key("use_dora", True)
-    for ours in ("rank_pattern", "alpha_pattern"):
-        if lora.get(ours):
-            y.unsupported(ours, lora[ours], f"per-module {ours.split('_')[0]} key")
-    if lora.get("bias", "none") != "none":
-        y.unsupported("bias", lora["bias"], "LoRA bias key")
-    handled = {"lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"}
-    _leftovers(lora, handled | {"rank_pattern", "alpha_pattern", "bias"}, y)
-    return y.done()
+    return _flags_and_leftovers(lora, y)
 
 
 def _trl(rec: dict) -> Exported:
@@ -296,6 +286,11 @@ def _trl(rec: dict) -> Exported:
         y.comment("target_modules not recorded (PEFT's default for the architecture)")
     else:  # TRL passes a list or "all-linear" through to LoraConfig
         y.key("lora_target_modules", targets)
+    return _flags_and_leftovers(lora, y)
+
+
+def _flags_and_leftovers(lora: dict, y: _Yaml) -> Exported:
+    """rsLoRA and DoRA as the tool's flags; what it has no key for, said in a comment."""
     y.key("use_rslora", bool(lora.get("use_rslora", False)))
     if lora.get("use_dora"):
         y.key("use_dora", True)
