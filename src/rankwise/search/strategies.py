@@ -166,10 +166,11 @@ class _Base:
         scores = self.scores()
         for low, high in criterion.open_questions(scores, self.base_loss):
             why = criterion.undecidable(scores, (low, high), self._max_seeds, self.base_loss)
-            if why:
-                seen = {(tuple(r["ranks"]), r.get("not_raced")) for r in self.races}
-                if ((low, high), why) not in seen:
-                    self.races.append({"ranks": [low, high], "added": [], "not_raced": why})
+            if why:  # the latest word on this pair replaces an earlier one
+                self.races = [
+                    r for r in self.races if not (r.get("not_raced") and r["ranks"] == [low, high])
+                ]
+                self.races.append({"ranks": [low, high], "added": [], "not_raced": why})
                 continue
             tried = {r: {t.seed for t in self.results if t.rank == r} for r in (low, high)}
             ok = {r: {t.seed for t in self.results if t.rank == r and t.ok} for r in (low, high)}
