@@ -244,3 +244,17 @@ def table_rows(text: str, first: str = "") -> list[list[str]]:
             continue
         rows.append(cells)
     return rows
+
+
+def check_error(capsys, argv, *fragments) -> str:
+    """The CLI refuses ``argv``: exit 2, one line on stderr holding every fragment, no
+    traceback. Returns the line."""
+    from rankwise.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

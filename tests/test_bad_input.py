@@ -11,21 +11,12 @@ import pytest
 from rankwise.cli import main
 from rankwise.errors import ConfigError
 
+from .conftest import check_error
 from .conftest import search_argv as cli_args
 
 
 def search_argv(model, train, out, *extra):
     return cli_args(model, train, out, ranks="1,2") + list(extra)
-
-
-def check_error(capsys, argv, *fragments):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 CASES = {

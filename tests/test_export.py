@@ -15,7 +15,7 @@ import yaml
 from rankwise.cli import main
 from rankwise.report.export import export_config
 
-from .conftest import search_argv
+from .conftest import check_error, search_argv
 
 # Keys each tool's own schema declares (axolotl: utils/schemas/peft.py and the model
 # section; LLaMA-Factory: hparams/finetuning_args.py LoraArguments, model_args.py): an
@@ -225,15 +225,6 @@ def test_other_lora_settings_become_comments(tmp_path):
     assert yaml.safe_load(text)["peft_use_dora"] is True
     assert '# init_lora_weights "pissa": axolotl has no key for it; not applied' in text
     assert "fan_in_fan_out" not in text  # PEFT's default: nothing to carry over
-
-
-def check_error(capsys, argv, *fragments):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):

@@ -20,7 +20,7 @@ from rankwise.io.recipes import axolotl as axolotl_keys
 from rankwise.io.recipes import llama_factory as llama_factory_keys
 from rankwise.io.recipes import trl as trl_keys
 
-from .conftest import sentences
+from .conftest import check_error, sentences
 
 FAST = ["--ranks", "1,2", "--start-rank", "1", "--max-seeds", "1", "--quiet",
         "--dtype", "float32", "--eval-every", "3"]  # fmt: skip
@@ -360,15 +360,6 @@ def test_readme_has_a_table_row_per_key(tool, module):
 
 
 # -- bad input: one line naming the key, exit 2 -------------------------------------------
-def check_error(capsys, argv, *fragments):
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 def test_bad_recipes(tmp_path, capsys, recipes):
     def search(path):
         return ["search", "--from", str(path), "--out", str(tmp_path / "run")]

@@ -8,7 +8,7 @@ rankwise does with each key it reads; the README's axolotl table lists the same.
 from __future__ import annotations
 
 from rankwise.errors import ConfigError
-from rankwise.io.recipes.common import Keys, data_source, lora_targets
+from rankwise.io.recipes.common import ADAMW, Keys, data_source, lora_targets
 
 __all__ = ["KEYS", "read", "dataset"]
 
@@ -49,8 +49,6 @@ KEYS = {
     "optimizer": "warned unless an AdamW: trials use torch AdamW",
     "trust_remote_code": "not passed on: give --trust-remote-code",
 }
-
-ADAMW = (None, "adamw_torch", "adamw_torch_fused", "adamw_hf")
 
 
 def read(keys: Keys) -> None:

@@ -20,6 +20,21 @@ __all__ = ["Keys", "Recipe", "data_source", "lora_targets"]
 # Local data files rankwise reads (rankwise.io.readers): a path with one of these suffixes
 # is a file, never a hub id.
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+# Optimizer names that are torch AdamW, the optimizer every trial uses.
+ADAMW = (None, "adamw_torch", "adamw_torch_fused", "adamw_hf")
+# transformers TrainingArguments keys, read the same way from LLaMA-Factory and TRL recipes.
+TRAINER_KEYS = {
+    "per_device_train_batch_size": "--batch-size (default 8)",
+    "gradient_accumulation_steps": "--grad-accum (default 1)",
+    "lr_scheduler_type": "warned unless linear (the default)",
+    "warmup_steps": "--warmup-steps",
+    "warmup_ratio": "--warmup-ratio",
+    "num_train_epochs": "--epochs (default 3)",
+    "max_steps": "--max-steps (overrides num_train_epochs)",
+    "seed": "--seed (default 42)",
+    "weight_decay": "--weight-decay",
+    "max_grad_norm": "--max-grad-norm",
+}
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from rankwise.errors import ConfigError
-from rankwise.io.recipes.common import Keys, data_source, lora_targets
+from rankwise.io.recipes.common import ADAMW, TRAINER_KEYS, Keys, data_source, lora_targets
 
 __all__ = ["KEYS", "read"]
 
@@ -27,17 +27,8 @@ KEYS = {
     "max_samples": "--max-examples",
     "template": "warned: records render with the Alpaca prompt or the tokenizer's template",
     "cutoff_len": "--seq-len (default 2048)",
-    "per_device_train_batch_size": "--batch-size (default 8)",
-    "gradient_accumulation_steps": "--grad-accum (default 1)",
+    **TRAINER_KEYS,
     "learning_rate": "--lr (default 5e-5)",
-    "lr_scheduler_type": "warned unless linear (the default)",
-    "warmup_steps": "--warmup-steps",
-    "warmup_ratio": "--warmup-ratio",
-    "num_train_epochs": "--epochs (default 3)",
-    "max_steps": "--max-steps (overrides num_train_epochs)",
-    "seed": "--seed (default 42)",
-    "weight_decay": "--weight-decay",
-    "max_grad_norm": "--max-grad-norm",
     "lora_rank": "replaced by the answer",
     "lora_alpha": "--alpha; absent: --alpha-policy ratio 2 (lora_alpha = 2 x rank)",
     "lora_dropout": "--dropout (default 0)",
@@ -56,7 +47,6 @@ KEYS = {
     "trust_remote_code": "not passed on: give --trust-remote-code",
 }
 
-ADAMW = (None, "adamw_torch", "adamw_torch_fused", "adamw_hf")
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human",
                  "assistant_tag": "gpt", "system_tag": "system"}  # fmt: skip

@@ -11,7 +11,7 @@ declare them. TRL reads the data's format from its columns (``messages``,
 from __future__ import annotations
 
 from rankwise.errors import ConfigError
-from rankwise.io.recipes.common import Keys, data_source, lora_targets
+from rankwise.io.recipes.common import ADAMW, TRAINER_KEYS, Keys, data_source, lora_targets
 
 __all__ = ["KEYS", "read"]
 
@@ -23,17 +23,8 @@ KEYS = {
     "dataset_config": "refused unless absent: the search reads a dataset's default config",
     "dataset_text_field": "--text-field (default text)",
     "max_length": "--seq-len (default 1024; max_seq_length in older TRL)",
-    "per_device_train_batch_size": "--batch-size (default 8)",
-    "gradient_accumulation_steps": "--grad-accum (default 1)",
+    **TRAINER_KEYS,
     "learning_rate": "--lr (default 2e-5)",
-    "lr_scheduler_type": "warned unless linear (the default)",
-    "warmup_steps": "--warmup-steps",
-    "warmup_ratio": "--warmup-ratio",
-    "num_train_epochs": "--epochs (default 3)",
-    "max_steps": "--max-steps (overrides num_train_epochs)",
-    "seed": "--seed (default 42)",
-    "weight_decay": "--weight-decay",
-    "max_grad_norm": "--max-grad-norm",
     "use_peft": "warned if false: the search trains LoRA adapters",
     "lora_r": "replaced by the answer",
     "lora_alpha": "--alpha (default 32)",
@@ -54,8 +45,6 @@ KEYS = {
     "optim": "warned unless an AdamW: trials use torch AdamW",
     "trust_remote_code": "not passed on: give --trust-remote-code",
 }
-
-ADAMW = (None, "adamw_torch", "adamw_torch_fused", "adamw_hf")
 
 
 def read(keys: Keys) -> None:
