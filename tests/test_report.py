@@ -365,8 +365,7 @@ def test_report_renders_in_a_browser(tmp_path):
     from PIL import Image
 
     browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    assert browser, "chromium is not installed (.ci/run installs it: apt-get install chromium)"
     run_dir = CASES["failed-skipped"](tmp_path)
     page = write_report(run_dir)
     png = tmp_path / "report.png"
