@@ -82,6 +82,20 @@ def _read_text(path: Path, flag: str) -> str:
         raise ConfigError(f"{flag}: cannot read {path} ({exc.strerror})") from None
 
 
+def read_json_object(path: Path, flag: str) -> dict:
+    """A JSON file that holds one object; anything else is a one-line ConfigError naming
+    ``flag`` and the file."""
+    try:
+        data = json.loads(_read_text(path, flag))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{flag}: {path}, line {exc.lineno}: malformed JSON ({exc.msg})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{flag}: {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _lines(path: Path, flag: str) -> Iterator[str]:
     """The file's ``str.splitlines()``, read a line at a time."""
     try:

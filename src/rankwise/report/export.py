@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import ConfigError
+from rankwise.io.readers import read_json_object
 from rankwise.run.rundir import RunDir
 
 __all__ = ["TOOLS", "Exported", "export", "export_config"]
@@ -115,12 +116,7 @@ def load_recommendation(run_dir: str | Path) -> dict:
         raise ConfigError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no recommendation.json; a search writes it when it finishes")
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{path}: malformed JSON") from None
-    if not isinstance(rec, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    rec = read_json_object(path, "export")
     lora = rec.get("lora_config")
     if rec.get("rank") is None or not isinstance(lora, dict) or "r" not in lora:
         why = f" ({rec['reason']})" if rec.get("reason") else ""

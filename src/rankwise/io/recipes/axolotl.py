@@ -8,7 +8,7 @@ rankwise does with each key it reads; the README's axolotl table lists the same.
 from __future__ import annotations
 
 from rankwise.errors import ConfigError
-from rankwise.io.recipes.common import ADAMW, Keys, data_source, lora_targets
+from rankwise.io.recipes.common import Keys, data_source, lora_targets
 
 __all__ = ["KEYS", "read", "dataset"]
 
@@ -103,18 +103,10 @@ def _unhonoured(keys: Keys) -> None:
         )
     keys.warn_if("train_on_inputs", "rankwise trains on the response only")
     keys.warn_if("peft_use_dora", "the search trains plain LoRA (no DoRA)")
-    keys.warn_if(
-        "lora_modules_to_save", "the search trains the LoRA matrices only", unless=(None, [])
-    )
-    keys.warn_if("neftune_noise_alpha", "trials add no noise to the embeddings")
-    for key in ("deepspeed", "fsdp"):
-        keys.warn_if(
-            key,
-            "a trial runs on one device; losses match, speed and memory do not",
-            unless=(None, False, []),
-        )
-    keys.warn_if("optimizer", "trials use torch AdamW", unless=ADAMW)
-    keys.warn_if("trust_remote_code", "not passed on; give --trust-remote-code to allow it")
+    keys.warn_beyond_a_trial(
+        modules_to_save="lora_modules_to_save", distributed=("deepspeed", "fsdp"),
+        optimizer="optimizer",
+    )  # fmt: skip
 
 
 def _data(keys: Keys) -> None:

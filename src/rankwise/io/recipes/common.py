@@ -100,6 +100,20 @@ class Keys:
         if self.data.get(key) not in unless:
             self.warn(key, why)
 
+    def warn_beyond_a_trial(
+        self, *, modules_to_save: str, distributed: tuple[str, ...], optimizer: str
+    ) -> None:
+        """The keys every tool has that a trial cannot honour: modules trained beside LoRA,
+        NEFTune, several devices, an optimizer other than AdamW, remote code."""
+        unset = (None, False, "", [])
+        self.warn_if(modules_to_save, "the search trains the LoRA matrices only", unless=unset)
+        self.warn_if("neftune_noise_alpha", "trials add no noise to the embeddings")
+        for key in distributed:
+            why = "a trial runs on one device; losses match, speed and memory do not"
+            self.warn_if(key, why, unless=unset)
+        self.warn_if(optimizer, "trials use torch AdamW", unless=ADAMW)
+        self.warn_if("trust_remote_code", "not passed on; give --trust-remote-code to allow it")
+
     def budget(self, epochs_key: str, steps_key: str, default_epochs: float) -> None:
         """max_steps when positive (it overrides the epochs, as in HF's Trainer), else epochs."""
         steps = self.number(steps_key, integer=True)

@@ -9,10 +9,9 @@ alpaca or sharegpt, ``columns``, ``tags``).
 
 from __future__ import annotations
 
-import json
-
 from rankwise.errors import ConfigError
-from rankwise.io.recipes.common import ADAMW, TRAINER_KEYS, Keys, data_source, lora_targets
+from rankwise.io.readers import read_json_object
+from rankwise.io.recipes.common import TRAINER_KEYS, Keys, data_source, lora_targets
 
 __all__ = ["KEYS", "read"]
 
@@ -112,13 +111,11 @@ def _unhonoured(keys: Keys, stage: str) -> None:
         )
     keys.warn_if("train_on_prompt", "rankwise trains on the response only")
     keys.warn_if("use_dora", "the search trains plain LoRA (no DoRA)")
-    keys.warn_if("additional_target", "the search trains the LoRA matrices only")
     keys.warn_if("loraplus_lr_ratio", "trials use one learning rate for A and B")
     keys.warn_if("pissa_init", "trials start from PEFT's default initialisation")
-    keys.warn_if("neftune_noise_alpha", "trials add no noise to the embeddings")
-    keys.warn_if("deepspeed", "a trial runs on one device; losses match, speed and memory do not")
-    keys.warn_if("optim", "trials use torch AdamW", unless=ADAMW)
-    keys.warn_if("trust_remote_code", "not passed on; give --trust-remote-code to allow it")
+    keys.warn_beyond_a_trial(
+        modules_to_save="additional_target", distributed=("deepspeed",), optimizer="optim"
+    )
 
 
 def _data(keys: Keys, stage: str) -> None:
@@ -144,13 +141,7 @@ def _dataset_info(keys: Keys) -> tuple:
             f"--from {keys.path}: dataset_dir: no dataset_info.json in "
             f"{keys.get('dataset_dir', 'data')} (LLaMA-Factory reads dataset names from it)"
         )
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"--from {keys.path}: dataset_dir: {path} is malformed JSON") from None
-    if not isinstance(info, dict):
-        raise ConfigError(f"--from {keys.path}: dataset_dir: {path}: expected a JSON object")
-    return info, path
+    return read_json_object(path, f"--from {keys.path}: dataset_dir"), path
 
 
 def _entry(keys: Keys, info_at: tuple, key: str, stage: str) -> dict:

@@ -11,7 +11,7 @@ declare them. TRL reads the data's format from its columns (``messages``,
 from __future__ import annotations
 
 from rankwise.errors import ConfigError
-from rankwise.io.recipes.common import ADAMW, TRAINER_KEYS, Keys, data_source, lora_targets
+from rankwise.io.recipes.common import TRAINER_KEYS, Keys, data_source, lora_targets
 
 __all__ = ["KEYS", "read"]
 
@@ -100,18 +100,10 @@ def _unhonoured(keys: Keys) -> None:
         )
     keys.warn_if("chat_template_path", "rankwise renders chats with the tokenizer's own template")
     keys.warn_if("use_dora", "the search trains plain LoRA (no DoRA)")
-    keys.warn_if(
-        "lora_modules_to_save", "the search trains the LoRA matrices only", unless=(None, [])
-    )
-    keys.warn_if("neftune_noise_alpha", "trials add no noise to the embeddings")
-    for key in ("deepspeed", "fsdp"):
-        keys.warn_if(
-            key,
-            "a trial runs on one device; losses match, speed and memory do not",
-            unless=(None, False, "", []),
-        )
-    keys.warn_if("optim", "trials use torch AdamW", unless=ADAMW)
-    keys.warn_if("trust_remote_code", "not passed on; give --trust-remote-code to allow it")
+    keys.warn_beyond_a_trial(
+        modules_to_save="lora_modules_to_save", distributed=("deepspeed", "fsdp"),
+        optimizer="optim",
+    )  # fmt: skip
 
 
 def _data(keys: Keys) -> None:
