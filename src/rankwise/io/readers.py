@@ -82,15 +82,19 @@ def _read_text(path: Path, flag: str) -> str:
         raise ConfigError(f"{flag}: cannot read {path} ({exc.strerror})") from None
 
 
-def read_json_object(path: Path, flag: str) -> dict:
-    """A JSON file that holds one object; anything else is a one-line ConfigError naming
-    ``flag`` and the file."""
+def _parse_json(path: Path, flag: str) -> Any:
     try:
-        data = json.loads(_read_text(path, flag))
+        return json.loads(_read_text(path, flag))
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{flag}: {path}, line {exc.lineno}: malformed JSON ({exc.msg})"
         ) from None
+
+
+def read_json_object(path: Path, flag: str) -> dict:
+    """A JSON file that holds one object; anything else is a one-line ConfigError naming
+    ``flag`` and the file."""
+    data = _parse_json(path, flag)
     if not isinstance(data, dict):
         raise ConfigError(f"{flag}: {path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -127,12 +131,7 @@ def _read_jsonl(path: Path, flag: str) -> Iterator[tuple[str, Any, str]]:
 
 
 def _read_json(path: Path, flag: str) -> Iterator[tuple[str, Any, None]]:
-    try:
-        data = json.loads(_read_text(path, flag))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{flag}: {path}, line {exc.lineno}: malformed JSON ({exc.msg})"
-        ) from None
+    data = _parse_json(path, flag)
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} as datasets' `field=` reads it
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
