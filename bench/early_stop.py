@@ -32,6 +32,7 @@ from pathlib import Path
 
 from bench import stability as S
 from rankwise.search.criteria import Criterion, recommend
+from rankwise.search.cutoff import Cutoff
 
 POINTS = 21  # final losses tried across the band, its ends and its middle included
 
@@ -94,6 +95,56 @@ def replay_stopping(pool, outer, criterion, bound, min_fraction) -> tuple:
     return rec.rank, tokens, stops
 
 
+def replay_product(pool, outer, criterion, drift) -> tuple:
+    """The new default's ladder with rankwise's own rule (``--stop-when-decided``,
+    :class:`rankwise.search.cutoff.Cutoff`) and the band table ``drift`` measured on the other
+    pools: (answer, undecided, tokens, stops). The pools keep per-block losses only at a
+    trial's best, so a stopped trial's blocks at step t are those moved by its loss at t."""
+    trials, perm = S.pool_results(pool), S.permutation(outer, pool["seeds"])
+    strategy = S.new_default(sorted(pool["ranks"]), criterion, pool["base_loss"])
+    tokens, stops = 0.0, 0
+    while (p := strategy.ask()) is not None:
+        full = trials[(p.rank, perm[p.seed])].replace(seed=p.seed, key=f"r{p.rank}-s{p.seed}")
+        told, fraction = full, 1.0
+        cut = Cutoff.for_proposal(strategy, p, strategy.results, drift)
+        curve = dict(full.val_curve)
+        end = max(curve)
+        for t in sorted(curve)[:-1] if cut else []:
+            moved = [b + curve[t] - full.best_val_loss for b in full.val_blocks]
+            if (verdict := cut(t, end, curve[t], moved)) is not None:
+                told, fraction = verdict.apply(full), t / end
+                stops += 1
+                break
+        tokens += full.train_tokens * fraction
+        strategy.tell(told)
+    rec = recommend(strategy.scores(), criterion, strategy.stop_reason, pool["base_loss"])
+    return rec.rank, bool(rec.undecided), tokens, stops
+
+
+def product_table(pools: list[dict], criterion: Criterion) -> str:
+    """rankwise's ``--stop-when-decided`` replayed, its band measured leave-one-task-out."""
+    bounds = {p["task"]: drift_bounds(p) for p in pools}
+    lines = [
+        "| task | k | answers, no stopping | answers, --stop-when-decided | answers changed | "
+        "trials stopped | tokens vs one seed (no stopping -> stopping) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pool in pools:
+        others = [b for t, b in bounds.items() if t != pool["task"]]
+        drift = tuple((f, max(b.get(f, 0.0) for b in others)) for f in (0.4, 0.6, 0.8))
+        plain = [S.replay(pool, "new default", criterion, o) for o in S.OUTER]
+        one = sum(S.replay(pool, S.BASELINE, Criterion(), o).tokens for o in S.OUTER)
+        cut = [replay_product(pool, o, criterion, drift) for o in S.OUTER]
+        changed = sum(a.rank != b[0] for a, b in zip(plain, cut, strict=True))
+        labels = " / ".join(f"{b[0]}{'?' if b[1] else ''}" for b in cut)
+        lines.append(
+            f"| {pool['task']} | {pool['k']} | {' / '.join(a.label() for a in plain)} | "
+            f"{labels} | {changed}/{len(plain)} | {sum(b[3] for b in cut)} | "
+            f"{sum(a.tokens for a in plain) / one:.2f}x -> {sum(b[2] for b in cut) / one:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def table(pools: list[dict], criterion: Criterion, scale: float, min_fraction: float) -> str:
     bounds = {p["task"]: drift_bounds(p) for p in pools}
     lines = [
@@ -122,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pools", type=Path, default=S.POOLS)
     parser.add_argument("--scale", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--min-fraction", type=float, nargs="+", default=[0.4, 0.6])
+    parser.add_argument("--product-only", action="store_true",
+                        help="only the table of rankwise's own rule")  # fmt: skip
     args = parser.parse_args(argv)
     pools = [S.load_pool(args.pools / f"{t}.json") for t in S.DEFAULT_TASKS]
+    print("\nrankwise's rule (--stop-when-decided), band from the other pools:\n")
+    print(product_table(pools, Criterion()))
+    if args.product_only:
+        return 0
     for scale in args.scale:
         for fraction in args.min_fraction:
             print(f"\nm(t) = {scale:g} x the largest drift on the other pools, from "

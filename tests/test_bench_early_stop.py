@@ -44,3 +44,17 @@ def test_a_trial_stops_only_where_no_final_loss_in_the_band_changes_the_decision
     # A margin wider than the whole curve: no final loss is safe to guess, nothing stops.
     wide = early_stop.replay_stopping(p, 1, knee, dict.fromkeys((0.2, 0.4, 0.6, 0.8), 1.0), 0.4)
     assert wide[2] == 0 and wide[1] == plain[0].tokens and wide[0] == plain[0].rank
+
+
+def test_rankwise_own_rule_replayed_keeps_the_answer_and_stops_what_cannot_change_it():
+    p, knee = pool(), Criterion()
+    plain = [stability.replay(p, "new default", knee, o) for o in stability.OUTER]
+    # rankwise's Cutoff with a zero band: gaps never move here, so trials stop at 40% and
+    # the answers are those without stopping; the answer's own trials are never stopped.
+    zero = ((0.4, 0.0), (0.6, 0.0), (0.8, 0.0))
+    cut = [early_stop.replay_product(p, o, knee, zero) for o in stability.OUTER]
+    assert [a.rank for a in plain] == [c[0] for c in cut]
+    assert all(c[3] > 0 and c[2] < a.tokens for a, c in zip(plain, cut, strict=True))
+    # a band wider than the curve: nothing is safe to stop
+    wide = early_stop.replay_product(p, 1, knee, ((0.4, 1.0), (0.6, 1.0), (0.8, 1.0)))
+    assert wide[3] == 0 and wide[2] == plain[0].tokens

@@ -288,6 +288,14 @@ def diagnose(result: TrialResult, **thresholds) -> Diagnosis:
     found = _non_finite(result) or _train_spike(result.train_curve, t)
     if found:
         return found
+    if (cut := result.extra.get("stopped_early")) is not None:
+        # Cut short on purpose (--stop-when-decided): its curve says nothing about capacity.
+        return _verdict(
+            NOT_DIAGNOSED,
+            f"stopped at step {cut.get('step')} of {cut.get('max_steps')}: it could not change "
+            "the answer; its score is the predicted final val loss",
+            stopped_early=cut,
+        )
     if len(result.val_curve) < 2:
         n = len(result.val_curve)
         return _verdict(

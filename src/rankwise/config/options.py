@@ -71,6 +71,11 @@ class Options:
                 f"--format {self.data.format}: --task seq-cls reads --text-field and "
                 "--label-field; expected --format auto or text"
             )
+        if self.search.stop_when_decided and self.executor.executor != "local":
+            raise ConfigError(
+                "--stop-when-decided: needs --executor local (the search decides at each "
+                "evaluation of a running trial, in this process)"
+            )
         if seq_cls and self.search.strategy == "nested":
             raise ConfigError(
                 "--strategy nested: supports --task causal-lm only (every truncation would "

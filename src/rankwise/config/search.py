@@ -114,6 +114,14 @@ class SearchConfig:
         "difference, both ranks get more seeds, up to this many. 1: one seed per rank, noise "
         "unmeasured.",
     )
+    stop_when_decided: bool = opt(
+        False,
+        "Stop a trial of the rank curve once no final val loss within reach of it can change "
+        "the answer (its paired gap to a finished trial of the same seed, ± the largest late "
+        "move of such a gap measured on the benchmarks or in this run); the search is told "
+        "the predicted loss, and show lists the evidence. Needs --executor local. Saves "
+        "0-13% of the tokens on the benchmarks, with no answer changed (bench/RESULTS.md).",
+    )
     criterion_scale: str | None = opt(
         None,
         "What the criterion's share is a share of: base (the improvement over the base "

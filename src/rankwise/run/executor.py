@@ -71,7 +71,8 @@ class LocalExecutor:
     def drive(self, strategy, runner, variant, on_result: Callable[[], None] | None = None):
         """Ask/run/tell until the strategy is done."""
         while (p := strategy.ask()) is not None:
-            for result in runner.run_proposal(p, variant):
+            cutoff = runner.cutoff_for(strategy, p, variant)  # --stop-when-decided
+            for result in runner.run_proposal(p, variant, cutoff):
                 strategy.tell(needed(runner, result))
             if on_result:
                 on_result()

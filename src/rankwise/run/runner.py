@@ -245,21 +245,31 @@ class TrialRunner:
         self.progress.log(f"base model (no adapter): {describe(metric, loss)}")
         return result
 
-    def run(self, rank: int, seed: int, variant: Variant = MAIN) -> TrialResult:
-        """The trial's stored result, or run it now (unless a budget skips it)."""
+    def run(self, rank: int, seed: int, variant: Variant = MAIN, cutoff=None) -> TrialResult:
+        """The trial's stored result, or run it now (unless a budget skips it). ``cutoff``
+        (:mod:`rankwise.search.cutoff`) may stop it once it cannot change the answer."""
         spec, settled, predicted = self.prepare(rank, seed, variant)
         if settled is not None:
             return settled
         self.store.start(spec)
         with self.progress.trial(spec) as bar:
-            result = self.execute(spec, bar)
+            result = self.execute(spec, bar) if cutoff is None else self.execute(spec, bar, cutoff)
         return self.record(result.replace(predicted=predicted), spec)
 
-    def run_proposal(self, p, variant: Variant = MAIN) -> list[TrialResult]:
+    def run_proposal(self, p, variant: Variant = MAIN, cutoff=None) -> list[TrialResult]:
         """The results of a strategy's proposal: one trial, or a nested run's truncations."""
         if not p.truncations:
-            return [self.run(p.rank, p.seed, variant)]
+            return [self.run(p.rank, p.seed, variant, cutoff)]
         return self.run_nested(p.rank, p.seed, list(p.truncations), variant)
+
+    def cutoff_for(self, strategy, p, variant: Variant = MAIN):
+        """``--stop-when-decided``: the check that may stop this trial of the rank curve
+        (None when off, for other kinds of trial, or with no finished trial to pair with)."""
+        if not self.opts.search.stop_when_decided or variant != MAIN:
+            return None
+        from rankwise.search.cutoff import Cutoff
+
+        return Cutoff.for_proposal(strategy, p, strategy.results)
 
     def run_nested(self, r_max: int, seed: int, ranks: list[int], variant: Variant = MAIN):
         """One nested-rank run at ``r_max`` (its stored truncations, or train it now)."""
@@ -300,11 +310,11 @@ class TrialRunner:
             self.progress.trial_done(result)
         return spec, result, predicted
 
-    def execute(self, spec: TrialSpec, progress=None) -> TrialResult:
+    def execute(self, spec: TrialSpec, progress=None, cutoff=None) -> TrialResult:
         """Train one trial; an executor (rankwise.run.executor) may run it elsewhere instead."""
         from rankwise.training.trial import run_trial
 
-        return run_trial(spec, self.ctx, progress=progress)
+        return run_trial(spec, self.ctx, progress=progress, cutoff=cutoff)
 
     def record(self, result: TrialResult, spec: TrialSpec) -> TrialResult:
         """Diagnose a finished trial and write it (one transaction), then tell the world."""

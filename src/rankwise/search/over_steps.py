@@ -42,6 +42,8 @@ def answer_by_step(results: list[TrialResult], criterion: Criterion, base: float
 
 def _at(r: TrialResult, step: int) -> TrialResult | None:
     """``r`` as if it had stopped at ``step``: its best validation loss so far."""
+    if r.extra.get("stopped_early") and r.val_curve and step > r.val_curve[-1][0]:
+        return r.replace(val_blocks=[])  # past its stop: the final loss it was told as
     seen = [v for s, v in r.val_curve if s <= step and v == v]  # v == v: not NaN
     if not seen:
         return None

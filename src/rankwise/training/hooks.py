@@ -36,12 +36,14 @@ class Curve:
     best_scores: dict = field(default_factory=dict)
     best_state: dict | None = None
     best_blocks: list[float] = field(default_factory=list)  # per-block losses at the best
+    last_blocks: list[float] = field(default_factory=list)  # ... at the latest evaluation
     own_seconds: float = 0.0  # spent on this view alone: its evaluations (and a nested save)
 
     def record(self, step, loss: float, scores: dict | None, checkpoint, blocks=()) -> bool:
         """Add a point; keep ``checkpoint()`` (and the per-block losses) if it is the best
         so far (lower is better)."""
         self.val_curve.append((step, loss))
+        self.last_blocks = grouped(list(blocks))
         if scores:
             self.scores.append((step, scores))
         if math.isfinite(loss) and (self.best is None or loss < self.best[0]):
@@ -66,6 +68,7 @@ class Run:
     trainable: int | None = None
     time_limited: bool = False
     early_stopped: bool = False
+    cut: object = None  # a rankwise.search.cutoff.Verdict: stopped, it cannot change the answer
     first_step_at: float | None = None
     last_step_at: float | None = None
     started_at: float = field(default_factory=time.perf_counter)
@@ -198,4 +201,7 @@ def trial_result(run: Run, view: int | None = None, **changes) -> TrialResult:
         early_stopped=run.early_stopped,
         val_blocks=list(curve.best_blocks),
     )
-    return TrialResult(**{**fields, **changes})
+    result = TrialResult(**{**fields, **changes})
+    if run.cut is not None and result.status == COMPLETE:
+        result = run.cut.apply(result)  # the search is told the prediction, with the evidence
+    return result

@@ -48,6 +48,8 @@ from rankwise.training.hooks import Hooks, Run
 from rankwise.training.resources import PeakMemory
 
 Progress = Callable[[int, int, float], None]
+# (step, max_steps, val loss, per-block losses) -> a Verdict to stop, or None (search.cutoff)
+Cutoff = Callable[[int, int, float, list], object]
 
 
 def run_lifecycle(
@@ -55,9 +57,14 @@ def run_lifecycle(
     ctx: TrialContext,
     hooks: Hooks | None = None,
     progress: Progress | None = None,
+    cutoff: Cutoff | None = None,
 ) -> list[TrialResult]:
     """Attach → train → evaluate → keep the best → save → detach. Failures (OOM, NaN,
-    errors) become failed results; the base model is restored in every case."""
+    errors) become failed results; the base model is restored in every case.
+
+    ``cutoff`` (``--stop-when-decided``, :mod:`rankwise.search.cutoff`): asked after each
+    evaluation whether the trial can no longer change the search's answer; it then stops
+    there and reports the predicted final loss."""
     hooks = hooks or Hooks()
     run = Run(spec)
     peak = PeakMemory(ctx.device)
@@ -68,7 +75,7 @@ def run_lifecycle(
             hooks.attached(peft_model, run)
             # Counted after the hook: a data-driven init (EVA) may change every module's rank.
             run.trainable = peft_model.get_nb_trainable_parameters()[0]
-            _fit(peft_model, run, ctx, hooks, progress)
+            _fit(peft_model, run, ctx, hooks, progress, cutoff)
             if spec.adapter_dir:
                 hooks.save(peft_model, run)
     except ConfigError:  # a bad pattern: the user's to fix, every trial would fail alike
@@ -87,7 +94,14 @@ def run_lifecycle(
     return hooks.results(run)
 
 
-def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progress | None):
+def _fit(
+    peft_model,
+    run: Run,
+    ctx: TrialContext,
+    hooks: Hooks,
+    progress: Progress | None,
+    cutoff: Cutoff | None = None,
+):
     tc = run.spec.train
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -120,6 +134,11 @@ def _fit(peft_model, run: Run, ctx: TrialContext, hooks: Hooks, progress: Progre
         if evaluated and step < tc.max_steps and _stalled(run, tc):
             run.early_stopped = True
             break
+        if evaluated and cutoff is not None and step < tc.max_steps:
+            curve = run.curve()
+            run.cut = cutoff(step, tc.max_steps, curve.val_curve[-1][1], curve.last_blocks)
+            if run.cut is not None:
+                break
 
 
 def _stalled(run: Run, tc) -> bool:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from rankwise.records import TrialResult, TrialSpec
 from rankwise.training.adapter import TrialContext
-from rankwise.training.lifecycle import Progress, run_lifecycle
+from rankwise.training.lifecycle import Cutoff, Progress, run_lifecycle
 
 
 def run_trial(
-    spec: TrialSpec, ctx: TrialContext | None = None, progress: Progress | None = None
+    spec: TrialSpec,
+    ctx: TrialContext | None = None,
+    progress: Progress | None = None,
+    cutoff: Cutoff | None = None,
 ) -> TrialResult:
     """Train and evaluate one adapter: the plain lifecycle, or with EVA's data-driven
     initialisation when the spec asks for ``init_lora_weights="eva"``."""
@@ -18,4 +21,4 @@ def run_trial(
         from rankwise.training.eva import EvaInit
 
         hooks = EvaInit(ctx)
-    return run_lifecycle(spec, ctx, hooks, progress)[0]
+    return run_lifecycle(spec, ctx, hooks, progress, cutoff)[0]
