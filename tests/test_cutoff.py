@@ -111,6 +111,10 @@ def test_stopping_keeps_the_answer_and_show_lists_the_evidence(
     assert main(["show", str(tmp_path / "cut")]) == 0
     shown = capsys.readouterr().out
     assert "stopped early: cannot change the answer" in shown
+    rec = json.loads((tmp_path / "cut" / "recommendation.json").read_text())
+    assert [c["key"] for c in rec["stopped_early"]] == [r.key for r in stopped]
+    assert rec["stopped_early"][0]["tokens_saved"] > 0
+    assert f"stopped early (--stop-when-decided): {len(stopped)} trial" in shown
     assert f"paired with {stopped[0].extra['stopped_early']['partner']}" in shown
 
 

@@ -376,6 +376,14 @@ def _noise_lines(rec: dict) -> list[str]:
             f"raced r={low} vs r={high}: +{len(race['added'])} trials "
             f"({race.get('train_tokens', 0):,} tokens, {race.get('wall_seconds', 0):.0f}s)"
         )
+    cut = rec.get("stopped_early") or []
+    if cut:
+        saved = sum(c.get("tokens_saved", 0) for c in cut)
+        which = ", ".join(f"r={c['rank']} seed {c['seed']} at step {c['step']}" for c in cut)
+        lines.append(
+            f"stopped early (--stop-when-decided): {len(cut)} trial{'s' * (len(cut) != 1)} "
+            f"({which}), {saved:,} tokens not trained; none could change the answer"
+        )
     by_step = [a for a in rec.get("answer_by_step") or [] if a.get("rank")]
     if by_step:
         lines.append("answer by step: " + ", ".join(f"{a['step']}: r={a['rank']}" for a in by_step))

@@ -46,6 +46,7 @@ from rankwise.run.runner import Variant
 from rankwise.run.setup import fairness_warnings, max_trials, open_session
 from rankwise.search import metrics
 from rankwise.search.criteria import Criterion, Recommendation, recommend
+from rankwise.search.cutoff import stopped_early
 from rankwise.search.over_steps import answer_by_step, moved
 from rankwise.search.scores import RankScore, improvement_share, rank_scores
 from rankwise.search.strategies import Grid, Ladder, Nested
@@ -299,6 +300,7 @@ class Study:
         return {
             "diagnosis": {"advice": summary["advice"], "counts": summary["counts"]},
             "races": races,
+            "stopped_early": stopped_early(trials),
             "answer_by_step": by_step,
             "answer_moved": warning,
         }

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from rankwise.records import COMPLETE, TrialKind, TrialResult
 from rankwise.search.criteria import recommend
 
-__all__ = ["Cutoff", "Verdict", "DRIFT", "POINTS", "band", "run_drift"]
+__all__ = ["Cutoff", "Verdict", "DRIFT", "POINTS", "band", "run_drift", "stopped_early"]
 
 POINTS = 21  # final losses tried across the band: its ends, its middle and 18 between
 # The largest late move of a paired gap |g(T) - g(t)| over every pair of ranks and seeds of
@@ -233,3 +233,24 @@ class Cutoff:
             step, max_steps, loss, guess, width, self.partner.key, text,
             [b + shift for b in blocks],
         )  # fmt: skip
+
+
+def stopped_early(trials: Sequence[TrialResult]) -> list[dict]:
+    """``recommendation.json``'s ``stopped_early``: each stopped trial's evidence and the
+    tokens it did not train (its tokens per step × the steps left).
+
+    >>> t = TrialResult(key="r8-s0", rank=8, seed=0, status="complete", steps=40,
+    ...     train_tokens=4000, extra={"stopped_early": {"step": 40, "max_steps": 100}})
+    >>> stopped_early([t])[0]["tokens_saved"]
+    6000
+    """
+    out = []
+    for t in trials:
+        cut = t.extra.get("stopped_early")
+        if not cut:
+            continue
+        per_step = (t.train_tokens or 0) / max(1, t.steps or cut.get("step") or 1)
+        left = max(0, cut.get("max_steps", 0) - cut.get("step", 0))
+        out.append({"key": t.key, "rank": t.rank, "seed": t.seed, **cut,
+                    "tokens_saved": int(per_step * left)})  # fmt: skip
+    return out
