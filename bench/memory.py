@@ -8,8 +8,17 @@ few real training steps as rankwise.training.lifecycle runs them (fresh PEFT ada
     .venv/bin/python -m bench.memory            # full: tiny Llama, tiny GPT-2, SmolLM2-135M
     .venv/bin/python -m bench.memory --smoke    # tiny models only, < 1 minute (CI)
     .venv/bin/python -m bench.memory --saved    # also count autograd's saved bytes (hooks)
+    .venv/bin/python -m bench.memory --search   # whole searches: the demo, Ray workers (~8 min)
 
 The full run rewrites its own section of bench/RESULTS.md.
+
+``--search`` checks the prediction a search makes (``TrialRunner.predict``: what is
+resident right before the trial, less the weights, + the trial's estimate) against each
+trial's measured peak, where the search holds more than a fresh process does: the demo's
+settings (``make demo``, ``--steps`` steps, grid r=1,4, one seed) on a first run (a fresh
+``RANKWISE_CACHE``: the GGUF conversion runs in the search's process) and on a second run
+(converted model cached), then the tiny Llama on two Ray workers (a worker's own memory).
+It prints a table and writes nothing.
 """
 
 from __future__ import annotations
@@ -161,6 +170,104 @@ def worker(c: dict, saved: bool) -> dict:
     return result
 
 
+# ------------------------------------------------------------ whole searches (--search)
+# The Makefile's demo, but for the grid and the steps.
+DEMO = (
+    "--model smollm2 --train stdlib-docstrings --seq-len 64 --batch-size 4 --lr 2e-3 "
+    "--warmup-steps 4 --max-examples 100 --eval-batches 16 --strategy grid --ranks 1,4 "
+    "--max-seeds 1"
+).split()
+
+
+def _trials(run: Path) -> list:
+    from rankwise.run.store import RunStore
+
+    store = RunStore(run, readonly=True)
+    try:
+        return [t for t in store.results() if t.kind != "base" and t.peak_memory_bytes]
+    finally:
+        store.close()
+
+
+def search_demo(tmp: Path, steps: int) -> list[tuple[str, object]]:
+    """The demo's search, first with a fresh cache (GGUF conversion in the process), then
+    again on the cached model, each in its own process."""
+    env = {**os.environ, "RANKWISE_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+    env.update(TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    rows = []
+    for name in ("first run", "second run"):
+        out = tmp / name.replace(" ", "-")
+        every = str(max(1, steps // 2))
+        cmd = [sys.executable, "-m", "rankwise.cli", "search", *DEMO, "--out", str(out),
+               "--max-steps", str(steps), "--eval-every", every, "--quiet"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"demo ({name}) failed:\n{proc.stderr[-3000:]}")
+        rows += [(f"smollm2 demo, {name}", t) for t in _trials(out)]
+    return rows
+
+
+def search_ray(tmp: Path) -> list[tuple[str, object]]:
+    """A four-rank grid of the tiny Llama on two Ray workers: the first two trials are
+    predicted before any worker has reported (the driver's baseline), the last two with
+    the workers' own memory."""
+    import logging
+    import random
+
+    import ray
+
+    from rankwise import search
+    from rankwise.testing import save_tiny_model
+
+    model = save_tiny_model(tmp / "model", "llama", hidden=192, layers=3)
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    train = tmp / "train.jsonl"
+    lines = [
+        json.dumps({"text": " ".join(rng.choice(words) for _ in range(12))}) for _ in range(300)
+    ]
+    train.write_text("\n".join(lines))
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})  # fmt: skip
+    try:
+        search(model=str(model), train=str(train), out=str(tmp / "ray"), ranks=[1, 2, 4, 8],
+               strategy="grid", max_steps=20, batch_size=8, seq_len=96, eval_every=10, lr=3e-3,
+               warmup_steps=0, max_seeds=1, executor="ray", workers=2, quiet=True)  # fmt: skip
+    finally:
+        ray.shutdown()
+    return [("tiny-llama on a Ray worker", t) for t in _trials(tmp / "ray")]
+
+
+def search_table(rows: list[tuple[str, object]]) -> str:
+    head = (
+        "| search | trial | predicted | measured | error | baseline (pred.) "
+        "| resident after the trial (worker) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, t in rows:
+        pred, meas = t.predicted["peak_memory_bytes"], t.peak_memory_bytes
+        base = t.predicted.get("baseline_bytes")
+        resident = t.extra.get("resident_bytes")
+        lines.append(
+            f"| {name} | {t.key} | {mib(pred)} | {mib(meas)} | {100 * (pred - meas) / meas:+.1f}% "
+            f"| {mib(base) if base else '-'} | {mib(resident) if resident else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def run_searches(steps: int) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = search_demo(Path(tmp), steps) + search_ray(Path(tmp))
+    print(search_table(rows))
+    under = [t.key for _, t in rows if t.predicted["peak_memory_bytes"] < t.peak_memory_bytes]
+    print(f"\nunder-predicted: {', '.join(under) or 'none'}")
+    return 0
+
+
 # ---------------------------------------------------------------------- the driver
 
 
@@ -222,8 +329,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models only (< 1 minute)")
     ap.add_argument("--saved", action="store_true", help="also count autograd's saved bytes")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    ap.add_argument("--search", action="store_true", help="whole searches: the demo, Ray")
+    ap.add_argument("--steps", type=int, default=12, help="--search: steps per demo trial")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.search:
+        return run_searches(args.steps)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), args.saved)))
         return 0

@@ -28,13 +28,22 @@ def test_gguf_path_must_exist(tmp_path):
 
 
 @pytest.mark.slow
-def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys):
-    """The real SmolLM2-135M GGUF: dequantised, cached as safetensors, trainable, searched."""
+def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys, monkeypatch):
+    """The real SmolLM2-135M GGUF: dequantised, cached as safetensors, trainable, searched.
+
+    Converted in a child process, the dequantised copies (~0.8 GiB) never enter this one:
+    what loading adds here is the model's weights and the tokenizer."""
     import json
 
     from rankwise.cli import main
+    from rankwise.training.resources import live_rss
 
+    monkeypatch.setenv("RANKWISE_CACHE", str(tmp_path / "cache"))  # converted in this test
+    before = live_rss()
     model, tokenizer, _ = load_model(ModelConfig(model="smollm2"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    added = live_rss() - before
+    assert added < weights + 300 * 2**20, (added / 2**20, weights / 2**20)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert getattr(model, "hf_quantizer", None) is None
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
@@ -73,3 +82,13 @@ def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys):
     assert main(argv) == 0
     rec = json.loads((out / "recommendation.json").read_text())
     assert rec["rank"] in (1, 2) and rec["lora_config"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_damaged_gguf_is_refused_in_one_line_from_the_converting_process(tmp_path):
+    """The conversion runs in a child process; its error reaches the user as one line."""
+    bad = tmp_path / "damaged.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match=r"^--model: cannot read GGUF file .*damaged\.gguf") as e:
+        load_model(ModelConfig(model=str(bad)))
+    assert "\n" not in str(e.value)
+

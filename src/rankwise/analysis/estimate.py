@@ -4,7 +4,10 @@ For every candidate rank: the trainable parameters (exactly what PEFT's
 ``get_nb_trainable_parameters()`` reports), the size of the saved adapter file, and
 the peak training memory, broken into
 
-    baseline     the process before the model is loaded (CPU only: Python, torch, ...)
+    baseline     the process before the model is loaded (CPU only: Python, torch, ...);
+                 a search instead measures, right before each trial, what is resident
+                 besides the weights (data, retain set, tokenizer: TrialRunner.predict;
+                 on Ray the worker's own memory)
     weights      base parameters x dtype size (frozen; no gradients, no optimiser state);
                  with ``quantize`` the linear layers at 0.5 (4bit) or 1 (8bit) byte per
                  weight plus their quantisation state, the rest in fp32
@@ -70,7 +73,8 @@ class RankEstimate:
     activation_bytes: int
     """Saved activations for the batch, plus logits and the loss's copies of them."""
     baseline_bytes: int
-    """Memory in use before the model is loaded (CPU: process RSS; CUDA: 0)."""
+    """Memory in use besides the model: before it is loaded (CPU: process RSS; CUDA: 0),
+    or, in a search, what is resident when the trial starts less the weights."""
     peak_memory_bytes: int
     """Sum of the above: the predicted peak of a training step."""
     step_seconds: float | None = None

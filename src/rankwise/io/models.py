@@ -14,10 +14,13 @@ cached as safetensors under ``$RANKWISE_CACHE`` (default ``~/.cache/rankwise``).
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import math
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,44 +158,73 @@ def _gguf_cache_dir(source: ModelSource) -> Path:
 
 
 def _load_gguf(source: ModelSource, trust_remote_code: bool):
-    """Dequantise a GGUF model once and cache it as a plain safetensors checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantise a GGUF model once and cache it as a plain safetensors checkpoint.
 
+    The conversion runs in a child process: its two float32 copies of the model (~0.8 GiB
+    for SmolLM2-135M) are freed when it ends, but in this process glibc would keep their
+    heap pages resident, and the search's memory measurements and ``--max-memory`` budget
+    would carry them (bench/RESULTS.md, "The demo's extra memory")."""
     cache = _gguf_cache_dir(source)
     if not (cache / "model.safetensors").exists() and not (cache / "config.json").exists():
         file = Path(source.path) / source.gguf_file
         with open(file, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise ConfigError(f"--model: {file} is not a GGUF file (no GGUF magic bytes)")
-        try:
-            quantized = AutoModelForCausalLM.from_pretrained(
-                source.path,
-                gguf_file=source.gguf_file,
-                dtype=torch.float32,
-                trust_remote_code=trust_remote_code,
-            )
-        except Exception as exc:  # transformers raises many kinds for a bad GGUF
+        args = [str(source.path), source.gguf_file, str(cache), trust_remote_code]
+        code = "import sys, json; from rankwise.io.models import _convert_main; _convert_main()"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:  # the child's one-line ConfigError, or its last line
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            mine = [line for line in lines if line.startswith("--model: ")]
             raise ConfigError(
-                f"--model: cannot read GGUF file {file} ({_first_line(exc)})"
-            ) from exc
-        config = quantized.config
-        config.quantization_config = None
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantized.state_dict())
-        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(cache)  # atomic: a half-written cache is never used
-        except OSError:  # another process converted it meanwhile: keep theirs
-            if not (cache / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+                mine[-1] if mine else f"--model: converting GGUF file {file} failed "
+                f"({lines[-1] if lines else f'exit status {proc.returncode}'})"
+            )
     return str(cache)
+
+
+def _convert_main() -> None:
+    """The child process of :func:`_load_gguf`: convert, or print the one-line error."""
+    try:
+        _convert_gguf(*json.loads(sys.argv[1]))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _convert_gguf(path: str, gguf_file: str, cache: str, trust_remote_code: bool) -> None:
+    """The conversion itself (see :func:`_load_gguf`): GGUF -> float32 safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_libraries()
+    cache = Path(cache)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(
+            path, gguf_file=gguf_file, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:  # transformers raises many kinds for a bad GGUF
+        raise ConfigError(
+            f"--model: cannot read GGUF file {Path(path) / gguf_file} ({_first_line(exc)})"
+        ) from None
+    config = quantized.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(cache)  # atomic: a half-written cache is never used
+    except OSError:  # another process converted it meanwhile: keep theirs
+        if not (cache / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quiet_libraries() -> None:

@@ -50,10 +50,18 @@ class Worker:
             results = run_nested(spec, task[1], ctx, task[2], task[3])
         else:
             results = [run_trial(spec, ctx)]
+        from rankwise.training.resources import resident_bytes
+
         out = {
             "results": [r.to_json() for r in results],
             "healthy": _healthy(ctx.device, results),
-            "info": {"host": socket.gethostname(), "pid": os.getpid()},
+            # What this worker's next trial starts from (its weights touched, freed heap
+            # returned): the driver's memory predictions use it, not the driver's own RSS.
+            "info": {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "resident_bytes": resident_bytes(ctx.device),
+            },
         }
         if ships_adapter:  # the driver's disk is not this worker's: send the adapter back
             out["files"] = _take_files(self.local.trials)
@@ -112,6 +120,7 @@ class RayPool:
         self.namespace, self.ship, self.tokens = namespace, ship, None
         self.actors: dict[str, Any] = dict.fromkeys(f"w{i}" for i in range(workers))
         self.running: dict[Any, tuple[str, str, TrialSpec]] = {}  # ref -> (key, worker, spec)
+        self.resident: dict[str, int] = {}  # worker -> resident bytes after its last trial
         self.started = 0
         self.remote = ray.remote(Worker)
         self.kill_leftovers()
@@ -169,6 +178,8 @@ class RayPool:
             self._replace(worker)
             return Arrival(key, worker, None, _one_line(exc))
         results = [TrialResult.from_json(r) for r in out["results"]]
+        if "resident_bytes" in out["info"]:
+            self.resident[worker] = int(out["info"]["resident_bytes"])
         if not out["healthy"]:
             self._replace(worker)
             if not any(r.status == COMPLETE or r.reason.startswith(OUT_OF_MEMORY) for r in results):
@@ -238,6 +249,12 @@ class RayExecutor:
 
     def drive(self, strategy, runner, variant, on_result=None):
         return drive_parallel(strategy, runner, variant, self.pool, on_result)
+
+    def worker_resident_bytes(self) -> int | None:
+        """The most any worker held after its last trial (None before the first result):
+        the memory baseline of the next trial's prediction, whichever worker runs it
+        (:meth:`rankwise.run.runner.TrialRunner.predict`)."""
+        return max(self.pool.resident.values(), default=None)
 
     def execute(self, spec: TrialSpec, progress=None, task: tuple = ()) -> TrialResult:
         return self._one(spec, task)[0]

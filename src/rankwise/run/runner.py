@@ -115,8 +115,17 @@ class TrialRunner:
 
     # -- budgets --------------------------------------------------------------------------
     def predict(self, rank: int, variant: Variant = MAIN) -> dict:
-        """What a trial at ``rank`` will cost, before it runs (rankwise.estimate)."""
+        """What a trial at ``rank`` will cost, before it runs (rankwise.estimate).
+
+        The memory baseline is what will be resident besides the model's weights when the
+        trial starts: where trials train in this process, its memory now
+        (:func:`~rankwise.training.resources.resident_bytes`: the data, the retain set, the
+        tokenizer, the touched weights; freed heap returned first, as the trial's own
+        measurement does) less the predicted weights; on Ray, what the workers reported
+        after their last trial (``worker_resident_bytes``), the driver's baseline until one
+        has. On CPU never below the process before the model was loaded (the Study's)."""
         from rankwise.analysis.estimate import estimate
+        from rankwise.training.resources import resident_bytes
 
         lora = self.lora_spec(rank).replace(**dict(variant.lora))
         e = estimate(
@@ -129,12 +138,17 @@ class TrialRunner:
             quantize=self.opts.model.quantize,
             bias=self.opts.lora.bias,
             device=self.ctx.device,
-            baseline_bytes=self.baseline_bytes,
+            baseline_bytes=0,
         )[0]
+        floor = 0 if str(self.ctx.device).startswith("cuda") else self.baseline_bytes
+        workers = getattr(getattr(self.execute, "__self__", None), "worker_resident_bytes", None)
+        resident = workers() if workers else resident_bytes(self.ctx.device)
+        baseline = floor if resident is None else max(floor, resident - e.weights_bytes)
         return {
             "trainable_params": e.trainable_params,
             "adapter_bytes": e.adapter_bytes,
-            "peak_memory_bytes": e.peak_memory_bytes,
+            "peak_memory_bytes": e.peak_memory_bytes + baseline,
+            "baseline_bytes": baseline,
         }
 
     def static_limit(self, rank: int, predicted: dict) -> str | None:

@@ -124,7 +124,8 @@ class Study:
         self.base_loss: float | None = None  # the base model's val loss (no adapter)
         self.executor = LocalExecutor()  # run() opens the one --executor names
         # Process memory before the model is loaded, with the libraries a trial needs already
-        # imported: the baseline of CPU memory predictions.
+        # imported: the floor of CPU memory predictions' baseline (each prediction measures
+        # what is resident right before its trial: TrialRunner.predict).
         import peft  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
