@@ -51,7 +51,10 @@ def _owner(out):
 def _trials_started(out) -> bool:
     if not (out / "trials.sqlite").exists():
         return False
-    store = RunStore(out, readonly=True)
+    try:  # the search may have created the file but not yet its tables
+        store = RunStore(out, readonly=True)
+    except Exception:
+        return False
     try:
         return bool(store.running() or store.results())
     except Exception:
