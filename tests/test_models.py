@@ -77,6 +77,7 @@ def test_embedded_smollm2_gguf_loads_dequantised_and_searches(tmp_path, capsys, 
         "1e-3",
         "--max-seeds",  # one seed per rank: each trial of a 135M model costs seconds
         "1",
+        "--no-retain",  # forgetting on this model: tests/test_bench_forgetting.py
         "--quiet",
     ]
     assert main(argv) == 0
