@@ -18,6 +18,26 @@ from rankwise.records import LoraSpec, TrainSpec, TrialSpec
 # worker (one thread each) already set it themselves.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The longest files first (`make test` runs `pytest -n 2 --dist loadfile`, which hands whole
+# files to the workers in collection order): a long file collected last would run alone
+# while the other worker idles. Within a file the order is unchanged.
+LONGEST_FIRST = (
+    "test_executor.py",
+    "test_bench_smoke.py",
+    "test_models.py",
+    "test_nested.py",
+    "test_cli.py",
+    "test_rundir.py",
+    "test_perlayer.py",
+    "test_classify.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa"]
 
 
