@@ -123,32 +123,31 @@ def replay_product(pool, outer, criterion, drift) -> tuple:
 
 def product_table(pools: list[dict], criterion: Criterion) -> str:
     """rankwise's ``--stop-when-decided`` replayed, its band measured leave-one-task-out."""
-    bounds = {p["task"]: drift_bounds(p) for p in pools}
-    lines = [
-        "| task | k | answers, no stopping | answers, --stop-when-decided | answers changed | "
-        "trials stopped | tokens vs one seed (no stopping -> stopping) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for pool in pools:
-        others = [b for t, b in bounds.items() if t != pool["task"]]
-        drift = tuple((f, max(b.get(f, 0.0) for b in others)) for f in (0.4, 0.6, 0.8))
-        plain = [S.replay(pool, "new default", criterion, o) for o in S.OUTER]
-        one = sum(S.replay(pool, S.BASELINE, Criterion(), o).tokens for o in S.OUTER)
-        cut = [replay_product(pool, o, criterion, drift) for o in S.OUTER]
-        changed = sum(a.rank != b[0] for a, b in zip(plain, cut, strict=True))
-        labels = " / ".join(f"{b[0]}{'?' if b[1] else ''}" for b in cut)
-        lines.append(
-            f"| {pool['task']} | {pool['k']} | {' / '.join(a.label() for a in plain)} | "
-            f"{labels} | {changed}/{len(plain)} | {sum(b[3] for b in cut)} | "
-            f"{sum(a.tokens for a in plain) / one:.2f}x -> {sum(b[2] for b in cut) / one:.2f}x |"
-        )
-    return "\n".join(lines)
+
+    def run(pool, outer, bound):
+        drift = tuple((f, bound.get(f, 0.0)) for f in (0.4, 0.6, 0.8))
+        rank, undecided, tokens, stops = replay_product(pool, outer, criterion, drift)
+        return rank, f"{rank}{'?' if undecided else ''}", tokens, stops
+
+    return _table(pools, criterion, run, "--stop-when-decided", 1.0)
 
 
 def table(pools: list[dict], criterion: Criterion, scale: float, min_fraction: float) -> str:
+    """The replay's first rule (:func:`replay_stopping`), its band ``scale`` x the drift."""
+
+    def run(pool, outer, bound):
+        rank, tokens, stops = replay_stopping(pool, outer, criterion, bound, min_fraction)
+        return rank, str(rank), tokens, stops
+
+    return _table(pools, criterion, run, "stopping", scale)
+
+
+def _table(pools, criterion, run, name: str, scale: float) -> str:
+    """Per task: the answers without and with stopping (``run(pool, outer, bound)`` ->
+    (rank, label, tokens, stops)), how many changed, the trials stopped, the tokens."""
     bounds = {p["task"]: drift_bounds(p) for p in pools}
     lines = [
-        "| task | k | answers, no stopping | answers, stopping | answers changed | trials "
+        f"| task | k | answers, no stopping | answers, {name} | answers changed | trials "
         "stopped | tokens vs one seed (no stopping -> stopping) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -157,13 +156,13 @@ def table(pools: list[dict], criterion: Criterion, scale: float, min_fraction: f
         bound = {f: scale * max(b.get(f, 0.0) for b in others) for f in bounds[pool["task"]]}
         plain = [S.replay(pool, "new default", criterion, o) for o in S.OUTER]
         one = sum(S.replay(pool, S.BASELINE, Criterion(), o).tokens for o in S.OUTER)
-        stopped = [replay_stopping(pool, o, criterion, bound, min_fraction) for o in S.OUTER]
-        changed = sum(a.rank != b[0] for a, b in zip(plain, stopped, strict=True))
+        got = [run(pool, o, bound) for o in S.OUTER]
+        changed = sum(a.rank != b[0] for a, b in zip(plain, got, strict=True))
         lines.append(
             f"| {pool['task']} | {pool['k']} | {' / '.join(a.label() for a in plain)} | "
-            f"{' / '.join(str(b[0]) for b in stopped)} | {changed}/{len(plain)} | "
-            f"{sum(b[2] for b in stopped)} | {sum(a.tokens for a in plain) / one:.2f}x -> "
-            f"{sum(b[1] for b in stopped) / one:.2f}x |"
+            f"{' / '.join(b[1] for b in got)} | {changed}/{len(plain)} | "
+            f"{sum(b[3] for b in got)} | {sum(a.tokens for a in plain) / one:.2f}x -> "
+            f"{sum(b[2] for b in got) / one:.2f}x |"
         )
     return "\n".join(lines)
 
