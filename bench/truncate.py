@@ -173,6 +173,11 @@ def at_rank(spec, r: int, key: str, **train):
     )  # fmt: skip
 
 
+def from_truncation(spec, r: int, key: str, truncation: Path, steps: int, **train):
+    """A trial at rank ``r`` warm-started from ``truncation`` for ``steps`` steps."""
+    return at_rank(spec, r, key, init_adapter=str(truncation), max_steps=steps, **train)
+
+
 def evaluate_adapter(spec, ctx, folder: Path) -> dict:
     """Val loss and per-block losses of the PEFT adapter ``folder`` (rank ``spec.rank``), as
     a trial of ``spec`` measures them."""
@@ -260,16 +265,9 @@ def measure_task(task: str, seeds: list[int], final: bool, log=print) -> dict:
             cache.get(f"s{seed}/trunc/r{r}", evaluate_adapter, plain, ctx, trunc)
             for name, (w, lr) in WARM.items():
                 n = max(1, round(w * steps))
-                warm = at_rank(
-                    spec,
-                    r,
-                    f"{name}-r{r}-s{seed}",
-                    init_adapter=str(trunc),
-                    max_steps=n,
-                    warmup_steps=WARM_WARMUP,
-                    eval_every=n,
-                    lr=spec.train.lr * lr,
-                )
+                warm = from_truncation(spec, r, f"{name}-r{r}-s{seed}", trunc, n,
+                                       warmup_steps=WARM_WARMUP, eval_every=n,
+                                       lr=spec.train.lr * lr)  # fmt: skip
                 cache.get(f"s{seed}/{name}/r{r}", train_from, warm, ctx)
         if final:
             chosen = {answer(curve(cache.data, pool, v, seed), pool).rank for v in VARIANTS}
@@ -277,13 +275,8 @@ def measure_task(task: str, seeds: list[int], final: bool, log=print) -> dict:
                 trunc = write_truncation(source, folder / f"r{r}", r)
                 for share in FINAL:
                     n = max(1, round(share * steps))
-                    fin = at_rank(
-                        spec,
-                        r,
-                        f"final{round(share * 100)}-r{r}-s{seed}",
-                        init_adapter=str(trunc),
-                        max_steps=n,
-                    )
+                    fin = from_truncation(spec, r, f"final{round(share * 100)}-r{r}-s{seed}",
+                                          trunc, n)  # fmt: skip
                     cache.get(f"s{seed}/final{round(share * 100)}/r{r}", train_from, fin, ctx)
         log(f"{task} s{seed}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return cache.data
