@@ -96,13 +96,19 @@ def run_export(tmp_path, capsys, tool: str):
     return out.read_text()
 
 
+def exported_yaml(tmp_path, capsys, case: str, tool: str, allowed: set[str]):
+    """(the run's recommendation, its lora_config, the exported YAML text, parsed): only
+    keys the tool knows."""
+    rec = fabricate_run(tmp_path / "run", *CASES[case])
+    text = run_export(tmp_path, capsys, tool)
+    cfg = yaml.safe_load(text)
+    assert set(cfg) <= allowed, set(cfg) - allowed
+    return rec, rec["lora_config"], text, cfg
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_axolotl(tmp_path, capsys, case):
-    rec = fabricate_run(tmp_path / "run", *CASES[case])
-    lora = rec["lora_config"]
-    text = run_export(tmp_path, capsys, "axolotl")
-    cfg = yaml.safe_load(text)
-    assert set(cfg) <= AXOLOTL_KEYS, set(cfg) - AXOLOTL_KEYS
+    rec, lora, text, cfg = exported_yaml(tmp_path, capsys, case, "axolotl", AXOLOTL_KEYS)
     assert cfg["base_model"] == "HuggingFaceTB/SmolLM2-135M"
     assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (lora["r"], 16, 0.05)
     assert isinstance(cfg["lora_alpha"], int)  # axolotl's schema: lora_alpha: int
@@ -123,11 +129,9 @@ def test_axolotl(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_llama_factory(tmp_path, capsys, case):
-    rec = fabricate_run(tmp_path / "run", *CASES[case])
-    lora = rec["lora_config"]
-    text = run_export(tmp_path, capsys, "llama-factory")
-    cfg = yaml.safe_load(text)
-    assert set(cfg) <= LLAMA_FACTORY_KEYS, set(cfg) - LLAMA_FACTORY_KEYS
+    rec, lora, text, cfg = exported_yaml(
+        tmp_path, capsys, case, "llama-factory", LLAMA_FACTORY_KEYS
+    )
     assert cfg["model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M"
     assert cfg["finetuning_type"] == "lora"
     assert (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"]) == (lora["r"], 16, 0.05)
@@ -164,11 +168,7 @@ TRL_KEYS = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_trl(tmp_path, capsys, case):
-    rec = fabricate_run(tmp_path / "run", *CASES[case])
-    lora = rec["lora_config"]
-    text = run_export(tmp_path, capsys, "trl")
-    cfg = yaml.safe_load(text)
-    assert set(cfg) <= TRL_KEYS, set(cfg) - TRL_KEYS
+    rec, lora, text, cfg = exported_yaml(tmp_path, capsys, case, "trl", TRL_KEYS)
     assert cfg["use_peft"] is True and cfg["lora_r"] == lora["r"] and cfg["lora_alpha"] == 16
     assert cfg["lora_target_modules"] == lora["target_modules"]  # a list, or all-linear
     assert cfg.get("load_in_4bit") is (True if rec.get("quantize") == "4bit" else None)

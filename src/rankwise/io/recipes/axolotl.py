@@ -96,16 +96,11 @@ def _unhonoured(keys: Keys) -> None:
             "chat_template",
             "rankwise renders conversations with the tokenizer's own chat template",
         )
-    if not keys.get("sample_packing"):
-        keys.warnings.append(
-            "axolotl sample_packing false: rankwise packs examples into blocks of "
-            "sequence_len tokens; trials see the same tokens in fewer, fuller batches"
-        )
+    keys.warn_unpacked(keys.get("sample_packing"), "sample_packing", "sequence_len")
     keys.warn_if("train_on_inputs", "rankwise trains on the response only")
-    keys.warn_if("peft_use_dora", "the search trains plain LoRA (no DoRA)")
     keys.warn_beyond_a_trial(
         modules_to_save="lora_modules_to_save", distributed=("deepspeed", "fsdp"),
-        optimizer="optimizer",
+        optimizer="optimizer", dora="peft_use_dora",
     )  # fmt: skip
 
 

@@ -100,12 +100,21 @@ class Keys:
         if self.data.get(key) not in unless:
             self.warn(key, why)
 
+    def warn_unpacked(self, packed: bool, key: str, length_key: str) -> None:
+        """The recipe trains on unpacked examples; a trial packs them into blocks."""
+        if not packed:
+            self.warnings.append(
+                f"{self.tool} {key} false: rankwise packs examples into blocks of {length_key} "
+                "tokens; trials see the same tokens in fewer, fuller batches"
+            )
+
     def warn_beyond_a_trial(
-        self, *, modules_to_save: str, distributed: tuple[str, ...], optimizer: str
+        self, *, modules_to_save: str, distributed: tuple[str, ...], optimizer: str, dora: str
     ) -> None:
-        """The keys every tool has that a trial cannot honour: modules trained beside LoRA,
-        NEFTune, several devices, an optimizer other than AdamW, remote code."""
+        """The keys every tool has that a trial cannot honour: DoRA, modules trained beside
+        LoRA, NEFTune, several devices, an optimizer other than AdamW, remote code."""
         unset = (None, False, "", [])
+        self.warn_if(dora, "the search trains plain LoRA (no DoRA)")
         self.warn_if(modules_to_save, "the search trains the LoRA matrices only", unless=unset)
         self.warn_if("neftune_noise_alpha", "trials add no noise to the embeddings")
         for key in distributed:

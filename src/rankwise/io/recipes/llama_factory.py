@@ -104,18 +104,15 @@ def _unhonoured(keys: Keys, stage: str) -> None:
             "every record through this template; rankwise renders alpaca records with the "
             "Alpaca prompt and conversations with the tokenizer's own chat template"
         )
-    if not keys.get("packing") and not keys.get("neat_packing"):
-        keys.warnings.append(
-            "llama-factory packing false: rankwise packs examples into blocks of cutoff_len "
-            "tokens; trials see the same tokens in fewer, fuller batches"
-        )
+    packed = keys.get("packing") or keys.get("neat_packing")
+    keys.warn_unpacked(packed, "packing", "cutoff_len")
     keys.warn_if("train_on_prompt", "rankwise trains on the response only")
-    keys.warn_if("use_dora", "the search trains plain LoRA (no DoRA)")
     keys.warn_if("loraplus_lr_ratio", "trials use one learning rate for A and B")
     keys.warn_if("pissa_init", "trials start from PEFT's default initialisation")
     keys.warn_beyond_a_trial(
-        modules_to_save="additional_target", distributed=("deepspeed",), optimizer="optim"
-    )
+        modules_to_save="additional_target", distributed=("deepspeed",), optimizer="optim",
+        dora="use_dora",
+    )  # fmt: skip
 
 
 def _data(keys: Keys, stage: str) -> None:

@@ -85,11 +85,7 @@ def _lora(keys: Keys) -> None:
 
 
 def _unhonoured(keys: Keys) -> None:
-    if not keys.get("packing"):
-        keys.warnings.append(
-            "trl packing false: rankwise packs examples into blocks of max_length tokens; "
-            "trials see the same tokens in fewer, fuller batches"
-        )
+    keys.warn_unpacked(keys.get("packing"), "packing", "max_length")
     keys.warn_if(
         "completion_only_loss", "rankwise trains on the completion only", unless=(None, True)
     )
@@ -99,10 +95,9 @@ def _unhonoured(keys: Keys) -> None:
             "rankwise on the assistant turns only"
         )
     keys.warn_if("chat_template_path", "rankwise renders chats with the tokenizer's own template")
-    keys.warn_if("use_dora", "the search trains plain LoRA (no DoRA)")
     keys.warn_beyond_a_trial(
         modules_to_save="lora_modules_to_save", distributed=("deepspeed", "fsdp"),
-        optimizer="optim",
+        optimizer="optim", dora="use_dora",
     )  # fmt: skip
 
 
