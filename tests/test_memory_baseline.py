@@ -74,10 +74,7 @@ class Workers:
 
     reported: int | None = None
 
-    def execute(self, spec, progress=None):
-        raise AssertionError("predict must not run a trial")
-
-    def worker_resident_bytes(self) -> int | None:
+    def resident_bytes(self, device: str) -> int | None:
         return self.reported
 
 
@@ -91,7 +88,7 @@ def runner(tmp_path, llama_dir, text_jsonl):
 def test_on_ray_the_prediction_uses_the_workers_memory_not_the_drivers(runner):
     weights = estimate(runner.ctx.model, ranks=[1], baseline_bytes=0)[0].weights_bytes
     workers = Workers()
-    runner.execute = workers.execute
+    runner.resident = workers.resident_bytes
     first = runner.predict(1)  # no worker has reported: the driver's baseline
     assert first["baseline_bytes"] == runner.baseline_bytes
     workers.reported = runner.baseline_bytes + 100 * MiB + weights  # a worker holds more
@@ -144,12 +141,12 @@ def test_a_worker_reports_its_memory_and_the_pool_keeps_the_largest(monkeypatch,
     monkeypatch.setitem(sys.modules, "ray", ray)
     pool = RayPool(2, {"cpu": 1.0}, "test")
     executor = types.SimpleNamespace(pool=pool)
-    assert RayExecutor.worker_resident_bytes(executor) is None  # before any result
+    assert RayExecutor.resident_bytes(executor, "cpu") is None  # before any result
     for ref, worker in (("a", "w0"), ("b", "w1")):
         pool.running[ref] = (spec.key, worker, spec)
         arrival = pool.wait()
     assert pool.resident == {"w0": resident, "w1": 7}
-    assert RayExecutor.worker_resident_bytes(executor) == resident
+    assert RayExecutor.resident_bytes(executor, "cpu") == resident
     # Where it ran and what it held are kept with the trial's record.
     extra = annotated(arrival.results[0], _Job(spec, {}, False), arrival).extra
     assert extra["resident_bytes"] == 7 and extra["worker"] == "w1"

@@ -92,4 +92,3 @@ def test_a_damaged_gguf_is_refused_in_one_line_from_the_converting_process(tmp_p
     with pytest.raises(ConfigError, match=r"^--model: cannot read GGUF file .*damaged\.gguf") as e:
         load_model(ModelConfig(model=str(bad)))
     assert "\n" not in str(e.value)
-

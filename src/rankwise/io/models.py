@@ -14,8 +14,8 @@ cached as safetensors under ``$RANKWISE_CACHE`` (default ``~/.cache/rankwise``).
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -179,7 +179,9 @@ def _load_gguf(source: ModelSource, trust_remote_code: bool):
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
             mine = [line for line in lines if line.startswith("--model: ")]
             raise ConfigError(
-                mine[-1] if mine else f"--model: converting GGUF file {file} failed "
+                mine[-1]
+                if mine
+                else f"--model: converting GGUF file {file} failed "
                 f"({lines[-1] if lines else f'exit status {proc.returncode}'})"
             )
     return str(cache)

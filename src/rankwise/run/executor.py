@@ -58,6 +58,7 @@ class LocalExecutor:
     """Every trial in this process, one after another."""
 
     execute = None  # the runner trains in-process
+    resident_bytes = None  # and measures this process's memory before each trial
 
     def __enter__(self) -> LocalExecutor:
         return self

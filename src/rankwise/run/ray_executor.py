@@ -250,7 +250,7 @@ class RayExecutor:
     def drive(self, strategy, runner, variant, on_result=None):
         return drive_parallel(strategy, runner, variant, self.pool, on_result)
 
-    def worker_resident_bytes(self) -> int | None:
+    def resident_bytes(self, device: str) -> int | None:
         """The most any worker held after its last trial (None before the first result):
         the memory baseline of the next trial's prediction, whichever worker runs it
         (:meth:`rankwise.run.runner.TrialRunner.predict`)."""

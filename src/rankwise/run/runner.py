@@ -52,6 +52,8 @@ class TrialRunner:
         self.elapsed: Callable[[], float] = state["elapsed"]
         if state.get("execute"):  # where trials train: this process unless an executor says
             self.execute = state["execute"]
+        # What a trial will start from, besides the weights (None: this process, measured).
+        self.resident: Callable[[str], int | None] | None = state.get("resident")
         self.nested = state.get("nested")  # where a nested-rank run trains (an executor's)
         self.nested_scale = state.get("nested_scale")  # the LoRA scale of each drawn rank
         self.forgetting = state.get("forgetting")  # rankwise.training.retain.Forgetting, or None
@@ -122,10 +124,11 @@ class TrialRunner:
         (:func:`~rankwise.training.resources.resident_bytes`: the data, the retain set, the
         tokenizer, the touched weights; freed heap returned first, as the trial's own
         measurement does) less the predicted weights; on Ray, what the workers reported
-        after their last trial (``worker_resident_bytes``), the driver's baseline until one
-        has. On CPU never below the process before the model was loaded (the Study's)."""
+        after their last trial (the executor's ``resident_bytes``), the driver's baseline
+        until one has. On CPU never below the process before the model was loaded (the
+        Study's)."""
         from rankwise.analysis.estimate import estimate
-        from rankwise.training.resources import resident_bytes
+        from rankwise.training import resources
 
         lora = self.lora_spec(rank).replace(**dict(variant.lora))
         e = estimate(
@@ -141,8 +144,7 @@ class TrialRunner:
             baseline_bytes=0,
         )[0]
         floor = 0 if str(self.ctx.device).startswith("cuda") else self.baseline_bytes
-        workers = getattr(getattr(self.execute, "__self__", None), "worker_resident_bytes", None)
-        resident = workers() if workers else resident_bytes(self.ctx.device)
+        resident = (self.resident or resources.resident_bytes)(self.ctx.device)
         baseline = floor if resident is None else max(floor, resident - e.weights_bytes)
         return {
             "trainable_params": e.trainable_params,

@@ -85,6 +85,7 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
         autocast=autocast,
         forgetting=_keep_retain(opts, run_dir, store, ctx, retain, progress),
         execute=executor.execute,
+        resident=executor.resident_bytes,
         nested=executor.nested,
         nested_scale=lambda allowed: _nested_scale(opts, allowed),
         **state,

@@ -184,7 +184,9 @@ class Cutoff:
         if getattr(proposal, "truncations", ()):
             return None
         partners = [
-            r for r in results if _finished(r) and r.seed == proposal.seed and r.rank != proposal.rank
+            r
+            for r in results
+            if _finished(r) and r.seed == proposal.seed and r.rank != proposal.rank
         ]
         if not partners:
             return None
@@ -223,7 +225,7 @@ class Cutoff:
             seen.add(self.decision(x, [b + shift + (x - guess) for b in blocks]))
             if len(seen) > 1:
                 return None
-        (rank, undecided, nxt), = seen
+        ((rank, undecided, nxt),) = seen
         if rank == self.proposal.rank:
             return None  # the answer's own trial always finishes: it is what is delivered
         text = "no answer" if rank is None else f"r={rank}" + (" (undecided)" if undecided else "")
