@@ -219,13 +219,13 @@ class Cutoff:
             return None
         guess = self.partner.best_val_loss + loss - self.partner_curve[step]
         shift = guess - loss
-        seen = set()
+        decisions = set()
         for i in range(POINTS):
             x = guess + width * (2 * i / (POINTS - 1) - 1)
-            seen.add(self.decision(x, [b + shift + (x - guess) for b in blocks]))
-            if len(seen) > 1:
+            decisions.add(self.decision(x, [b + shift + (x - guess) for b in blocks]))
+            if len(decisions) > 1:
                 return None
-        ((rank, undecided, nxt),) = seen
+        ((rank, undecided, nxt),) = decisions
         if rank == self.proposal.rank:
             return None  # the answer's own trial always finishes: it is what is delivered
         text = "no answer" if rank is None else f"r={rank}" + (" (undecided)" if undecided else "")
