@@ -211,6 +211,13 @@ def _leftovers(lora: dict, handled: set[str], y: _Yaml) -> None:
             y.unsupported(k, v)
 
 
+def _rank(lora: dict, y, key: str) -> None:
+    """The first LoRA keys of every tool: the rank (under ``key``), alpha and dropout."""
+    y.key(key, lora["r"])
+    _alpha(lora, y, "lora_alpha")
+    y.key("lora_dropout", lora.get("lora_dropout", 0.0))
+
+
 def _axolotl(rec: dict) -> Exported:
     lora, y = rec["lora_config"], _Yaml(rec, "axolotl")
     bits = QUANTIZE_BITS[rec.get("quantize")]
@@ -218,9 +225,7 @@ def _axolotl(rec: dict) -> Exported:
     y.key("adapter", "qlora" if bits == 4 else "lora", lora=False)
     if bits:
         y.key(f"load_in_{bits}bit", True, lora=False)
-    y.key("lora_r", lora["r"])
-    _alpha(lora, y, "lora_alpha")
-    y.key("lora_dropout", lora.get("lora_dropout", 0.0))
+    _rank(lora, y, "lora_r")
     targets = lora.get("target_modules")
     if targets == "all-linear":
         y.key("lora_target_linear", True)
@@ -251,9 +256,7 @@ def _llama_factory(rec: dict) -> Exported:
     y.key("finetuning_type", "lora", lora=False)
     if bits:
         y.key("quantization_bit", bits, lora=False)
-    y.key("lora_rank", lora["r"])
-    _alpha(lora, y, "lora_alpha")
-    y.key("lora_dropout", lora.get("lora_dropout", 0.0))
+    _rank(lora, y, "lora_rank")
     targets = lora.get("target_modules")
     if targets == "all-linear":
         y.key("lora_target", "all")
@@ -274,9 +277,7 @@ def _trl(rec: dict) -> Exported:
     y.key("use_peft", True)
     if bits:
         y.key(f"load_in_{bits}bit", True, lora=False)
-    y.key("lora_r", lora["r"])
-    _alpha(lora, y, "lora_alpha")
-    y.key("lora_dropout", lora.get("lora_dropout", 0.0))
+    _rank(lora, y, "lora_r")
     targets = lora.get("target_modules")
     if targets is None:
         y.comment("target_modules not recorded (PEFT's default for the architecture)")
