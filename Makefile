@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-smoke clean
+.PHONY: demo test test-deps lint bench-smoke clean
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: $(STAMP)
 # module-scoped fixtures (a Ray session, a reference grid) are built once.
 TEST_WORKERS ?= 2
 
-test: $(STAMP)
+# What the tests need outside the venv (headless Chromium): installed, or named before any test.
+test-deps:
+	scripts/test-deps
+
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import rankwise
 from bench import search_efficiency as se
-from rankwise.search.criteria import recommend
-from rankwise.search.scores import rank_scores
+from rankwise.core.criteria import recommend
+from rankwise.core.scores import rank_scores
 
 OUT = Path(__file__).parent / ".cache" / "runs" / "alpha-policies"
 POLICIES = {

@@ -4,8 +4,8 @@
 val loss at r = 1..64 and the base model's. This script replays each criterion and
 threshold on those curves with rankwise's own code, no training:
 
-- grid: ``rankwise.search.criteria.recommend`` over every rank;
-- ladder: ``rankwise.search.strategies.Ladder`` from the default start rank (4, for a model under 1B
+- grid: ``rankwise.core.criteria.recommend`` over every rank;
+- ladder: ``rankwise.core.strategies.Ladder`` from the default start rank (4, for a model under 1B
   parameters), each proposal answered with the stored score of that rank (a trial is a
   deterministic function of its spec, so this is the run a ladder would have made; see
   "Search efficiency" in bench/RESULTS.md).
@@ -30,10 +30,10 @@ import json
 import math
 from pathlib import Path
 
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.scores import rank_scores
+from rankwise.core.strategies import Ladder
 from rankwise.records import COMPLETE, TrialResult
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.scores import rank_scores
-from rankwise.search.strategies import Ladder
 
 ROOT = Path(__file__).resolve().parent
 

@@ -31,8 +31,8 @@ import copy
 from pathlib import Path
 
 from bench import stability as S
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.cutoff import Cutoff
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.cutoff import Cutoff
 
 POINTS = 21  # final losses tried across the band, its ends and its middle included
 
@@ -97,7 +97,7 @@ def replay_stopping(pool, outer, criterion, bound, min_fraction) -> tuple:
 
 def replay_product(pool, outer, criterion, drift) -> tuple:
     """The new default's ladder with rankwise's own rule (``--stop-when-decided``,
-    :class:`rankwise.search.cutoff.Cutoff`) and the band table ``drift`` measured on the other
+    :class:`rankwise.core.cutoff.Cutoff`) and the band table ``drift`` measured on the other
     pools: (answer, undecided, tokens, stops). The pools keep per-block losses only at a
     trial's best, so a stopped trial's blocks at step t are those moved by its loss at t."""
     trials, perm = S.pool_results(pool), S.permutation(outer, pool["seeds"])

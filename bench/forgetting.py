@@ -109,7 +109,7 @@ def run_task(task: str, args) -> dict:
         rankwise.search(strategy="grid", ranks=task_ranks(task, args), out=str(out),
                         quiet=True, force=True, max_forgetting=args.max_forgetting,
                         **task_options(task, args))  # fmt: skip
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     store = RunStore(out, readonly=True)
     retain, results = store.get_meta("retain"), store.results()
@@ -156,8 +156,8 @@ def held_back(run_dir: Path, trials: list, corpus: str, args) -> dict:
     on the run's own retain set against the cached top-K KL."""
     from rankwise.config import DataConfig, ModelConfig
     from rankwise.io.models import load_model
-    from rankwise.run.rundir import RunDir
-    from rankwise.run.store import RunStore
+    from rankwise.storage.rundir import RunDir
+    from rankwise.storage.store import RunStore
     from rankwise.training.adapter import TrialContext
     from rankwise.training.retain import RetainSet, from_records, measure_adapter
 

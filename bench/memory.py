@@ -180,7 +180,7 @@ DEMO = (
 
 
 def _trials(run: Path) -> list:
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     store = RunStore(run, readonly=True)
     try:

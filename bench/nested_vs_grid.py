@@ -49,10 +49,10 @@ from bench import planted
 from bench import search_efficiency as se
 from rankwise import search
 from rankwise.config import Options
+from rankwise.core.criteria import recommend
+from rankwise.core.scores import rank_scores
 from rankwise.records import COMPLETE
-from rankwise.run.store import RunStore
-from rankwise.search.criteria import recommend
-from rankwise.search.scores import rank_scores
+from rankwise.storage.store import RunStore
 
 ROOT = Path(__file__).resolve().parent
 
@@ -79,7 +79,7 @@ def task_options(name: str, smoke: bool = False) -> dict:
 def identity_diff(stored: dict, opts: Options) -> list[str]:
     """Options whose stored value differs from ``opts``'s (the data and retain-set
     fingerprints aside: the same options make the same token blocks and retain set)."""
-    from rankwise.run.store import identity_diff as diff
+    from rankwise.storage.store import identity_diff as diff
 
     derived = ("data_sha256", "retain_sha256")
     return diff({k: v for k, v in stored.items() if k not in derived}, opts.identity())

@@ -43,7 +43,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")  # as rankwise's own local Ray
 
 import torch  # noqa: E402
 
-from rankwise.run.store import RunStore  # noqa: E402
+from rankwise.storage.store import RunStore  # noqa: E402
 from rankwise.testing import save_tiny_model  # noqa: E402
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()

@@ -132,8 +132,8 @@ def run(task: str, args) -> dict:
 def energy_sweep(task: str, energies: list[float], args) -> list[dict]:
     """The spectral pattern at other energy shares, trained from the same uniform adapter
     with the same spec (what ``--per-layer --per-layer-energy E`` would train)."""
-    from rankwise.analysis.patterns import pattern_spec
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
+    from rankwise.training.patterns import pattern_spec
     from rankwise.training.trial import run_trial
 
     out = args.out / task

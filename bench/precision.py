@@ -29,9 +29,9 @@ import torch
 
 from bench import planted
 from rankwise import search
+from rankwise.core.scores import rank_scores
 from rankwise.io import models
 from rankwise.io.models import cpu_has_bf16
-from rankwise.search.scores import rank_scores
 
 ROOT = Path(__file__).resolve().parent
 

@@ -34,7 +34,7 @@ import torch
 
 from bench import planted
 from rankwise import search
-from rankwise.search.scores import rank_scores
+from rankwise.core.scores import rank_scores
 
 ROOT = Path(__file__).resolve().parent
 

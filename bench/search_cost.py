@@ -9,7 +9,7 @@ a real ``rankwise.search`` with exactly the grid's data, seed, steps, learning r
 evaluation, in its own run folder:
 
 - ``ladder``: rankwise's default strategy. A trial is a deterministic function of its spec,
-  so the ladder is *replayed* on the grid's trials with ``rankwise.search.strategies.Ladder`` (it asks
+  so the ladder is *replayed* on the grid's trials with ``rankwise.core.strategies.Ladder`` (it asks
   for exactly the trials a real run trains); it delivers the grid's trial at its answer.
 - ``nested+final``: one nested-rank run (fixed-alpha scale per drawn rank, ranks drawn
   uniform over the list), then an ordinary final trial at the answer (``--strategy nested``).
@@ -54,9 +54,9 @@ import torch
 from bench import planted
 from rankwise import search
 from rankwise.config import SearchConfig
-from rankwise.run.store import RunStore
-from rankwise.search.criteria import recommend
-from rankwise.search.strategies import Ladder
+from rankwise.core.criteria import recommend
+from rankwise.core.strategies import Ladder
+from rankwise.storage.store import RunStore
 
 ROOT = Path(__file__).resolve().parent
 

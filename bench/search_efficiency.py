@@ -15,7 +15,7 @@ and a real one (SmolLM2-135M-Instruct on the stdlib docstrings, the ``make demo`
 
 A trial is a deterministic function of its spec (same seed, data, thread count -> same
 result), so the ladder can be *replayed* on the grid's per-rank results with
-``rankwise.search.strategies.Ladder`` ask/tell: it asks for exactly the trials a real ladder run would
+``rankwise.core.strategies.Ladder`` ask/tell: it asks for exactly the trials a real ladder run would
 train, and their tokens and wall times are summed. ``--replay`` picks the tasks where that
 is done (default: the planted ones); the others run a real ladder search next to the grid,
 and the table shows the largest loss difference between the two runs' shared ranks (0 when
@@ -45,10 +45,10 @@ import torch
 from bench import planted
 from rankwise import search
 from rankwise.config import SearchConfig
+from rankwise.core.criteria import recommend
+from rankwise.core.scores import rank_scores
+from rankwise.core.strategies import Ladder
 from rankwise.records import COMPLETE, TrialResult
-from rankwise.search.criteria import recommend
-from rankwise.search.scores import rank_scores
-from rankwise.search.strategies import Ladder
 
 ROOT = Path(__file__).resolve().parent
 

@@ -78,9 +78,9 @@ if not __package__:  # run as a file (bench/stability.py): make `bench` importab
     sys.path.insert(0, str(ROOT.parent))
 
 from rankwise.config import SearchConfig  # noqa: E402
+from rankwise.core.criteria import Criterion, recommend  # noqa: E402
+from rankwise.core.strategies import Grid, Ladder  # noqa: E402
 from rankwise.records import TrialResult  # noqa: E402
-from rankwise.search.criteria import Criterion, recommend  # noqa: E402
-from rankwise.search.strategies import Grid, Ladder  # noqa: E402
 
 POOLS = ROOT / ".cache" / "stability"
 RUNS = ROOT / ".cache" / "runs" / "stability"
@@ -194,6 +194,10 @@ TASKS = {
         Task("planted2-k8", 8, "planted2", train=PLANTED2_TRAIN),
         Task("far-off-k8", 8, base_head=FAR_OFF_BASE_HEAD),
         Task("hot-head-k8", 8, "planted", {"head_scale": HOT_HEAD}),
+        # Held out from every rule tuned on the pools above (issue "An answer a user can act
+        # on"): far-off bases at another planted rank, base loss 2x the teacher's and more.
+        Task("far-off-k2", 2, base_head=FAR_OFF_BASE_HEAD),
+        Task("far-off-k32", 32, base_head=FAR_OFF_BASE_HEAD),
         # Not in the default list: planted2-k8 at the planted family's rate, which is too high
         # for it (see PLANTED2_TRAIN); a pool where seed-to-seed noise is as large as the steps.
         Task("planted2-k8-lr3e-2", 8, "planted2"),

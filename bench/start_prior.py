@@ -86,10 +86,10 @@ if not __package__:  # run as a file (bench/start_prior.py): make `bench` import
 
 from bench import stability  # noqa: E402
 from rankwise.config import SearchConfig  # noqa: E402
+from rankwise.core.criteria import Criterion, recommend  # noqa: E402
+from rankwise.core.scores import rank_scores  # noqa: E402
+from rankwise.core.strategies import Ladder  # noqa: E402
 from rankwise.records import TrialResult  # noqa: E402
-from rankwise.search.criteria import Criterion, recommend  # noqa: E402
-from rankwise.search.scores import rank_scores  # noqa: E402
-from rankwise.search.strategies import Ladder  # noqa: E402
 
 OUTER = stability.OUTER
 CRITERION = Criterion()  # the default: knee 1% of the improvement over the base model

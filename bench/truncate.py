@@ -70,9 +70,9 @@ if not __package__:  # run as a file (bench/truncate.py): make `bench` importabl
     sys.path.insert(0, str(ROOT.parent))
 
 from bench import stability  # noqa: E402
+from rankwise.core.criteria import Criterion, recommend  # noqa: E402
+from rankwise.core.strategies import Grid  # noqa: E402
 from rankwise.records import TrialResult  # noqa: E402
-from rankwise.search.criteria import Criterion, recommend  # noqa: E402
-from rankwise.search.strategies import Grid  # noqa: E402
 
 CACHE = ROOT / ".cache" / "truncate"
 RMAX = 32
@@ -148,7 +148,7 @@ def pool_spec(task: str, pool: dict, rank: int, seed: int):
     ``trials/<key>/adapter``. (The hot-head-k8 run folder's store names far-off-k8's model,
     data and adapters, the folder it was trained under; its numbers are hot-head-k8's, and
     the check in :func:`measure_task` confirms the rebased paths reproduce them.)"""
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     store = RunStore(stability.RUNS / task, readonly=True)
     try:

@@ -9,7 +9,7 @@ from .conftest import table_rows
 
 
 def test_alpha_policies_smoke(bench_main, tmp_path):
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     out = bench_main(alpha_policies, "--out", str(tmp_path))
     assert "| task | k | policy | calibrated lr |" in out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import early_stop, stability
-from rankwise.search.criteria import Criterion
+from rankwise.core.criteria import Criterion
 
 CURVE = {1: 3.80, 2: 3.70, 4: 3.62, 8: 3.61, 16: 3.609, 32: 3.6085}
 STEPS = (100, 200, 300, 400, 500)

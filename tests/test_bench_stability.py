@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 
 from bench import stability
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.scores import rank_scores
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.scores import rank_scores
 
 
 @pytest.fixture(scope="module")

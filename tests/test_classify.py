@@ -10,11 +10,11 @@ import torch
 
 from rankwise.cli import main
 from rankwise.config import DataConfig, ModelConfig, Options
+from rankwise.core.criteria import recommend
+from rankwise.core.metrics import accuracy, macro_f1
+from rankwise.core.scores import RankScore
 from rankwise.errors import ConfigError
 from rankwise.io.models import load_model
-from rankwise.search.criteria import recommend
-from rankwise.search.metrics import accuracy, macro_f1
-from rankwise.search.scores import RankScore
 from rankwise.training.adapter import TrialContext
 from rankwise.training.classify import IGNORE, encode, label_set, read_labelled
 from rankwise.training.hooks import Hooks
@@ -79,7 +79,7 @@ def test_seq_cls_search_through_the_cli_chooses_the_rank_by_accuracy(
         t["status"] == "complete" for t in trials
     )
     # Each trial's score is its error 1 - accuracy at the checkpoint it delivers ...
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     results = [r for r in RunStore(out, readonly=True).results() if r.kind != "base"]
     for r in results:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from rankwise.cli import main
-from rankwise.run.store import RunStore
+from rankwise.storage.store import RunStore
 
 from .conftest import search_argv
 

@@ -1,4 +1,4 @@
-"""``--stop-when-decided``: a trial stops once it cannot change the answer (rankwise.search.cutoff).
+"""``--stop-when-decided``: a trial stops once it cannot change the answer (rankwise.core.cutoff).
 
 The decisions protected: a stopped trial never changes the answer against the same search
 without stopping; the answer's own trial always finishes; the search is told exactly the
@@ -11,10 +11,10 @@ import json
 
 import pytest
 
+from rankwise.core.criteria import Criterion
+from rankwise.core.cutoff import DRIFT, Cutoff, band, run_drift
+from rankwise.core.strategies import Ladder
 from rankwise.records import TrialResult
-from rankwise.search.criteria import Criterion
-from rankwise.search.cutoff import DRIFT, Cutoff, band, run_drift
-from rankwise.search.strategies import Ladder
 from tests.conftest import check_error, search_argv
 
 
@@ -85,7 +85,7 @@ def test_stopping_keeps_the_answer_and_show_lists_the_evidence(
     llama_dir, text_jsonl, tmp_path, capsys
 ):
     from rankwise.cli import main
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     plain = _search(llama_dir, text_jsonl, tmp_path / "plain")
     cut = _search(llama_dir, text_jsonl, tmp_path / "cut", "--stop-when-decided")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rankwise.cli import main
-from rankwise.run.store import SCHEMA_VERSION, STORE_FILE, RunStore
+from rankwise.storage.store import SCHEMA_VERSION, STORE_FILE, RunStore
 
 from .conftest import search_argv, sentences
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from rankwise.config import ExecutorConfig
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.strategies import Grid, Ladder
 from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, SKIPPED, TrialResult
 from rankwise.run.parallel import drive_parallel, lookahead
 from rankwise.run.ray_executor import _connect
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.strategies import Grid, Ladder
 from rankwise.testing import FakePool, FakeRunner
 
 from .conftest import search_argv, table_rows
@@ -242,7 +242,7 @@ def data(tmp_path_factory):
 
 
 def results(run: Path) -> dict[str, TrialResult]:
-    from rankwise.run.store import RunStore
+    from rankwise.storage.store import RunStore
 
     store = RunStore(run, readonly=True)
     try:

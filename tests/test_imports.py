@@ -79,3 +79,61 @@ def test_the_graph_sees_function_level_imports():
     """The check is only as good as its graph: an import inside a function is an edge."""
     graph = import_graph()
     assert "rankwise.analysis.estimate" in graph["rankwise.run.runner"]
+
+
+# The floors, lowest first. A package may import only packages on lower floors: storage sits
+# under everything that trains, the study orchestrates from the top, and the packages that
+# share a floor (the executor, the reports, the stages) do not import one another, so the
+# study wires them together (reports observe through the callbacks it hands the runner).
+FLOORS = [
+    {"errors", "records"},
+    {"core"},  # the torch-free ask/tell search core
+    {"config"},
+    {"storage"},  # the run directory and its SQLite store
+    {"io"},
+    {"training"},
+    {"analysis"},
+    {"run", "report", "stages"},
+    {"study", "testing"},
+    {"cli"},
+]
+
+
+def package_of(module: str) -> str:
+    """``rankwise.core.criteria`` -> ``core``; ``rankwise.cli`` -> ``cli``."""
+    return module.split(".")[1]
+
+
+def floor_of(package: str) -> int:
+    return next(i for i, floor in enumerate(FLOORS) if package in floor)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a package on the same floor or a higher one, as ``a -> b``.
+
+    >>> upward_imports({"rankwise.io.data": {"rankwise.storage.rundir"}})
+    []
+    >>> upward_imports({"rankwise.storage.rundir": {"rankwise.io.data"}})
+    ['rankwise.storage.rundir -> rankwise.io.data']
+    >>> upward_imports({"rankwise.report.view": {"rankwise.run.runner"}})
+    ['rankwise.report.view -> rankwise.run.runner']
+    """
+    bad = []
+    for module, targets in sorted(graph.items()):
+        here = package_of(module)
+        for target in sorted(targets):
+            there = package_of(target)
+            if there != here and floor_of(there) >= floor_of(here):
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def test_every_package_has_a_floor():
+    packages = {package_of(m) for m in import_graph() if m != "rankwise"}
+    assert packages == set().union(*FLOORS), packages ^ set().union(*FLOORS)
+
+
+def test_no_package_imports_upward_or_sideways():
+    graph = import_graph()
+    graph.pop("rankwise", None)
+    assert upward_imports(graph) == [], "\n".join(upward_imports(graph))

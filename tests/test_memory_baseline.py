@@ -16,7 +16,7 @@ from rankwise.analysis.estimate import estimate
 from rankwise.config import Options
 from rankwise.run.parallel import _Job, annotated
 from rankwise.run.ray_executor import RayExecutor, RayPool, Worker
-from rankwise.run.study import Study
+from rankwise.study.study import Study
 from rankwise.testing import tiny_model
 from rankwise.training.resources import PeakMemory, current_rss, live_rss, trim_heap
 

@@ -342,8 +342,8 @@ def test_nested_knee_matches_the_grid_on_a_planted_task(tmp_path):
     core). Measured: grid 4.210/4.098/4.026/4.030, nested 4.305/4.225/4.228/4.331; at a 1%
     tolerance the grid's knee is r = 4 and the nested curve's r = 2 (at 500 steps both said
     4). Asserted: the knees are at most one step of the list apart."""
-    from rankwise.search.criteria import recommend
-    from rankwise.search.scores import rank_scores
+    from rankwise.core.criteria import recommend
+    from rankwise.core.scores import rank_scores
 
     ranks, tolerance = [1, 2, 4, 8], 0.01
     ctx = planted_ctx()

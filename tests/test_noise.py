@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rankwise.cli import main
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.noise import Noise
+from rankwise.core.scores import noise, rank_scores
+from rankwise.core.strategies import Grid, Ladder
 from rankwise.records import COMPLETE, TrialResult
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.noise import Noise
-from rankwise.search.scores import noise, rank_scores
-from rankwise.search.strategies import Grid, Ladder
 
 KNEE = Criterion("knee", 0.01, scale="base")
 

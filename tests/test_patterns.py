@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rankwise.analysis.patterns import pattern_value, verify_ranks
 from rankwise.errors import ConfigError
 from rankwise.testing import tiny_model
+from rankwise.training.patterns import pattern_value, verify_ranks
 
 
 def test_pattern_keys_match_as_peft_matches_them():

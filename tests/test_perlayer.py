@@ -11,15 +11,14 @@ import torch
 from peft import LoraConfig
 
 from bench import per_layer, planted
-from rankwise.analysis import patterns
 from rankwise.cli import main
 from rankwise.config import LoraSettings
+from rankwise.core.criteria import Criterion
 from rankwise.errors import ConfigError
 from rankwise.records import LoraSpec
-from rankwise.search.criteria import Criterion
 from rankwise.stages import per_layer as perlayer
 from rankwise.testing import tiny_model
-from rankwise.training import eva
+from rankwise.training import eva, patterns
 
 from .conftest import make_spec, search_argv, table_rows
 
@@ -235,8 +234,8 @@ def test_planted_needs_per_module_type(tmp_path):
     from rankwise import search
     from rankwise.analysis.spectra import inspect_adapter
     from rankwise.config import SearchConfig
-    from rankwise.run.store import RunStore
-    from rankwise.search.scores import rank_scores
+    from rankwise.core.scores import rank_scores
+    from rankwise.storage.store import RunStore
     from rankwise.training.trial import run_trial
 
     sizes = {"seq_chars": 31, "n_train": 2048, "n_val": 256, "data_seed": 6}

@@ -27,7 +27,7 @@ from rankwise.report.summary import (
     write_summary,
 )
 from rankwise.report.view import load_run
-from rankwise.run.store import RunStore
+from rankwise.storage.store import RunStore
 
 from .conftest import make_spec
 
@@ -122,8 +122,8 @@ def make_run(
 
 def write_recommendation(run_dir: Path, store: RunStore, model: str, name: str) -> None:
     """What the search writes when it ends (the same keys, computed the same way)."""
-    from rankwise.search.criteria import recommend
-    from rankwise.search.scores import rank_scores
+    from rankwise.core.criteria import recommend
+    from rankwise.core.scores import rank_scores
 
     scores = rank_scores(store.results())
     rec = recommend(scores, 0.01, stop_reason="plateau")
@@ -365,7 +365,7 @@ def test_report_renders_in_a_browser(tmp_path):
     from PIL import Image
 
     browser = _chromium()
-    assert browser, "chromium is not installed (.ci/run installs it: apt-get install chromium)"
+    assert browser, "chromium is not installed (make test installs it: scripts/test-deps)"
     run_dir = CASES["failed-skipped"](tmp_path)
     page = write_report(run_dir)
     png = tmp_path / "report.png"

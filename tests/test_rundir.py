@@ -15,8 +15,8 @@ import pytest
 
 from rankwise.cli import main
 from rankwise.run.ray_executor import _take_files, _write_files
-from rankwise.run.rundir import RunDir
-from rankwise.run.store import RunStore, UnreadableStore
+from rankwise.storage.rundir import RunDir
+from rankwise.storage.store import RunStore, UnreadableStore
 
 from .conftest import search_argv
 
@@ -92,7 +92,7 @@ def test_lock_left_by_kill_9_is_taken_over(tmp_path, llama_dir, text_jsonl):
         [
             sys.executable,
             "-c",
-            "import sys, time; from rankwise.run.rundir import RunDir\n"
+            "import sys, time; from rankwise.storage.rundir import RunDir\n"
             f"with RunDir({str(out)!r}).locked():\n    print('locked', flush=True); time.sleep(600)",
         ],
         stdout=subprocess.PIPE,

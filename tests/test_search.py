@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.scores import improvement_share, rank_scores
+from rankwise.core.strategies import Grid, Ladder, plan_ranks
 from rankwise.errors import ConfigError
 from rankwise.records import TrialResult
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.scores import improvement_share, rank_scores
-from rankwise.search.strategies import Grid, Ladder, plan_ranks
 
 RANKS = [1, 2, 4, 8, 16, 32, 64]
 REL = Criterion("relative", 0.01)
@@ -156,7 +156,7 @@ def test_search_core_imports_no_torch():
     import sys
 
     code = (
-        "import sys, rankwise.search, rankwise.run.store, rankwise.records, rankwise.config; "
+        "import sys, rankwise.core, rankwise.storage.store, rankwise.records, rankwise.config; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

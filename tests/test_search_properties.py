@@ -1,4 +1,4 @@
-"""The ladder's contract (rankwise.search's module docstring), checked with Hypothesis.
+"""The ladder's contract (rankwise.core's module docstring), checked with Hypothesis.
 
 Fake worlds: a loss per rank and seed, ranks excluded by budgets known in advance, a
 resource limit met at run time from some rank up (memory grows with the rank), ordinary
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.strategies import Grid, Ladder, plan_ranks
 from rankwise.records import COMPLETE, FAILED, SKIPPED, TrialResult
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.strategies import Grid, Ladder, plan_ranks
 
 DOUBLINGS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 UNIT = 2.0**-16  # losses on a dyadic grid: sums and differences of them are exact floats

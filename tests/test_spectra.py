@@ -13,7 +13,6 @@ import shutil
 import pytest
 import torch
 
-from rankwise.analysis.patterns import verify_ranks
 from rankwise.analysis.spectra import (
     effective_rank,
     inspect_adapter,
@@ -24,6 +23,7 @@ from rankwise.analysis.spectra import (
 from rankwise.cli import main
 from rankwise.errors import ConfigError
 from rankwise.testing import save_tiny_adapter, tiny_model
+from rankwise.training.patterns import verify_ranks
 
 PLANTED = {"q_proj": 2, "v_proj": 6}
 

@@ -13,7 +13,7 @@ import pytest
 
 from rankwise.errors import ConfigError
 from rankwise.records import TrialResult, TrialSpec
-from rankwise.run.store import SCHEMA_VERSION, STORE_FILE, RunStore, UnreadableStore
+from rankwise.storage.store import SCHEMA_VERSION, STORE_FILE, RunStore, UnreadableStore
 
 
 def spec(rank, seed=0):

@@ -7,7 +7,7 @@
 
 from rankwise.config import Options
 from rankwise.io.quantize import hold_back_bitsandbytes
-from rankwise.run.study import SearchResult, search
+from rankwise.study.study import SearchResult, search
 
 hold_back_bitsandbytes()  # bitsandbytes only for a quantized base (rankwise.io.quantize)
 

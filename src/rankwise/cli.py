@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_search(ns) -> int:
     from rankwise.io.recipes import with_recipe
-    from rankwise.run.study import Study
+    from rankwise.study.study import Study
 
     Study(Options.from_flat(with_recipe(options_from_args(ns)), "--config")).run()
     return 0

@@ -22,6 +22,8 @@ from typing import Any
 
 __all__ = [
     "TrialKind",
+    "Variant",
+    "MAIN",
     "LoraSpec",
     "TrainSpec",
     "TrialSpec",
@@ -53,6 +55,22 @@ class TrialKind(StrEnum):
     @property
     def on_curve(self) -> bool:
         return self in (TrialKind.MAIN, TrialKind.NESTED)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A departure from the run's settings for some trials. Trials of a variant are stored
+    under its ``group`` (part of their key); the rank curve is the ``main`` kind."""
+
+    kind: TrialKind = TrialKind.MAIN
+    group: str = ""
+    lr: float | None = None
+    max_steps: int | None = None
+    lora: tuple = ()  # (LoraSpec field, value) overrides
+    init_adapter: str | None = None  # start from this adapter folder (a warm start)
+
+
+MAIN = Variant()
 
 
 @dataclass(frozen=True)
@@ -95,7 +113,7 @@ class TrainSpec:
     seed: int = 0
     max_trial_time: float | None = None
     autocast: str | None = None  # "bfloat16": autocast the forward/backward; weights stay fp32
-    metric: str = "loss"  # what evaluations score: loss, accuracy or f1 (rankwise.search.metrics)
+    metric: str = "loss"  # what evaluations score: loss, accuracy or f1 (rankwise.core.metrics)
     # Stop after this many evaluations without a new best (by more than the threshold).
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
@@ -158,7 +176,7 @@ class TrialResult:
     val_curve: list[tuple[int, float]] = field(default_factory=list)
     metric: str = "loss"
     """What ``val_curve`` and ``best_val_loss`` hold: ``loss``, or ``accuracy``/``f1`` as the
-    error ``1 - metric`` (lower is better, as the search compares; rankwise.search.metrics)."""
+    error ``1 - metric`` (lower is better, as the search compares; rankwise.core.metrics)."""
     val_metrics: dict[str, float] = field(default_factory=dict)
     """Every metric measured at the best checkpoint, as users read them (classification)."""
     val_loss_curve: list[tuple[int, float]] = field(default_factory=list)

@@ -40,9 +40,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from rankwise.core.metrics import label, shown
+from rankwise.core.scores import rank_scores
 from rankwise.records import COMPLETE, FAILED, TrialResult
-from rankwise.search.metrics import label, shown
-from rankwise.search.scores import rank_scores
 
 __all__ = [
     "Diagnosis",
@@ -269,7 +269,7 @@ def diagnose(result: TrialResult, **thresholds) -> Diagnosis:
     """Label one trial from its curves (see the module docstring); thresholds: :class:`Thresholds`."""
     t = Thresholds(**thresholds)
     if result.val_loss_curve:
-        # Scored by a metric (rankwise.search.metrics): the curves are judged on the validation loss,
+        # Scored by a metric (rankwise.core.metrics): the curves are judged on the validation loss,
         # which moves smoothly and compares with the training loss; an error rate moves in
         # steps of one example (a sixth mistake after five is a 20% "jump").
         result = result.replace(val_curve=result.val_loss_curve)

@@ -18,7 +18,7 @@ module. Truncating to it without retraining is pessimistic at small r (there, va
 4.01 cut to r=4 against 3.84 trained at r=4), so a proposed pattern is something to train
 and compare, not a finished adapter.
 
-:func:`rankwise.analysis.patterns.verify_ranks` checks that PEFT applies such a pattern as asked.
+:func:`rankwise.training.patterns.verify_ranks` checks that PEFT applies such a pattern as asked.
 
 Example:
     >>> import tempfile
@@ -46,8 +46,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from rankwise.analysis.patterns import pattern_value
 from rankwise.errors import ConfigError
+from rankwise.training.patterns import pattern_value
 
 __all__ = [
     "ModuleSpectrum",

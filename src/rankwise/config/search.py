@@ -272,8 +272,8 @@ class SearchConfig:
         return served[1] if served else None
 
     def search_criterion(self):
-        """The :class:`rankwise.search.criteria.Criterion` these options name."""
-        from rankwise.search.criteria import Criterion
+        """The :class:`rankwise.core.criteria.Criterion` these options name."""
+        from rankwise.core.criteria import Criterion
 
         return Criterion(self.criterion, self.threshold, self.criterion_scale)
 

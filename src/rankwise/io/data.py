@@ -42,9 +42,7 @@ from rankwise.config import DataConfig
 from rankwise.errors import ConfigError
 from rankwise.io.formats import IGNORE, RecordChecker, render_batch
 from rankwise.io.readers import _iter_source
-
-TOKENS_FILE = "tokens.safetensors"
-
+from rankwise.storage.rundir import TOKENS_FILE
 
 WRITE_BATCH = 10_000  # records per Arrow record batch: a few MB of JSON text
 

@@ -68,7 +68,7 @@ from typing import Any
 
 from rankwise.errors import ConfigError
 from rankwise.io.readers import read_json_object
-from rankwise.run.rundir import RunDir
+from rankwise.storage.rundir import RunDir
 
 __all__ = ["TOOLS", "Exported", "export", "export_config"]
 

@@ -16,7 +16,7 @@ Example (a run folder with two finished trials and no recommendation yet):
     >>> from rankwise.records import TrialResult
     >>> from rankwise.report.summary import rank_table_rows
     >>> from rankwise.report.view import load_run
-    >>> from rankwise.run.store import RunStore
+    >>> from rankwise.storage.store import RunStore
     >>> store = RunStore(tempfile.mkdtemp())
     >>> for rank, loss in ((1, 3.2), (2, 3.1)):
     ...     store.finish(TrialResult(key=f"r{rank}-s0", rank=rank, seed=0, status="complete",
@@ -37,6 +37,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rankwise.core import metrics
 from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, SKIPPED
 from rankwise.report.plots import (
@@ -55,8 +56,7 @@ from rankwise.report.summary import (
     trial_table_rows,
 )
 from rankwise.report.view import REPORT_FILE, RunView, _view
-from rankwise.run.rundir import ADAPTER_DIR
-from rankwise.search import metrics
+from rankwise.storage.rundir import ADAPTER_DIR
 
 # -- report.html -------------------------------------------------------------------------
 _CSS = """

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rankwise.core.metrics import label as metric_label
+from rankwise.core.metrics import shown
+from rankwise.core.scores import RankScore
 from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, SKIPPED, TrialKind
-from rankwise.search.metrics import label as metric_label
-from rankwise.search.metrics import shown
-from rankwise.search.scores import RankScore
 
 if TYPE_CHECKING:
     from rankwise.analysis.spectra import AdapterSpectra

@@ -10,9 +10,9 @@ import sys
 import time
 from contextlib import contextmanager
 
+from rankwise.core import metrics
 from rankwise.records import COMPLETE, TrialResult, TrialSpec
-from rankwise.run.rundir import RunDir
-from rankwise.search import metrics
+from rankwise.storage.rundir import RunDir
 
 __all__ = ["Progress", "trial_line", "score_text"]
 

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rankwise.config import serve_round_up
+from rankwise.core import metrics
+from rankwise.core.criteria import Criterion, Recommendation
+from rankwise.core.scores import RankScore, improvement_share
 from rankwise.records import TrialResult
 from rankwise.report.view import excluded_by_forgetting, forgetting_by_rank, with_drift
-from rankwise.run.rundir import ADAPTER_DIR
-from rankwise.search import metrics
-from rankwise.search.criteria import Criterion, Recommendation
-from rankwise.search.scores import RankScore, improvement_share
+from rankwise.storage.rundir import ADAPTER_DIR
 
 __all__ = ["TRIAL_KEYS", "RecommendationInputs", "recommendation_doc", "max_lora_rank"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.config import format_bytes
+from rankwise.core import metrics
 from rankwise.records import TrialKind, TrialResult
 from rankwise.report.view import SUMMARY_FILE, RunView, _view
-from rankwise.run.rundir import ADAPTER_DIR
-from rankwise.search import metrics
+from rankwise.storage.rundir import ADAPTER_DIR
 
 
 # -- tables ------------------------------------------------------------------------------

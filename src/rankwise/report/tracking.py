@@ -99,7 +99,7 @@ def step_scalars(result: TrialResult) -> dict[int, dict[str, float]]:
     curves = [("train/loss", result.train_curve)]
     if result.metric == "loss":
         curves.append(("eval/loss", result.val_curve))
-    else:  # the curve holds the error 1 - metric (rankwise.search.metrics): log the metric itself
+    else:  # the curve holds the error 1 - metric (rankwise.core.metrics): log the metric itself
         shown = [(s, 1.0 - v) for s, v in result.val_curve]
         curves += [("eval/loss", result.val_loss_curve), (f"eval/{result.metric}", shown)]
     for name, curve in curves:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.config import DEFAULT_RANKS
+from rankwise.core import metrics
+from rankwise.core.criteria import Criterion, recommend
+from rankwise.core.scores import RankScore, improvement_share, rank_scores
 from rankwise.errors import ConfigError
 from rankwise.records import SKIPPED, TrialKind, TrialResult
-from rankwise.run.rundir import RECOMMENDATION_FILE, REPORT_FILE, SUMMARY_FILE  # noqa: F401
-from rankwise.run.store import RunStore
-from rankwise.search import metrics
-from rankwise.search.criteria import Criterion, recommend
-from rankwise.search.scores import RankScore, improvement_share, rank_scores
+from rankwise.storage.rundir import RECOMMENDATION_FILE, REPORT_FILE, SUMMARY_FILE  # noqa: F401
+from rankwise.storage.store import RunStore
 
 # Every key a recommendation has; recommendation.json may omit the optional ones.
 _REC_DEFAULTS: dict[str, Any] = {

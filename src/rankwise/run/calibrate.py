@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
+from rankwise.core import metrics
 from rankwise.errors import ConfigError
-from rankwise.records import TrialKind, TrialResult
-from rankwise.run.runner import TrialRunner, Variant
-from rankwise.search import metrics
+from rankwise.records import TrialKind, TrialResult, Variant
+from rankwise.run.runner import TrialRunner
 
 __all__ = ["MAX_LR_EXTENSIONS", "calibrate_lr"]
 

@@ -25,7 +25,7 @@ store once, each worker writes them to a local temporary folder on its first tri
 each trial's adapter files come back with its result and are written under ``DIR/trials``.
 
 Example (a parallel grid over a fake pool: two trials at a time, told in order):
-    >>> from rankwise.search.strategies import Grid
+    >>> from rankwise.core.strategies import Grid
     >>> from rankwise.run.parallel import drive_parallel
     >>> from rankwise.testing import FakePool, FakeRunner
     >>> pool = FakePool(slots=2, loss=lambda spec: 1.0 / spec.rank)

@@ -15,7 +15,7 @@ from rankwise.config import ExecutorConfig
 from rankwise.errors import ConfigError
 from rankwise.records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, TrialSpec
 from rankwise.run.parallel import RETRIES, Arrival, _Job, annotated, drive_parallel, lost_result
-from rankwise.run.rundir import RunDir
+from rankwise.storage.rundir import RunDir
 
 INSTALL_HINT = "--executor ray: Ray is not installed; pip install rankwise[ray]"
 

@@ -1,6 +1,6 @@
 """Running and recording one trial of a search: its spec, its budget check, its record.
 
-A :class:`Variant` describes trials that depart from the run's settings (a calibration
+A :class:`~rankwise.records.Variant` describes trials that depart from the run's settings (a calibration
 learning rate, a co-tuned dropout or alpha, another target set, the final trial of a
 nested curve); its :class:`~rankwise.records.TrialKind` says which, and its ``group``
 labels it. :class:`TrialRunner` turns ``(rank, seed, variant)`` into a
@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from rankwise.analysis.diagnose import diagnose
 from rankwise.config import Options, format_bytes
-from rankwise.records import SKIPPED, LoraSpec, TrainSpec, TrialKind, TrialResult, TrialSpec
-from rankwise.run.rundir import RunDir
+from rankwise.records import (
+    MAIN,
+    SKIPPED,
+    LoraSpec,
+    TrainSpec,
+    TrialKind,
+    TrialResult,
+    TrialSpec,
+    Variant,
+)
+from rankwise.storage.rundir import RunDir
 
-__all__ = ["Variant", "MAIN", "TrialRunner"]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A departure from the run's settings for some trials. Trials of a variant are stored
-    under its ``group`` (part of their key); the rank curve is the ``main`` kind."""
-
-    kind: TrialKind = TrialKind.MAIN
-    group: str = ""
-    lr: float | None = None
-    max_steps: int | None = None
-    lora: tuple = ()  # (LoraSpec field, value) overrides
-    init_adapter: str | None = None  # start from this adapter folder (a warm start)
-
-
-MAIN = Variant()
+__all__ = ["TrialRunner"]
 
 
 class TrialRunner:
@@ -229,7 +221,7 @@ class TrialRunner:
         Stored once per run as a ``base`` record (resume keeps it)."""
         import time
 
-        from rankwise.search.metrics import objective
+        from rankwise.core.metrics import objective
         from rankwise.training.evaluate import validation_loss, validation_scores
 
         spec = self.spec_for(0, 0, Variant(TrialKind.BASE)).replace(key="base", adapter_dir=None)
@@ -256,14 +248,14 @@ class TrialRunner:
             val_metrics=scores,
         )
         self.store.finish(result, spec)
-        from rankwise.search.metrics import describe
+        from rankwise.core.metrics import describe
 
         self.progress.log(f"base model (no adapter): {describe(metric, loss)}")
         return result
 
     def run(self, rank: int, seed: int, variant: Variant = MAIN, cutoff=None) -> TrialResult:
         """The trial's stored result, or run it now (unless a budget skips it). ``cutoff``
-        (:mod:`rankwise.search.cutoff`) may stop it once it cannot change the answer."""
+        (:mod:`rankwise.core.cutoff`) may stop it once it cannot change the answer."""
         spec, settled, predicted = self.prepare(rank, seed, variant)
         if settled is not None:
             return settled
@@ -283,7 +275,7 @@ class TrialRunner:
         (None when off, for other kinds of trial, or with no finished trial to pair with)."""
         if not self.opts.search.stop_when_decided or variant != MAIN:
             return None
-        from rankwise.search.cutoff import Cutoff
+        from rankwise.core.cutoff import Cutoff
 
         return Cutoff.for_proposal(strategy, p, strategy.results)
 

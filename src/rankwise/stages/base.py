@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rankwise.core.criteria import Recommendation
+from rankwise.core.scores import RankScore
 from rankwise.records import TrialResult
-from rankwise.search.criteria import Recommendation
-from rankwise.search.scores import RankScore
 
 __all__ = ["Answer", "StageContext", "StageOutcome", "Stage"]
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from rankwise.records import TrialKind, TrialResult
-from rankwise.run.runner import Variant
-from rankwise.search.metrics import describe
-from rankwise.search.scores import paired_scores
+from rankwise.core.metrics import describe
+from rankwise.core.scores import paired_scores
+from rankwise.records import TrialKind, TrialResult, Variant
 from rankwise.stages.base import Answer, StageContext, StageOutcome
 
 DROPOUTS = (0.0, 0.05, 0.1)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rankwise.records import TrialKind
-from rankwise.run.runner import Variant
+from rankwise.records import TrialKind, Variant
 from rankwise.stages.base import Answer, StageContext, StageOutcome
 
 __all__ = ["FinalTrial"]

@@ -48,12 +48,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from rankwise.analysis.patterns import PROPOSALS, eva_spec, pattern_spec
 from rankwise.config import serve_round_up
-from rankwise.records import TrialKind, TrialResult
-from rankwise.run.runner import Variant
-from rankwise.search.scores import paired_scores, rank_scores
+from rankwise.core.scores import paired_scores, rank_scores
+from rankwise.records import TrialKind, TrialResult, Variant
 from rankwise.stages.base import Answer, StageContext, StageOutcome
+from rankwise.training.patterns import PROPOSALS, eva_spec, pattern_spec
 
 
 # -- the step after the search ---------------------------------------------------------------

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from rankwise.core.metrics import describe, shown
+from rankwise.core.scores import paired_scores, rank_scores
 from rankwise.errors import ConfigError
-from rankwise.records import TrialKind, TrialResult
-from rankwise.run.runner import Variant
-from rankwise.search.metrics import describe, shown
-from rankwise.search.scores import paired_scores, rank_scores
+from rankwise.records import TrialKind, TrialResult, Variant
 from rankwise.stages.base import Answer, StageContext, StageOutcome
 
 # -- target sets ------------------------------------------------------------------------------

@@ -212,9 +212,9 @@ def _wrapped_weights(
 
 def _verify_patterns(peft_model, spec: TrialSpec) -> None:
     """A rank/alpha pattern key that matched nothing is a user error, not a trial failure:
-    PEFT only warns (peft#3582), so read back what it built (rankwise.analysis.patterns)."""
+    PEFT only warns (peft#3582), so read back what it built (rankwise.training.patterns)."""
     if spec.lora.rank_pattern or spec.lora.alpha_pattern:
-        from rankwise.analysis.patterns import verify_ranks
+        from rankwise.training.patterns import verify_ranks
 
         verify_ranks(peft_model, peft_model.peft_config["default"])
 

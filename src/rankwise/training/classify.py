@@ -186,7 +186,7 @@ def evaluate_classes(
     """
     import torch
 
-    from rankwise.search.metrics import accuracy, macro_f1
+    from rankwise.core.metrics import accuracy, macro_f1
 
     was_training = model.training
     model.eval()

@@ -50,7 +50,7 @@ class EvaInit(Hooks):
     def attached(self, peft_model, run: Run) -> None:
         from peft import initialize_lora_eva_weights
 
-        from rankwise.analysis.patterns import verify_ranks
+        from rankwise.training.patterns import verify_ranks
 
         batches = eva_batches(self.ctx.data, run.spec.train)
         initialize_lora_eva_weights(

@@ -108,7 +108,7 @@ def measure(
     per-block losses go to ``blocks`` (the paired noise of a comparison between ranks)."""
     if not _is_seq_cls(spec):
         return validation_loss(model, ctx, spec, blocks), None
-    from rankwise.search.metrics import objective
+    from rankwise.core.metrics import objective
 
     scores = validation_scores(model, ctx, spec)
     return objective(scores, spec.train.metric), scores

@@ -68,7 +68,7 @@ class Run:
     trainable: int | None = None
     time_limited: bool = False
     early_stopped: bool = False
-    cut: object = None  # a rankwise.search.cutoff.Verdict: stopped, it cannot change the answer
+    cut: object = None  # a rankwise.core.cutoff.Verdict: stopped, it cannot change the answer
     first_step_at: float | None = None
     last_step_at: float | None = None
     started_at: float = field(default_factory=time.perf_counter)
@@ -83,7 +83,7 @@ class Run:
     def record_eval(self, view: int, loss, scores: dict | None, checkpoint, blocks=()) -> bool:
         """Add a validation point of ``view``: ``loss`` is the objective (lower is better:
         the loss, or 1 - metric); ``scores``, when the task has more than a loss, every
-        metric measured (rankwise.search.metrics); ``checkpoint()`` the state to keep if it
+        metric measured (rankwise.core.metrics); ``checkpoint()`` the state to keep if it
         is the view's best."""
         return self.curve(view).record(self.step, loss, scores, checkpoint, blocks)
 

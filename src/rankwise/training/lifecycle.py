@@ -28,7 +28,7 @@ divided by the number of loss tokens in all of them (transformers'
 even when masks leave different numbers of loss tokens per micro-batch.
 A classifier (``spec.model["task"] == "seq-cls"``) has one label per block instead of one
 per token (:mod:`rankwise.training.classify`); its evaluations measure loss, accuracy and macro-F1,
-and the trial is scored by the one ``spec.train.metric`` names (:mod:`rankwise.search.metrics`).
+and the trial is scored by the one ``spec.train.metric`` names (:mod:`rankwise.core.metrics`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def run_lifecycle(
     """Attach → train → evaluate → keep the best → save → detach. Failures (OOM, NaN,
     errors) become failed results; the base model is restored in every case.
 
-    ``cutoff`` (``--stop-when-decided``, :mod:`rankwise.search.cutoff`): asked after each
+    ``cutoff`` (``--stop-when-decided``, :mod:`rankwise.core.cutoff`): asked after each
     evaluation whether the trial can no longer change the search's answer; it then stops
     there and reports the predicted final loss."""
     hooks = hooks or Hooks()

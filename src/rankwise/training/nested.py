@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from rankwise.records import TrialResult, TrialSpec
-from rankwise.run.rundir import RunDir
+from rankwise.storage.rundir import RunDir
 from rankwise.training.adapter import TrialContext
 from rankwise.training.hooks import Hooks, Run, trial_result
 from rankwise.training.lifecycle import Progress, run_lifecycle

@@ -404,7 +404,7 @@ class Forgetting:
 
     retain: RetainSet
     ctx: object  # rankwise.training.adapter.TrialContext
-    run_dir: object  # rankwise.run.rundir.RunDir: where each trial's adapter is
+    run_dir: object  # rankwise.storage.rundir.RunDir: where each trial's adapter is
     max_forgetting: float | None = None
 
     def __call__(self, result: TrialResult, spec: TrialSpec) -> TrialResult:

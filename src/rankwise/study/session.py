@@ -7,11 +7,11 @@ import gc
 from dataclasses import dataclass, field
 
 from rankwise.config import DEFAULT_RANKS, Options, SearchConfig
+from rankwise.core.strategies import plan_ranks
 from rankwise.records import TrialKind, TrialResult
 from rankwise.run.calibrate import MAX_LR_EXTENSIONS
-from rankwise.run.rundir import RunDir, data_fingerprint
 from rankwise.run.runner import TrialRunner
-from rankwise.search.strategies import plan_ranks
+from rankwise.storage.rundir import RunDir, data_fingerprint
 
 __all__ = ["Session", "open_session", "max_trials", "fairness_warnings", "apply_budget"]
 
@@ -21,7 +21,7 @@ class Session:
     """What a search works with once it is open."""
 
     ctx: object  # rankwise.training.adapter.TrialContext: the model, tokenizer, data
-    store: object  # rankwise.run.store.RunStore
+    store: object  # rankwise.storage.store.RunStore
     tracker: object
     runner: TrialRunner
     ranks: list[int]

@@ -7,7 +7,7 @@ quarter of the steps says the budget decides the rank: a longer fine-tune may wa
 
 Example (r=4 catches up with r=8 late in training):
     >>> from rankwise.records import TrialResult
-    >>> from rankwise.search.criteria import Criterion
+    >>> from rankwise.core.criteria import Criterion
     >>> curves = {2: [(10, 3.3), (20, 3.2), (40, 3.15)], 4: [(10, 3.2), (20, 3.1), (40, 3.0)],
     ...           8: [(10, 3.1), (20, 3.05), (40, 2.999)]}
     >>> trials = [TrialResult(key=f"r{r}", rank=r, seed=0, status="complete",
@@ -22,9 +22,9 @@ Example (r=4 catches up with r=8 late in training):
 
 from __future__ import annotations
 
+from rankwise.core.criteria import Criterion
+from rankwise.core.scores import rank_scores
 from rankwise.records import TrialResult
-from rankwise.search.criteria import Criterion
-from rankwise.search.scores import rank_scores
 
 __all__ = ["answer_by_step", "moved"]
 

@@ -22,8 +22,8 @@ ones, while a race trial sits near the bar by construction.
 Example (a ladder told r=2 and r=4 of seed 0 asks for r=8; at step 60 of 100, r=8's val loss
 is compared with r=4's at step 60):
     >>> from rankwise.records import TrialResult
-    >>> from rankwise.search.criteria import Criterion
-    >>> from rankwise.search.strategies import Ladder
+    >>> from rankwise.core.criteria import Criterion
+    >>> from rankwise.core.strategies import Ladder
     >>> t = lambda r, loss, curve: TrialResult(key=f"r{r}-s0", rank=r, seed=0,
     ...     status="complete", best_val_loss=loss, val_curve=curve)
     >>> ladder = Ladder([2, 4, 8, 16], start_rank=2, criterion=Criterion(), base_loss=4.0,
@@ -50,8 +50,8 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rankwise.core.criteria import recommend
 from rankwise.records import COMPLETE, TrialKind, TrialResult
-from rankwise.search.criteria import recommend
 
 __all__ = ["Cutoff", "Verdict", "DRIFT", "POINTS", "band", "run_drift", "stopped_early"]
 

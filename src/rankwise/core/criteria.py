@@ -16,7 +16,7 @@ Without a base-model score, ``share`` and ``knee`` fall back to ``relative`` at 
 default threshold, and the reason says so. Every decision counts a difference only beyond
 the noise: a step is steep, and a rank worse than the best, only when the difference clears
 the criterion's bar by :data:`Z` standard errors of the paired difference (the seeds' and
-the validation blocks' noise, :mod:`rankwise.search.noise`). A difference the noise leaves
+the validation blocks' noise, :mod:`rankwise.core.noise`). A difference the noise leaves
 open goes to the smaller rank, and the recommendation says it is undecided. The recommendation is the smallest
 rank that is as good as the best (for ``knee``: the knee), or none when no rank improves
 on the base model by more than the noise and the criterion's floor: then LoRA does not help
@@ -30,8 +30,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from rankwise.core.scores import RankScore, Z, improvement_share, noise
 from rankwise.errors import ConfigError
-from rankwise.search.scores import RankScore, Z, improvement_share, noise
 
 # share and knee: an improvement over the base model below this share of the base loss
 # (0.1%) is not a reason to train an adapter, whatever share of it a rank reaches.
@@ -293,7 +293,7 @@ class Recommendation:
     share: float | None = None  # the pick's share of the best rank's improvement
     lora_helps: bool | None = None  # False: no rank beats the base model; None: no base
     criterion: str = ""
-    noise: dict | None = None  # the curve's noise model (rankwise.search.noise.Noise.to_dict)
+    noise: dict | None = None  # the curve's noise model (rankwise.core.noise.Noise.to_dict)
     undecided: str = ""  # the comparisons the noise left open, in words ("" when none)
 
 

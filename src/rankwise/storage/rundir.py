@@ -16,7 +16,7 @@ when its process dies, even by ``kill -9``: a lock left behind is then simply ta
 
 The identity of a run is its whole resolved configuration (defaults included) and a
 fingerprint of its token blocks; a resumed search must match both. A store that cannot be
-read (:class:`~rankwise.run.store.UnreadableStore`) is refused and left as it is, unless
+read (:class:`~rankwise.storage.store.UnreadableStore`) is refused and left as it is, unless
 ``--force`` starts the run again (:meth:`RunDir.open_store`).
 
 Example:
@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import ConfigError
-from rankwise.io.data import TOKENS_FILE
-from rankwise.run.store import (
+from rankwise.storage.store import (
     STORE_FILE,
     RunStore,
     UnreadableStore,
@@ -64,6 +63,7 @@ __all__ = [
 ]
 
 DATA_DIR = "data"
+TOKENS_FILE = "tokens.safetensors"  # the run's packed token blocks (rankwise.io.data writes it)
 RETAIN_FILE = "retain.safetensors"
 TRIALS_DIR = "trials"
 ADAPTER_DIR = "adapter"  # the delivered adapter, and each trial's, inside its key's folder

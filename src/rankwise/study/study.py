@@ -1,7 +1,7 @@
 """The search loop: a strategy asks, a trial runs, the store records, until done; then the
 stages after the curve, and the recommendation.
 
-Opening a run (model, data, store, runner, rank plan) is :mod:`rankwise.run.setup`; the
+Opening a run (model, data, store, runner, rank plan) is :mod:`rankwise.study.session`; the
 learning rate :mod:`rankwise.run.calibrate`; running and recording one trial
 :mod:`rankwise.run.runner`; the stages :mod:`rankwise.stages`; the document
 :mod:`rankwise.report.recommendation`. This module is the loop around them.
@@ -36,25 +36,24 @@ from pathlib import Path
 
 from rankwise.analysis.diagnose import diagnose_search
 from rankwise.config import Options
+from rankwise.core import metrics
+from rankwise.core.criteria import Criterion, Recommendation, recommend
+from rankwise.core.cutoff import stopped_early
+from rankwise.core.over_steps import answer_by_step, moved
+from rankwise.core.scores import RankScore, improvement_share, rank_scores
+from rankwise.core.strategies import Grid, Ladder, Nested
 from rankwise.io.recipes import with_recipe
-from rankwise.records import TrialResult
+from rankwise.records import TrialResult, Variant
 from rankwise.report.recommendation import RecommendationInputs, recommendation_doc
 from rankwise.run.calibrate import calibrate_lr
 from rankwise.run.executor import LocalExecutor, make_executor
-from rankwise.run.rundir import RunDir
-from rankwise.run.runner import Variant
-from rankwise.run.setup import fairness_warnings, max_trials, open_session
-from rankwise.search import metrics
-from rankwise.search.criteria import Criterion, Recommendation, recommend
-from rankwise.search.cutoff import stopped_early
-from rankwise.search.over_steps import answer_by_step, moved
-from rankwise.search.scores import RankScore, improvement_share, rank_scores
-from rankwise.search.strategies import Grid, Ladder, Nested
 from rankwise.stages.base import Answer, StageContext
 from rankwise.stages.cotune import Cotune
 from rankwise.stages.final import FinalTrial
 from rankwise.stages.per_layer import PerLayer
 from rankwise.stages.targets import CompareTargets
+from rankwise.storage.rundir import RunDir
+from rankwise.study.session import fairness_warnings, max_trials, open_session
 from rankwise.training.resources import current_rss
 
 __all__ = ["Study", "SearchResult", "search", "run_dir_for", "STAGES"]

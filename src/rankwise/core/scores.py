@@ -1,8 +1,8 @@
 """Per-rank scores pooled over seeds, and the noise of a difference between two ranks.
 
 A rank's score is its mean best val loss over seeds, adjusted for the seed effects when the
-seeds are paired (:mod:`rankwise.search.noise`); every score of one curve shares that
-curve's :class:`~rankwise.search.noise.Noise`, so a difference between two of them is paired
+seeds are paired (:mod:`rankwise.core.noise`); every score of one curve shares that
+curve's :class:`~rankwise.core.noise.Noise`, so a difference between two of them is paired
 by seed and by validation block.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rankwise.core.noise import Noise
 from rankwise.records import COMPLETE, TrialResult
-from rankwise.search.noise import Noise
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 A strategy proposes ``(rank, seed)`` pairs with :meth:`ask` and learns from
 :class:`~rankwise.records.TrialResult` records with :meth:`tell`. It is a pure
 state machine: replaying the same results gives the same proposals, which is how a
-run resumes. A :class:`~rankwise.search.criteria.Criterion` says when a rank is as good as
+run resumes. A :class:`~rankwise.core.criteria.Criterion` says when a rank is as good as
 the best one.
 
 Example (the base model scores 4.0 on the validation blocks):
     >>> from rankwise.records import TrialResult
-    >>> from rankwise.search.criteria import recommend
+    >>> from rankwise.core.criteria import recommend
     >>> share = Criterion("share", 0.95)
     >>> ladder = Ladder([1, 2, 4, 8, 16], start_rank=4, criterion=share, base_loss=4.0)
     >>> losses = {1: 3.0, 2: 2.6, 4: 2.5, 8: 2.499, 16: 2.498}
@@ -50,9 +50,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from rankwise.core.criteria import Criterion, _criterion
+from rankwise.core.scores import RankScore, noise, rank_scores
 from rankwise.records import SKIPPED, TrialResult
-from rankwise.search.criteria import Criterion, _criterion
-from rankwise.search.scores import RankScore, noise, rank_scores
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The search core compares "lower is better" numbers: it pools
 ``TrialResult.best_val_loss`` over seeds and asks whether one rank beats another by
-``--tolerance`` of the worse value (:func:`rankwise.search.scores.beats`). So that it needs no
+``--tolerance`` of the worse value (:func:`rankwise.core.scores.beats`). So that it needs no
 change, a trial scored by ``--metric accuracy`` or ``f1`` records the **error**
 ``1 − metric`` as its curve value:
 
@@ -100,7 +100,7 @@ def macro_f1(pred, true) -> float:
 # -- the recommendation in the user's terms ------------------------------------------------
 def reason(rec: Any, scores: list, criterion: Any, metric: str) -> str:
     """``Recommendation.reason`` (written by rankwise.search in loss terms) in metric terms."""
-    from rankwise.search.scores import noise
+    from rankwise.core.scores import noise
 
     by_rank = {s.rank: s for s in scores if s.ok}
     pick, best = by_rank.get(rec.rank), by_rank.get(rec.best_rank)

@@ -1,0 +1,1 @@
+"""Storage, the ground floor: the run directory and its SQLite store (no torch)."""
