@@ -13,12 +13,13 @@ threshold on those curves with rankwise's own code, no training:
 For each it prints the recommended rank per task, the regret (val loss at the recommended
 rank − the best val loss of the grid, nats) and, for the ladder, the trials it trained. The
 default should be the criterion whose recommendation is within a factor 2 of k on all five
-tasks and equal to k on at least three (issue 11); the last lines say which ones are.
+tasks and equal to k on at least three (issue 11); the last lines say which ones are. The
+rows are written to ``bench/results/criteria.json`` (``bench/harness.py``).
 
 Usage::
 
     .venv/bin/python -m bench.criteria                  # the tables, from bench/.cache/curves
-    .venv/bin/python -m bench.criteria --smoke          # made-up curves, for tests
+    .venv/bin/python -m bench.criteria --smoke --results DIR   # made-up curves, for tests
 
 No torch: a replay takes milliseconds.
 """
@@ -30,6 +31,7 @@ import json
 import math
 from pathlib import Path
 
+from bench import harness
 from rankwise.core.criteria import Criterion, recommend
 from rankwise.core.scores import rank_scores
 from rankwise.core.strategies import Ladder
@@ -47,10 +49,10 @@ CANDIDATES = [
     Criterion("share", 0.95),
     Criterion("share", 0.98),
     Criterion("share", 0.99),
-    Criterion("knee", 0.01),
-    Criterion("knee", 0.02),
-    Criterion("knee", 0.05),
-    Criterion("knee", 0.10),
+    Criterion("knee", 0.01, "base"),
+    Criterion("knee", 0.02, "base"),
+    Criterion("knee", 0.05, "base"),
+    Criterion("knee", 0.10, "base"),
 ]
 
 
@@ -111,37 +113,44 @@ def _cell(rank, regret) -> str:
     return "none" if rank is None else f"{rank} ({regret:+.4f})"
 
 
-def table(tasks: list[dict]) -> tuple[str, list[tuple[Criterion, str, tuple[int, int]]]]:
-    ks = [t["k"] for t in tasks]
-    head = " | ".join(f"k={k}" for k in ks)
-    lines = [
-        f"| criterion | how | {head} | within 2x of k | = k | ladder trials |",
-        "|---|---|" + "---|" * len(ks) + "---|---|---|",
-    ]
-    scored = []
+def criteria_rows(tasks: list[dict]) -> list[dict]:
+    """Per criterion and way of searching (grid, ladder): the rank and regret per task, and
+    how many tasks it meets the target on."""
+    ks, out = [t["k"] for t in tasks], []
     for c in CANDIDATES:
-        rows = [replay(t, c) for t in tasks]
+        replays = [replay(t, c) for t in tasks]
         for how in ("grid", "ladder"):
-            ranks = [r[how] for r in rows]
-            cells = " | ".join(_cell(r[how], r[f"{how}_regret"]) for r in rows)
+            ranks = [r[how] for r in replays]
             within, equal = meets_target(ranks, ks)
-            trials = (
-                " / ".join(str(len(r["ladder_trials"])) for r in rows) if how == "ladder" else ""
-            )
-            name = f"{c.kind} {c.threshold:g}"
-            lines.append(
-                f"| {name} | {how} | {cells} | {within}/{len(ks)} | {equal}/{len(ks)} | {trials} |"
-            )
-            scored.append((c, how, (within, equal)))
-    return "\n".join(lines), scored
+            out.append({
+                "criterion": f"{c.kind} {c.threshold:g}", "kind": c.kind,
+                "threshold": c.threshold, "how": how, "tasks": [t["task"] for t in tasks],
+                "k": ks, "ranks": ranks, "regrets": [r[f"{how}_regret"] for r in replays],
+                "ladder_trials": [r["ladder_trials"] for r in replays] if how == "ladder" else None,
+                "within_2x": within, "equal": equal,
+            })  # fmt: skip
+    return out
+
+
+def table(tasks: list[dict]) -> tuple[str, list[tuple[Criterion, str, tuple[int, int]]]]:
+    """The table of :func:`criteria_rows`, and (criterion, how, (within, equal)) per row."""
+    rows, n = criteria_rows(tasks), len(tasks)
+    header = ["criterion", "how", *(f"k={k}" for k in rows[0]["k"]), "within 2x of k", "= k",
+              "ladder trials"]  # fmt: skip
+    cells = [
+        [r["criterion"], r["how"], *map(_cell, r["ranks"], r["regrets"]),
+         f"{r['within_2x']}/{n}", f"{r['equal']}/{n}",
+         " / ".join(str(len(t)) for t in r["ladder_trials"]) if r["ladder_trials"] else ""]
+        for r in rows
+    ]  # fmt: skip
+    scored = [(Criterion(r["kind"], r["threshold"], "base" if r["kind"] == "knee" else None), r["how"], (r["within_2x"], r["equal"]))
+              for r in rows]  # fmt: skip
+    return harness.table(header, cells), scored
 
 
 def curves_table(tasks: list[dict]) -> str:
     ranks = sorted({r for t in tasks for r in t["curve"]})
-    lines = [
-        "| task | k | base | " + " | ".join(f"r={r}" for r in ranks) + " |",
-        "|---|---|---|" + "---|" * len(ranks),
-    ]
+    rows = []
     for t in tasks:
         best = min(t["curve"].values())
         cells = []
@@ -149,10 +158,8 @@ def curves_table(tasks: list[dict]) -> str:
             v = t["curve"].get(r)
             share = (t["base_loss"] - v) / (t["base_loss"] - best) if v is not None else None
             cells.append("-" if v is None else f"{v:.4f} ({share:.1%})")
-        lines.append(
-            f"| {t['task']} | {t['k']} | {t['base_loss']:.4f} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines)
+        rows.append([t["task"], t["k"], f"{t['base_loss']:.4f}", *cells])
+    return harness.table(["task", "k", "base", *(f"r={r}" for r in ranks)], rows)
 
 
 def verdict(scored, n: int) -> list[str]:
@@ -175,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--curves", type=Path, default=CURVES, help="folder of curve JSONs")
     parser.add_argument("--smoke", action="store_true", help="made-up curves, milliseconds")
+    parser.add_argument("--results", type=Path, help="folder of criteria.json (--smoke: none)")
     args = parser.parse_args(argv)
     tasks = smoke_curves() if args.smoke else load_curves(args.curves)
     if not tasks:
         parser.error(f"no curves in {args.curves}: run bench/rank_curves.py first")
+    if args.results or not args.smoke:
+        curves = [{**t, "curve": {str(r): v for r, v in t["curve"].items()}} for t in tasks]
+        settings = {"curves": curves, "start_rank": START_RANK}
+        harness.write_results("criteria", criteria_rows(tasks), args.results, settings)
     print(curves_table(tasks))
     print()
     text, scored = table(tasks)

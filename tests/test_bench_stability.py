@@ -133,4 +133,5 @@ def test_floor_first_tells_the_smallest_rank_once():
         perm = stability.permutation(outer, 6)
         assert (asked[0].rank, asked[0].seed) == (1, 0)
         assert asked[0].best_val_loss == curve[1] + effects[perm[0]]
-        assert [t.rank for t in asked].count(1) == 1  # told once, never asked again
+        # told once, never asked again (a race may add r=1's other seeds)
+        assert [(t.rank, t.seed) for t in asked].count((1, 0)) == 1

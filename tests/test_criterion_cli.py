@@ -55,12 +55,14 @@ def test_base_score_and_share_are_reported(tmp_path, llama_dir, text_jsonl, caps
     rec = _rec(out)
     base = rec["base_val_loss"]
     assert base is not None and rec["best_loss"] < base
-    # the measured default: the knee at 1% of the improvement over the base model
-    assert rec["criterion"] == {"kind": "knee", "threshold": 0.01, "scale": "base"}
+    # the measured default: the knee at 0.5% of the val loss per doubling, inside the 1%
+    # guarantee (bench/RESULTS.md, "An answer a user can act on")
+    assert rec["criterion"] == {"kind": "knee", "threshold": 0.005, "scale": "loss"}
+    assert rec["max_regret"] == 0.01 and rec["regret_bound"] <= 0.01
     best = rec["best_loss"]
     for s in rec["scores"]:
         assert s["share"] == pytest.approx((base - s["mean"]) / (base - best))
-    assert f"base model ({base:.4f})" in rec["reason"] and "improvement" in rec["reason"]
+    assert f"base model {base:.4f}" in rec["reason"] or f"base model ({base:.4f})" in rec["reason"]
     base_rows = [r for r in RunStore(out, readonly=True).results() if r.kind == "base"]
     assert len(base_rows) == 1 and base_rows[0].best_val_loss == base
     capsys.readouterr()

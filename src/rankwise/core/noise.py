@@ -17,7 +17,17 @@ Two sources of noise decide whether a step on the rank curve is real:
   difference is known from one evaluation, with no extra training.
 
 The standard error of a difference adds both: ``se^2 = 2 sigma^2 / n + se_val^2`` over the
-``n`` seeds the two ranks share.
+``n`` seeds the two ranks share. Its degrees of freedom are Welch-Satterthwaite's for that
+sum (:func:`rankwise.core.stats.welch_df`), and a test counts a difference as real beyond
+Student's t at those degrees of freedom (:meth:`Noise.test`), not beyond a fixed 2: one
+degree of freedom means 12.7 standard errors. Three estimates of the seed noise can stand
+behind a difference, chosen before looking at their sizes:
+
+1. the additive model's residual over every paired trial of the run (``paired``), or
+2. the pair's own paired differences, when the two ranks share two or more seeds
+   (``pair``): of these two, the one with more degrees of freedom (ties: the first);
+3. only when neither exists, the pooled spread of single ranks (``unpaired``), an upper
+   bound (it holds the seed effects that pairing removes).
 
 Example (seed 1 is worse at every rank by 0.1; the ranks differ by 0.02 within a seed):
     >>> losses = {(1, 0): 3.00, (1, 1): 3.10, (2, 0): 2.98, (2, 1): 3.08, (4, 0): 2.97,
@@ -34,6 +44,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from rankwise.core.stats import t_critical, welch_df
 
 __all__ = ["Noise"]
 
@@ -58,6 +70,10 @@ class Noise:
     seeds: dict[int, tuple[int, ...]] = field(default_factory=dict)
     blocks: dict[int, tuple[float, ...]] = field(default_factory=dict)
     """Each rank's per-block validation losses (averaged over its seeds), when recorded."""
+    unpaired: tuple[float, int] | None = None
+    """The pooled spread of the ranks with two or more seeds and its df (an upper bound)."""
+    losses: dict = field(default_factory=dict, compare=False, repr=False)
+    """Every ``(rank, seed)`` loss, for a pair's own paired differences."""
 
     @classmethod
     def fit(
@@ -73,19 +89,24 @@ class Noise:
             # only seed 0 and r=2 with only seed 1: the seed effects cannot be taken out.
             raw = {r: sum(losses[(r, s)] for s in seeds[r]) / len(seeds[r]) for r in ranks}
             sigma, df, source = _within_rank(losses, seeds)
-            return cls(sigma, df, source, raw, seeds, _mean_blocks(blocks or {}, seeds))
+            spread = (sigma, df) if sigma is not None else None
+            mean_blocks = _mean_blocks(blocks or {}, seeds)
+            return cls(sigma, df, source, raw, seeds, mean_blocks, spread, dict(losses))
         mu, beta = _additive(losses)
         used = len(ranks) + len({s for _, s in losses}) - 1
         df = len(losses) - used
         means = {r: mu[r] + sum(beta.values()) / len(beta) for r in ranks}
-        # Two residual degrees of freedom at least: one is a single 2x2 interaction, too
-        # thin to trust against the spread of a whole rank.
-        if df >= 2:
+        u_sigma, u_df, _ = _within_rank(losses, seeds)
+        spread = (u_sigma, u_df) if u_sigma is not None else None
+        # One residual degree of freedom is a single 2x2 interaction: thin, and the t
+        # critical value at 1 df (12.7) says so; the test picks the estimate with more df.
+        if df >= 1:
             rss = sum((y - mu[r] - beta[s]) ** 2 for (r, s), y in losses.items())
             sigma, source = math.sqrt(rss / df), "paired"
         else:
             sigma, df, source = _within_rank(losses, seeds)
-        return cls(sigma, df, source, means, seeds, _mean_blocks(blocks or {}, seeds))
+        mean_blocks = _mean_blocks(blocks or {}, seeds)
+        return cls(sigma, df, source, means, seeds, mean_blocks, spread, dict(losses))
 
     def mean(self, rank: int) -> float:
         return self.means[rank]
@@ -93,16 +114,51 @@ class Noise:
     def se(self, a: int, b: int, n_a: int = 1, n_b: int = 1) -> float | None:
         """Standard error of ``mean(a) - mean(b)``; ``n_*`` count the seeds of a rank the model
         does not hold (a hypothetical rank). None when neither source of noise is known."""
-        shared = set(self.seeds.get(a, ())) & set(self.seeds.get(b, ()))
+        return self.test(a, b, n_a, n_b)[0]
+
+    def test(self, a, b, n_a: int = 1, n_b: int = 1) -> tuple[float | None, float, str]:
+        """``(se, df, source)`` of ``mean(a) - mean(b)``: the seed-noise estimate with the
+        most degrees of freedom (module docstring) plus the validation blocks' noise, with
+        Welch-Satterthwaite's df for the sum (``inf`` when only the blocks are known)."""
+        if a == b:  # a rank against itself: the same trials, no noise
+            return 0.0, math.inf, "same"
         val = self.val_se(a, b)
-        if self.sigma is None:
-            return val
-        if shared and self.source == "paired":
-            var = 2 * self.sigma**2 / len(shared)
-        else:  # no seed in common (or an upper bound): as if unpaired
-            n_a, n_b = len(self.seeds.get(a, ())) or n_a, len(self.seeds.get(b, ())) or n_b
-            var = self.sigma**2 * (1 / n_a + 1 / n_b)
-        return math.sqrt(var + (val or 0.0) ** 2)
+        parts = [] if val is None else [(val**2, self._val_df(a, b))]
+        train = self._train_var(a, b, n_a, n_b)
+        if train is not None:
+            parts.append(train[:2])
+        if not parts:
+            return None, math.inf, "none"
+        se = math.sqrt(sum(v for v, _ in parts))
+        return se, welch_df(parts), train[2] if train else "blocks"
+
+    def critical(self, a, b, n_a: int = 1, n_b: int = 1) -> float:
+        """Student's t at the degrees of freedom behind :meth:`test`'s standard error."""
+        return t_critical(self.test(a, b, n_a, n_b)[1])
+
+    def _train_var(self, a, b, n_a: int, n_b: int) -> tuple[float, int, str] | None:
+        """The seed noise's variance of the difference, its df and which estimate it is."""
+        seeds_a, seeds_b = self.seeds.get(a, ()), self.seeds.get(b, ())
+        shared = sorted(set(seeds_a) & set(seeds_b))
+        options = []  # (variance, df, source), in the order ties are broken
+        if shared and self.source == "paired" and self.sigma is not None:
+            options.append((2 * self.sigma**2 / len(shared), self.df, "paired"))
+        if len(shared) >= 2 and self.losses:
+            d = [self.losses[(a, s)] - self.losses[(b, s)] for s in shared]
+            m = sum(d) / len(d)
+            var = sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)
+            options.append((var, len(d) - 1, "pair"))
+        if self.unpaired is not None and not options:
+            sigma, df = self.unpaired
+            n_a, n_b = len(seeds_a) or n_a, len(seeds_b) or n_b
+            options.append((sigma**2 * (1 / n_a + 1 / n_b), df, "unpaired"))
+        if not options:
+            return None
+        most = max(df for _, df, _ in options)
+        return next(o for o in options if o[1] == most)
+
+    def _val_df(self, a, b) -> int:
+        return max(1, len(self.blocks.get(a, ())) - 1)
 
     def val_se(self, a: int, b: int) -> float | None:
         """Standard error of the mean per-block difference (validation sampling only)."""
@@ -126,7 +182,10 @@ class Noise:
         if self.sigma is None:
             return "seed-to-seed noise not measured (one seed per rank)"
         how = "paired by seed" if self.source == "paired" else "spread of one rank, unpaired"
-        return f"seed-to-seed noise {self.sigma:.4f} nats per trial ({how}, {self.df} df)"
+        return (
+            f"seed-to-seed noise {self.sigma:.4f} nats per trial ({how}, {self.df} df: "
+            f"a difference counts beyond {t_critical(self.df):.3g} SE)"
+        )
 
 
 def _additive(losses: Mapping[tuple[int, int], float]):

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from rankwise.core.noise import Noise
+from rankwise.core.stats import t_critical
 from rankwise.records import COMPLETE, TrialResult
 
 
@@ -102,9 +103,11 @@ def curve_noise(results: list[TrialResult]) -> Noise:
     return Noise.fit(losses, blocks)
 
 
-# A difference counts as real only beyond Z standard errors of the difference (~95% for a
-# normal error); with no measured noise only the criterion applies.
-Z = 2.0
+# The normal's two-sided 95% point: a difference counts as real beyond Z standard errors
+# only when its standard error is known from many degrees of freedom; otherwise beyond
+# Student's t at its degrees of freedom (:func:`critical`). With no measured noise only the
+# criterion applies.
+Z = 1.96
 
 
 def noise(a: RankScore, b: RankScore) -> float | None:
@@ -117,11 +120,34 @@ def noise(a: RankScore, b: RankScore) -> float | None:
     return math.sqrt(a.se**2 + b.se**2)
 
 
+def critical(a: RankScore, b: RankScore) -> float:
+    """How many standard errors of ``a.mean - b.mean`` make the difference real: Student's
+    t at the degrees of freedom behind :func:`noise` (12.7 at 1 df, 4.30 at 2, 1.96 at many).
+    """
+    if a.noise is not None and a.noise is b.noise:
+        return a.noise.critical(a.noise_key, b.noise_key, a.n, b.n)
+    return t_critical(max(1, a.n + b.n - 2))
+
+
+def dof(a: RankScore, b: RankScore) -> float:
+    """The degrees of freedom behind :func:`noise` (``inf``: the validation blocks only)."""
+    if a.noise is not None and a.noise is b.noise:
+        return a.noise.test(a.noise_key, b.noise_key, a.n, b.n)[1]
+    return max(1, a.n + b.n - 2)
+
+
+def half_width(a: RankScore, b: RankScore) -> float:
+    """The 95% half-width of ``a.mean - b.mean``: :func:`critical` x :func:`noise` (0 when
+    the noise is unknown)."""
+    se = noise(a, b)
+    return critical(a, b) * se if se else 0.0
+
+
 def beats(better: RankScore, worse: RankScore, tolerance: float) -> bool:
     """True if ``better`` improves on ``worse`` by more than the tolerance and the noise."""
     diff = worse.mean - better.mean
     se = noise(better, worse)
-    return diff > tolerance * abs(worse.mean) and (se is None or diff > Z * se)
+    return diff > tolerance * abs(worse.mean) and (se is None or diff > half_width(better, worse))
 
 
 def improvement_share(score_mean: float, base: float | None, best: float) -> float | None:
