@@ -21,7 +21,12 @@ KEYS = {
     "micro_batch_size": "--batch-size (default 1)",
     "gradient_accumulation_steps": "--grad-accum (default 1)",
     "learning_rate": "--lr (absent: calibrated)",
-    "lr_scheduler": "warned unless linear (default cosine): trials decay linearly",
+    "lr_scheduler": "--lr-scheduler (default cosine); one_cycle and rex are warned about",
+    "lr_scheduler_kwargs": "--lr-scheduler-kwargs",
+    "cosine_min_lr_ratio": "with lr_scheduler cosine: --lr-scheduler cosine_with_min_lr "
+    "--min-lr-ratio (axolotl's cosine to a floor)",
+    "cosine_constant_lr_ratio": "warned: trials decay to the floor without a constant phase",
+    "lr_quadratic_warmup": "warned: trials warm up linearly",
     "warmup_steps": "--warmup-steps",
     "warmup_ratio": "--warmup-ratio",
     "num_epochs": "--epochs (default 1)",
@@ -37,13 +42,14 @@ KEYS = {
     "peft_use_rslora": "--alpha-policy rslora",
     "lora_dropout": "--dropout",
     "lora_target_modules": "--target-modules",
+    "lora_target_parameters": "--target-parameters (e.g. mlp.experts.gate_up_proj: MoE experts)",
     "lora_target_linear": "--target-modules all-linear",
     "chat_template": "warned unless tokenizer_default: chats use the tokenizer's template",
     "sample_packing": "warned unless true: rankwise packs examples into blocks",
     "train_on_inputs": "warned if true: rankwise trains on the response only",
-    "peft_use_dora": "warned: the search trains plain LoRA",
+    "peft_use_dora": "--use-dora",
     "lora_modules_to_save": "warned: not trained by the search",
-    "neftune_noise_alpha": "warned: no embedding noise in trials",
+    "neftune_noise_alpha": "--neftune-alpha",
     "deepspeed": "warned: trials run on one device",
     "fsdp": "warned: trials run on one device",
     "optimizer": "warned unless an AdamW: trials use torch AdamW",
@@ -65,7 +71,8 @@ def read(keys: Keys) -> None:
     keys.set("max_grad_norm", "max_grad_norm")
     keys.budget("num_epochs", "max_steps", 1)
     keys.warmup()
-    keys.scheduler("lr_scheduler", "cosine")
+    _schedule(keys)
+    keys.neftune("neftune_noise_alpha")
     _lora(keys)
     _unhonoured(keys)
 
@@ -81,12 +88,31 @@ def _lora(keys: Keys) -> None:
         keys.options["alpha"] = keys.number("lora_alpha")
     if keys.get("peft_use_rslora"):
         keys.options["alpha_policy"] = "rslora"
+    keys.dora("peft_use_dora")
     keys.set("dropout", "lora_dropout")
     targets = lora_targets(keys.get("lora_target_modules"), keys, "lora_target_modules")
     if keys.get("lora_target_linear"):
         targets = "all-linear"  # axolotl adds every linear layer to the names given
     if targets is not None:
         keys.options["target_modules"] = targets
+    keys.target_parameters("lora_target_parameters")
+
+
+def _schedule(keys: Keys) -> None:
+    """axolotl's schedule: transformers' types, and its own cosine to a floor (cosine with
+    cosine_min_lr_ratio: transformers' cosine_with_min_lr, the same rate at every step)."""
+    keys.scheduler("lr_scheduler", "cosine")
+    if keys.options.get("lr_scheduler") != "cosine":
+        return  # axolotl reads the keys below with its cosine only
+    keys.warn_if("lr_quadratic_warmup", "trials warm up linearly")
+    ratio = keys.number("cosine_min_lr_ratio")
+    if ratio:
+        if not 0 <= ratio <= 1:
+            raise keys.error("cosine_min_lr_ratio", "a share of the peak rate in [0, 1]")
+        keys.options.update(lr_scheduler="cosine_with_min_lr", min_lr_ratio=ratio)
+        keys.warn_if(
+            "cosine_constant_lr_ratio", "trials decay to the floor without a constant phase"
+        )
 
 
 def _unhonoured(keys: Keys) -> None:
@@ -100,7 +126,7 @@ def _unhonoured(keys: Keys) -> None:
     keys.warn_if("train_on_inputs", "rankwise trains on the response only")
     keys.warn_beyond_a_trial(
         modules_to_save="lora_modules_to_save", distributed=("deepspeed", "fsdp"),
-        optimizer="optimizer", dora="peft_use_dora",
+        optimizer="optimizer",
     )  # fmt: skip
 
 

@@ -9,10 +9,12 @@ the search cannot honour becomes one warning; a key that cannot be read is a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankwise.config.schedules import SCHEDULERS
 from rankwise.errors import ConfigError
 
 __all__ = ["Keys", "Recipe", "data_source", "lora_targets"]
@@ -26,7 +28,8 @@ ADAMW = (None, "adamw_torch", "adamw_torch_fused", "adamw_hf")
 TRAINER_KEYS = {
     "per_device_train_batch_size": "--batch-size (default 8)",
     "gradient_accumulation_steps": "--grad-accum (default 1)",
-    "lr_scheduler_type": "warned unless linear (the default)",
+    "lr_scheduler_type": "--lr-scheduler (default linear)",
+    "lr_scheduler_kwargs": "--lr-scheduler-kwargs",
     "warmup_steps": "--warmup-steps",
     "warmup_ratio": "--warmup-ratio",
     "num_train_epochs": "--epochs (default 3)",
@@ -109,14 +112,12 @@ class Keys:
             )
 
     def warn_beyond_a_trial(
-        self, *, modules_to_save: str, distributed: tuple[str, ...], optimizer: str, dora: str
+        self, *, modules_to_save: str, distributed: tuple[str, ...], optimizer: str
     ) -> None:
-        """The keys every tool has that a trial cannot honour: DoRA, modules trained beside
-        LoRA, NEFTune, several devices, an optimizer other than AdamW, remote code."""
+        """The keys every tool has that a trial cannot honour: modules trained beside LoRA,
+        several devices, an optimizer other than AdamW, remote code."""
         unset = (None, False, "", [])
-        self.warn_if(dora, "the search trains plain LoRA (no DoRA)")
         self.warn_if(modules_to_save, "the search trains the LoRA matrices only", unless=unset)
-        self.warn_if("neftune_noise_alpha", "trials add no noise to the embeddings")
         for key in distributed:
             why = "a trial runs on one device; losses match, speed and memory do not"
             self.warn_if(key, why, unless=unset)
@@ -144,13 +145,56 @@ class Keys:
         else:
             self.options["warmup_steps"] = 0
 
-    def scheduler(self, key: str, default: str) -> None:
+    def scheduler(self, key: str, default: str, kwargs_key: str = "lr_scheduler_kwargs") -> None:
+        """The schedule as --lr-scheduler (transformers' get_scheduler types) and its
+        arguments as --lr-scheduler-kwargs; a schedule transformers has not is warned about."""
         kind = self.get(key, default)
-        if kind not in ("linear",):
+        if kind not in SCHEDULERS:
             self.warnings.append(
-                f"{self.tool} {key} {kind}: rankwise trains with linear warm-up then linear "
-                "decay; the trials' schedule differs from the recipe's"
+                f"{self.tool} {key} {kind}: not a transformers schedule; trials use "
+                "rankwise's linear warm-up then linear decay"
             )
+            return
+        self.options["lr_scheduler"] = kind
+        kwargs = self.get(kwargs_key)
+        if isinstance(kwargs, str):  # TrainingArguments also takes it as a JSON string
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError:
+                raise self.error(kwargs_key, "a mapping of the schedule's arguments") from None
+        if kwargs in (None, {}):
+            return
+        if not isinstance(kwargs, dict):
+            raise self.error(kwargs_key, "a mapping of the schedule's arguments")
+        self.options["lr_scheduler_kwargs"] = dict(kwargs)
+
+    def neftune(self, key: str = "neftune_noise_alpha") -> None:
+        """NEFTune's noise alpha as --neftune-alpha (0, like absent, adds no noise)."""
+        alpha = self.number(key)
+        if alpha is not None and alpha < 0:
+            raise self.error(key, "a positive noise alpha (NEFTune)")
+        if alpha:
+            self.options["neftune_alpha"] = alpha
+
+    def dora(self, key: str) -> None:
+        """PEFT's use_dora as --use-dora."""
+        value = self.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, "true or false")
+        if value:
+            self.options["use_dora"] = True
+
+    def target_parameters(self, key: str) -> None:
+        """PEFT's ``target_parameters`` (a mixture of experts' fused weights) as
+        --target-parameters."""
+        value = self.get(key)
+        if value in (None, []):
+            return
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self.error(key, "parameter names (a list, or names joined by commas)")
+        self.options["target_parameters"] = value
 
     def quantize(self, bits: int | None, key: str) -> None:
         if bits is None:
@@ -187,8 +231,8 @@ def data_source(keys: Keys, value: Any, key: str) -> str:
 
 def lora_targets(value: Any, keys: Keys, key: str) -> list[str] | str | None:
     """Target modules as a list of names or 'all-linear' (PEFT's spelling)."""
-    if value is None:
-        return None
+    if value is None or (value == [] and keys.get("lora_target_parameters")):
+        return None  # [] beside target parameters: those only, as rankwise reads no modules
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):

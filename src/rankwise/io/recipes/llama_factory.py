@@ -36,11 +36,11 @@ KEYS = {
     "quantization_bit": "--quantize 4bit or 8bit",
     "packing": "warned unless true: rankwise packs examples into blocks",
     "train_on_prompt": "warned if true: rankwise trains on the response only",
-    "use_dora": "warned: the search trains plain LoRA",
+    "use_dora": "--use-dora",
     "additional_target": "warned: not trained by the search",
     "loraplus_lr_ratio": "warned: one learning rate for A and B",
     "pissa_init": "warned: trials start from PEFT's default init",
-    "neftune_noise_alpha": "warned: no embedding noise in trials",
+    "neftune_noise_alpha": "--neftune-alpha",
     "deepspeed": "warned: trials run on one device",
     "optim": "warned unless an AdamW: trials use torch AdamW",
     "trust_remote_code": "not passed on: give --trust-remote-code",
@@ -72,6 +72,7 @@ def read(keys: Keys) -> None:
     keys.budget("num_train_epochs", "max_steps", 3.0)
     keys.warmup()
     keys.scheduler("lr_scheduler_type", "linear")
+    keys.neftune("neftune_noise_alpha")
     _lora(keys)
     _unhonoured(keys, stage)
 
@@ -86,6 +87,7 @@ def _lora(keys: Keys) -> None:
         if "lora_alpha" not in keys:
             raise keys.error("use_rslora", "a lora_alpha beside it (rsLoRA scales alpha/sqrt(r))")
         keys.options["alpha_policy"] = "rslora"
+    keys.dora("use_dora")
     keys.set("dropout", "lora_dropout")
     keys.options["target_modules"] = lora_targets(
         keys.get("lora_target", "all"), keys, "lora_target"
@@ -111,7 +113,6 @@ def _unhonoured(keys: Keys, stage: str) -> None:
     keys.warn_if("pissa_init", "trials start from PEFT's default initialisation")
     keys.warn_beyond_a_trial(
         modules_to_save="additional_target", distributed=("deepspeed",), optimizer="optim",
-        dora="use_dora",
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ KEYS = {
     "lora_alpha": "--alpha (default 32)",
     "lora_dropout": "--dropout (default 0.05)",
     "lora_target_modules": "--target-modules",
+    "lora_target_parameters": "--target-parameters (e.g. mlp.experts.gate_up_proj: MoE experts)",
     "use_rslora": "--alpha-policy rslora",
     "load_in_4bit": "--quantize 4bit",
     "load_in_8bit": "--quantize 8bit",
@@ -37,9 +38,9 @@ KEYS = {
     "completion_only_loss": "warned if false: rankwise trains on the completion only",
     "assistant_only_loss": "warned unless true: rankwise trains on assistant turns only",
     "chat_template_path": "warned: chats use the tokenizer's template",
-    "use_dora": "warned: the search trains plain LoRA",
+    "use_dora": "--use-dora",
     "lora_modules_to_save": "warned: not trained by the search",
-    "neftune_noise_alpha": "warned: no embedding noise in trials",
+    "neftune_noise_alpha": "--neftune-alpha",
     "deepspeed": "warned: trials run on one device",
     "fsdp": "warned: trials run on one device",
     "optim": "warned unless an AdamW: trials use torch AdamW",
@@ -63,6 +64,7 @@ def read(keys: Keys) -> None:
     keys.budget("num_train_epochs", "max_steps", 3.0)
     keys.warmup()
     keys.scheduler("lr_scheduler_type", "linear")
+    keys.neftune("neftune_noise_alpha")
     _lora(keys)
     _unhonoured(keys)
 
@@ -77,9 +79,11 @@ def _lora(keys: Keys) -> None:
     keys.set("dropout", "lora_dropout", 0.05)
     if keys.get("use_rslora"):
         keys.options["alpha_policy"] = "rslora"
+    keys.dora("use_dora")
     targets = lora_targets(keys.get("lora_target_modules"), keys, "lora_target_modules")
     if targets is not None:
         keys.options["target_modules"] = targets
+    keys.target_parameters("lora_target_parameters")
     bits = 4 if keys.get("load_in_4bit") else 8 if keys.get("load_in_8bit") else None
     keys.quantize(bits, "load_in_4bit")
 
@@ -97,7 +101,7 @@ def _unhonoured(keys: Keys) -> None:
     keys.warn_if("chat_template_path", "rankwise renders chats with the tokenizer's own template")
     keys.warn_beyond_a_trial(
         modules_to_save="lora_modules_to_save", distributed=("deepspeed", "fsdp"),
-        optimizer="optim", dora="use_dora",
+        optimizer="optim",
     )  # fmt: skip
 
 
