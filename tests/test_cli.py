@@ -239,3 +239,46 @@ def test_report_to_missing_tracker_is_an_input_error(tmp_path, llama_dir, capsys
     assert main(argv(llama_dir, make_data(tmp_path, "text"), out, report_to="wandb")) == 2
     err = capsys.readouterr().err
     assert "--report-to wandb" in err and err.count("\n") == 1 and not out.exists()
+
+
+def help_of(capsys, args) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_search_help_is_short_and_help_all_has_every_option(capsys, monkeypatch):
+    """--help: the options marked everyday in the declaration, each with its summary, and a
+    last line pointing to --help-all, which has every option, grouped."""
+    import dataclasses
+
+    from rankwise.cli import search_option_count
+    from rankwise.config import GROUPS, flag
+
+    monkeypatch.setenv("COLUMNS", "80")
+    short, full = help_of(capsys, ["search", "--help"]), help_of(capsys, ["search", "-h"])
+    assert short == full  # -h is --help
+    full = help_of(capsys, ["search", "--help-all"])
+    fields = [f for klass in GROUPS.values() for f in dataclasses.fields(klass)]
+    everyday = [f for f in fields if f.metadata.get("everyday")]
+    assert len(short.splitlines()) < 80 and 12 <= len(everyday) <= 24
+    assert search_option_count() == len(fields) + 1  # and --config
+    assert short.splitlines()[-1] == (
+        f"rankwise search --help-all shows all {search_option_count()} options."
+    )
+    for f in fields:
+        assert flag(f.name) in full
+        assert (flag(f.name) + " " in short) == bool(f.metadata.get("everyday")), f.name
+    assert "--config FILE" in short and "LoRA Without Regret" in full  # the alpha note
+
+
+def test_one_debug_for_every_command(tmp_path, capsys):
+    """--debug (declared once, RunConfig.debug) lets any command's error propagate."""
+    from rankwise.errors import ConfigError
+
+    for command in (["show"], ["report"], ["export", "--to", "peft"]):
+        assert main([*command, str(tmp_path / "nope")]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        with pytest.raises(ConfigError):
+            main([*command, str(tmp_path / "nope"), "--debug"])

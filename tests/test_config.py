@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from rankwise.cli import load_yaml
-from rankwise.config import Options, parse_duration, parse_size
+from rankwise.cli import COMMANDS, load_yaml, main
+from rankwise.config import GROUPS, EstimateConfig, Options, flag, parse_duration, parse_size
 from rankwise.errors import ConfigError
 
 
@@ -86,18 +87,40 @@ def test_every_shipped_config_parses(path):
     assert opts.search.ranks == sorted(opts.search.ranks)
 
 
-@pytest.mark.parametrize("command", ["search", "estimate", "show", "report"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_documents_every_option(command, capsys):
-    import dataclasses
-
-    from rankwise.cli import main
-    from rankwise.config import GROUPS, EstimateConfig
-
+    """Every command is generated from its declaration: each option it declares is in its
+    full help (a search's: --help-all), and each has the one --debug."""
+    options = COMMANDS[command].options
     with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
+        main([command, "--help-all" if options is Options else "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    groups = {"search": GROUPS.values(), "estimate": [EstimateConfig]}.get(command, [])
-    for klass in groups:
+    for klass in GROUPS.values() if options is Options else [options]:
         for f in dataclasses.fields(klass):
-            assert "--" + f.name.replace("_", "-") in text
+            assert (f.name if f.metadata.get("positional") else flag(f.name)) in text, f.name
+    assert text.count("--debug, --no-debug") == 1
+
+
+def test_estimate_reuses_the_search_declaration():
+    """estimate's options that a search also takes are the search's: choices, checks and
+    defaults, but for the two defaults it overrides (config/commands.py says why)."""
+
+    def default(f):
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+    shared = [f for f in dataclasses.fields(EstimateConfig) if "declared_in" in f.metadata]
+    assert len(shared) >= 11
+    differ = {}
+    for f in shared:
+        source = next(s for s in dataclasses.fields(f.metadata["declared_in"]) if s.name == f.name)
+        if default(f) != default(source):
+            differ[f.name] = default(f)
+        if f.name != "dtype":  # estimate predicts for a named dtype: no auto
+            assert f.metadata["choices"] == source.metadata["choices"], f.name
+    assert differ == {"device": "cpu", "dtype": "float32"}
+    with pytest.raises(ConfigError, match=r"--seq-len: must be > 0, got 0"):
+        EstimateConfig(seq_len=0)  # the search's check, in its words
+    with pytest.raises(ConfigError, match="--dtype: expected one of float32"):
+        EstimateConfig(dtype="auto")
+    assert EstimateConfig(ranks="16,4", target_modules="q_proj, v_proj").ranks == [4, 16]

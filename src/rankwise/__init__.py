@@ -1,15 +1,16 @@
 """rankwise: choose the LoRA rank for a model and data, with the evidence.
 
+Importing it has no side effects: it imports neither torch nor PEFT, and installs nothing
+in the import system (PEFT is imported where a search first needs it:
+``rankwise.io.quantize.import_peft``). No public name hides a submodule.
+
 >>> import rankwise
 >>> sorted(rankwise.__all__)
 ['Options', 'SearchResult', 'estimate', 'search']
 """
 
 from rankwise.config import Options
-from rankwise.io.quantize import hold_back_bitsandbytes
 from rankwise.study.study import SearchResult, search
-
-hold_back_bitsandbytes()  # bitsandbytes only for a quantized base (rankwise.io.quantize)
 
 __all__ = ["search", "SearchResult", "Options", "estimate"]
 __version__ = "0.1.0"
@@ -20,4 +21,8 @@ def __getattr__(name):
         from rankwise.analysis.estimate import estimate
 
         return estimate
-    raise AttributeError(name)
+    raise AttributeError(f"module 'rankwise' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"estimate"})

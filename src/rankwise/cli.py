@@ -1,8 +1,10 @@
 """The command line: a thin shell over the Python API.
 
-Flags are generated from the dataclasses in :mod:`rankwise.config` (so ``--help``,
-YAML keys and keyword arguments cannot drift apart). Precedence: defaults < YAML
-(``--config``) < flags. Bad input exits with status 2 and one line on stderr.
+Every command's arguments are generated from the dataclasses in :mod:`rankwise.config`
+(:data:`COMMANDS` names each command's), so ``--help``, YAML keys and keyword arguments
+cannot drift apart. ``rankwise search --help`` shows the options marked everyday,
+``--help-all`` all of them. Precedence: defaults < YAML (``--config``) < flags. Bad input
+exits with status 2 and one line on stderr; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,11 +13,22 @@ import argparse
 import dataclasses
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
-from rankwise.config import GROUPS, EstimateConfig, ModelConfig, Options, flag
+from rankwise.config import (
+    GROUPS,
+    EstimateConfig,
+    ExportConfig,
+    InspectConfig,
+    ModelConfig,
+    Options,
+    ReportConfig,
+    RunConfig,
+    ShowConfig,
+    flag,
+)
 from rankwise.errors import ConfigError
-from rankwise.report.export import TOOLS
 
 __all__ = ["main", "build_parser"]
 
@@ -50,40 +63,134 @@ def _switchable(hint) -> bool:
     return hint is not bool and bool in args and str in args
 
 
-def _add_group_flags(parser: argparse.ArgumentParser, groups=GROUPS) -> None:
-    for gname, klass in groups.items():
-        group = parser.add_argument_group(gname)
+def _groups(options: type) -> dict[str | None, type]:
+    """The argument groups of a command: a search's are :data:`GROUPS`, the others have one
+    dataclass each (:mod:`rankwise.config.commands`), shown without a heading."""
+    return GROUPS if options is Options else {None: options}
+
+
+def _declared(klass: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(klass) if f.name == name)
+
+
+# One --debug for every command: the search's own option (RunConfig.debug).
+DEBUG = _declared(RunConfig, "debug")
+
+
+def _add_option(group, f: dataclasses.Field, hint, summary: bool = False) -> None:
+    """One declared option as an argument: its flag, type, choices and help (or, for the
+    short ``--help``, its everyday summary)."""
+    meta = f.metadata
+    help_text = meta["everyday"] if summary else meta.get("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, list):  # as it is typed: comma-separated
+        default = ",".join(map(str, default))
+    if not (meta.get("positional") or meta.get("required") or (summary and default is None)):
+        help_text += f" (default: {default})"
+    help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
+    if meta.get("positional"):
+        group.add_argument(f.name, help=help_text)
+    elif hint is bool:
+        group.add_argument(
+            flag(f.name),
+            dest=f.name,
+            default=None,
+            action=argparse.BooleanOptionalAction,
+            help=help_text,
+        )
+    else:
+        # --from is also --recipe, the option's name in YAML and keyword arguments
+        name = "--" + f.name.replace("_", "-")
+        alias = [name] if flag(f.name) != name else []
+        group.add_argument(
+            flag(f.name),
+            *alias,
+            dest=f.name,
+            default=None,
+            type=_arg_type(hint),
+            help=help_text,
+            metavar=meta.get("metavar") or (None if meta.get("choices") else f.name.upper()),
+            choices=meta.get("choices"),
+            required=meta.get("required", False),
+        )
+    if _switchable(hint):  # a value, or --no-NAME to turn it off
+        group.add_argument(
+            "--no-" + flag(f.name)[2:], dest=f"no_{f.name}", action="store_true",
+            help=f"Turn {flag(f.name)} off.",
+        )  # fmt: skip
+
+
+def _add_options(parser: argparse.ArgumentParser, options: type, everyday: bool = False) -> None:
+    """Every option ``options`` declares (or only its everyday ones, summarised), and --debug."""
+    for title, klass in _groups(options).items():
+        fields = [
+            f for f in dataclasses.fields(klass) if f.metadata.get("everyday") or not everyday
+        ]
+        if not fields:
+            continue
+        group = parser.add_argument_group(title) if title else parser
         hints = typing.get_type_hints(klass)
-        for f in dataclasses.fields(klass):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            # argparse %-formats help strings: a literal % must be doubled
-            help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
-            if hints[f.name] is bool:
-                group.add_argument(
-                    flag(f.name),
-                    dest=f.name,
-                    default=None,
-                    action=argparse.BooleanOptionalAction,
-                    help=help_text,
-                )
-            else:
-                # --from is also --recipe, the option's name in YAML and keyword arguments
-                alias = ["--" + f.name.replace("_", "-")] if flag(f.name) != "--" + f.name else []
-                group.add_argument(
-                    flag(f.name),
-                    *alias,
-                    dest=f.name,
-                    default=None,
-                    type=_arg_type(hints[f.name]),
-                    help=help_text,
-                    metavar=f.name.upper(),
-                    choices=f.metadata.get("choices"),
-                )
-            if _switchable(hints[f.name]):  # a value, or --no-NAME to turn it off
-                group.add_argument(
-                    "--no-" + flag(f.name)[2:], dest=f"no_{f.name}", action="store_true",
-                    help=f"Turn {flag(f.name)} off.",
-                )  # fmt: skip
+        for f in fields:
+            _add_option(group, f, hints[f.name], summary=everyday)
+    if options is not Options:  # a search declares it in its run group
+        _add_option(parser, DEBUG, bool)
+
+
+# --- rankwise search: --help shows the everyday options, --help-all every one -------------
+SEARCH_USAGE = "%(prog)s [--model MODEL] [--train TRAIN] [OPTION ...]"
+CONFIG_HELP = "YAML file of options (flat keys as the flags, with _)"
+
+
+def search_option_count() -> int:
+    """Every option of a search: the declared ones and --config."""
+    return sum(len(dataclasses.fields(klass)) for klass in GROUPS.values()) + 1
+
+
+class _PrintHelp(argparse.Action):
+    """``-h``/``--help-all``: print a help text (built when asked for) and exit."""
+
+    def __init__(self, option_strings, dest, text, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.text = text
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sys.stdout.write(self.text(parser))
+        parser.exit(0)
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser, everyday_only: bool) -> None:
+    n = search_option_count()
+    parser.add_argument(
+        "-h", "--help", action=_PrintHelp, text=lambda p: _everyday_parser().format_help(),
+        help="show the everyday options and exit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--help-all", action=_PrintHelp, text=lambda p: p.format_help(),
+        help=f"show all {n} options, grouped, and exit",
+    )  # fmt: skip
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    _add_options(parser, Options, everyday=everyday_only)
+
+
+def _search_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """``rankwise search`` with every option (what parses, and ``--help-all``)."""
+    parser = parser or _Parser(prog="rankwise search", add_help=False)
+    parser.usage, parser.epilog = SEARCH_USAGE, EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_search_arguments(parser, everyday_only=False)
+    return parser
+
+
+def _everyday_parser() -> argparse.ArgumentParser:
+    """The same, with only the everyday options: what ``--help`` prints."""
+    parser = _Parser(
+        prog="rankwise search",
+        usage=SEARCH_USAGE,
+        add_help=False,
+        epilog=f"rankwise search --help-all shows all {search_option_count()} options.",
+    )
+    _add_search_arguments(parser, everyday_only=True)
+    return parser
 
 
 def load_yaml(path: str) -> dict:
@@ -110,14 +217,15 @@ def load_yaml(path: str) -> dict:
     return flat
 
 
-def options_from_args(ns: argparse.Namespace, groups=GROUPS) -> dict:
+def options_from_args(ns: argparse.Namespace, options: type = Options) -> dict:
+    """The values given (the --config file's, then the flags'), by option name."""
     values = load_yaml(ns.config) if getattr(ns, "config", None) else {}
     index = Options.field_index()
     unknown = [k for k in values if k.replace("-", "_") not in index]
     if unknown:
         raise ConfigError(f"--config: {ns.config}: unknown option {unknown[0]!r}")
-    for gname in groups:
-        for f in dataclasses.fields(GROUPS[gname]):
+    for klass in _groups(options).values():
+        for f in dataclasses.fields(klass):
             if getattr(ns, f.name, None) is not None:
                 values[f.name] = getattr(ns, f.name)
             if getattr(ns, f"no_{f.name}", False):
@@ -129,128 +237,75 @@ def options_from_args(ns: argparse.Namespace, groups=GROUPS) -> dict:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="rankwise", description="Choose the LoRA rank for a model and data.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser(
-        "search",
-        help="run a rank search",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="YAML file of options (flat keys as the flags, with _)")
-    _add_group_flags(p)
-    p = sub.add_parser(
-        "estimate", help="predict parameters, adapter size, memory (and time) per rank"
-    )
-    _add_group_flags(p, {"estimate": EstimateConfig})
-    p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("show", help="print a run's trial table and recommendation")
-    p.add_argument("dir")
-    p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("report", help="write DIR/report.html (and summary.md)")
-    p.add_argument("dir")
-    p.add_argument("--open", action="store_true", help="open it in a browser")
-    p.add_argument("--debug", action="store_true")
-    p = sub.add_parser(
-        "inspect",
-        help="effective rank of every module of a LoRA adapter, and a per-module rank_pattern",
-    )
-    p.add_argument("dir", help="a PEFT LoRA adapter folder (adapter_config.json + safetensors)")
-    p.add_argument(
-        "--energy",
-        type=float,
-        default=0.9,
-        help="share of each module's update energy the proposed rank_pattern keeps (default: 0.9)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--figure", metavar="PATH", help="save a heat map of the effective ranks")
-    p.add_argument("--debug", action="store_true")
-    p = sub.add_parser(
-        "export",
-        help="write the recommended LoRA settings as an axolotl, LLaMA-Factory or PEFT config",
-    )
-    p.add_argument("dir", help="a finished run directory (holding recommendation.json)")
-    p.add_argument(
-        "--to",
-        required=True,
-        choices=TOOLS,
-        help="axolotl, llama-factory or trl: YAML keys to merge into that tool's config; "
-        "peft: LoraConfig keyword arguments as JSON",
-    )
-    p.add_argument(
-        "--merge-into",
-        metavar="FILE",
-        help="write the answer into this training config of the --to tool, keeping every "
-        "other key, the order and the comments (to --output, default FILE.rankwise.yml)",
-    )
-    p.add_argument("--in-place", action="store_true", help="--merge-into: rewrite FILE itself")
-    p.add_argument("--output", help="file to write (default: standard output)")
-    p.add_argument("--debug", action="store_true")
-    return parser
-
-
-def _cmd_search(ns) -> int:
+def config_from_args(ns: argparse.Namespace, options: type):
+    """The typed options of a command: :class:`Options` (over a --from recipe) for a search,
+    else the command's dataclass."""
+    values = options_from_args(ns, options)
+    if options is not Options:
+        return options(**values)
     from rankwise.io.recipes import with_recipe
+
+    return Options.from_flat(with_recipe(values), "--config")
+
+
+def _cmd_search(opts: Options) -> int:
     from rankwise.study.study import Study
 
-    Study(Options.from_flat(with_recipe(options_from_args(ns)), "--config")).run()
+    Study(opts).run()
     return 0
 
 
-def _cmd_show(ns) -> int:
+def _cmd_show(cfg: ShowConfig) -> int:
     from rankwise.report.summary import summary_markdown
 
-    print(summary_markdown(ns.dir))
+    print(summary_markdown(cfg.dir))
     return 0
 
 
-def _cmd_report(ns) -> int:
+def _cmd_report(cfg: ReportConfig) -> int:
     from rankwise.report.html import write_report
     from rankwise.report.summary import write_summary
 
-    write_summary(ns.dir)
-    path = write_report(ns.dir)
+    write_summary(cfg.dir)
+    path = write_report(cfg.dir)
     print(path)
-    if ns.open:
+    if cfg.open:
         import webbrowser
 
         webbrowser.open(path.absolute().as_uri())
     return 0
 
 
-def _cmd_inspect(ns) -> int:
+def _cmd_inspect(cfg: InspectConfig) -> int:
     import json
 
     from rankwise.analysis import spectra
     from rankwise.report.plots import write_heatmap
 
-    result = spectra.inspect_adapter(ns.dir, energy=ns.energy)
-    if ns.figure:
-        write_heatmap(result, ns.figure)
-    print(json.dumps(result.to_dict()) if ns.json else spectra.format_inspection(result))
+    result = spectra.inspect_adapter(cfg.dir, energy=cfg.energy)
+    if cfg.figure:
+        write_heatmap(result, cfg.figure)
+    print(json.dumps(result.to_dict()) if cfg.json else spectra.format_inspection(result))
     return 0
 
 
-def _cmd_export(ns) -> int:
+def _cmd_export(cfg: ExportConfig) -> int:
     from rankwise.report.export import export
     from rankwise.report.merge import merge_into
 
-    if ns.merge_into:
-        merged = merge_into(ns.dir, ns.to, ns.merge_into, ns.output, ns.in_place)
+    if cfg.merge_into:
+        merged = merge_into(cfg.dir, cfg.to, cfg.merge_into, cfg.output, cfg.in_place)
         print(merged.path)
         for note in merged.notes:
             print(f"rankwise export: {note}", file=sys.stderr)
         return 0
-    if ns.in_place:
-        raise ConfigError("--in-place: needs --merge-into FILE")
-    result = export(ns.dir, ns.to)
-    if ns.output:
+    result = export(cfg.dir, cfg.to)
+    if cfg.output:
         try:
-            Path(ns.output).write_text(result.text)
+            Path(cfg.output).write_text(result.text)
         except OSError as exc:
-            raise ConfigError(f"--output: cannot write {ns.output} ({exc.strerror})") from None
-        print(ns.output)
+            raise ConfigError(f"--output: cannot write {cfg.output} ({exc.strerror})") from None
+        print(cfg.output)
     else:
         print(result.text, end="")
     for note in result.notes:
@@ -258,20 +313,21 @@ def _cmd_export(ns) -> int:
     return 0
 
 
-def _cmd_estimate(ns) -> int:
+def _cmd_estimate(cfg: EstimateConfig) -> int:
     import json
 
-    import peft  # noqa: F401  (loaded as a search would: part of the CPU memory baseline)
-    import transformers  # noqa: F401
+    import transformers  # noqa: F401  (loaded as a search would: part of the CPU memory baseline)
 
     from rankwise.analysis.estimate import calibrate, estimate, format_table
+    from rankwise.io.quantize import import_peft
     from rankwise.training.resources import current_rss
 
-    fields = [f.name for f in dataclasses.fields(EstimateConfig)]
-    cfg = EstimateConfig(**{k: getattr(ns, k) for k in fields if getattr(ns, k) is not None})
+    import_peft()
     kw = dict(
         ranks=cfg.ranks,
         target_modules=cfg.target_modules,
+        target_parameters=cfg.target_parameters,
+        use_dora=cfg.use_dora,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         dtype=cfg.dtype,
@@ -299,6 +355,8 @@ def _cmd_estimate(ns) -> int:
                 model,
                 ranks=(cfg.ranks[0], cfg.ranks[-1]),
                 target_modules=cfg.target_modules,
+                target_parameters=cfg.target_parameters,
+                use_dora=cfg.use_dora,
                 batch_size=cfg.batch_size,
                 seq_len=cfg.seq_len,
             )
@@ -316,21 +374,54 @@ def _cmd_estimate(ns) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what it does, the dataclass declaring its options, and what runs it."""
+
+    help: str
+    options: type  # Options (a search's groups) or one of rankwise.config.commands
+    run: typing.Callable[[typing.Any], int]
+
+
 COMMANDS = {
-    "search": _cmd_search,
-    "estimate": _cmd_estimate,
-    "show": _cmd_show,
-    "report": _cmd_report,
-    "inspect": _cmd_inspect,
-    "export": _cmd_export,
+    "search": Command("run a rank search", Options, _cmd_search),
+    "estimate": Command(
+        "predict parameters, adapter size, memory (and time) per rank",
+        EstimateConfig,
+        _cmd_estimate,
+    ),
+    "show": Command("print a run's trial table and recommendation", ShowConfig, _cmd_show),
+    "report": Command("write DIR/report.html (and summary.md)", ReportConfig, _cmd_report),
+    "inspect": Command(
+        "effective rank of every module of a LoRA adapter, and a per-module rank_pattern",
+        InspectConfig,
+        _cmd_inspect,
+    ),
+    "export": Command(
+        "write the recommended LoRA settings as an axolotl, LLaMA-Factory or PEFT config",
+        ExportConfig,
+        _cmd_export,
+    ),
 }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rankwise", description="Choose the LoRA rank for a model and data.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        if command.options is Options:
+            _search_parser(sub.add_parser(name, help=command.help, add_help=False))
+        else:
+            _add_options(sub.add_parser(name, help=command.help), command.options)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    command = COMMANDS[ns.command]
     try:
-        return COMMANDS[ns.command](ns)
+        return command.run(config_from_args(ns, command.options))
     except ConfigError as exc:
         if getattr(ns, "debug", False):
             raise

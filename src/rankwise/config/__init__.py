@@ -1,8 +1,11 @@
 """Typed configuration: one dataclass per concern.
 
-These dataclasses are the single source of truth for every option. The CLI flags
-(`rankwise search --help`), the YAML keys (`--config FILE`) and the Python keyword
-arguments (`rankwise.search(**options)`) are all generated from them.
+These dataclasses are the single source of truth for every option of every command. The
+CLI (`rankwise search --help-all`, and every other command's flags), the YAML keys
+(`--config FILE`) and the Python API (`rankwise.search(options=Options(...))`, or its
+keyword arguments) are all generated from them. A search's everyday options are marked
+``everyday=True`` (`rankwise search --help`); the other commands' are in
+:mod:`rankwise.config.commands`.
 
 Each field carries its help text in ``metadata["help"]``. Validation happens in
 ``__post_init__`` and raises :class:`ConfigError` naming the flag.
@@ -13,6 +16,14 @@ Example:
     (4, 16)
 """
 
+from rankwise.config.commands import (
+    EXPORT_TOOLS,
+    EstimateConfig,
+    ExportConfig,
+    InspectConfig,
+    ReportConfig,
+    ShowConfig,
+)
 from rankwise.config.fields import (
     DEFAULT_RANKS,
     VLLM_RANKS,
@@ -26,7 +37,6 @@ from rankwise.config.fields import (
 )
 from rankwise.config.groups import (
     DataConfig,
-    EstimateConfig,
     ExecutorConfig,
     LoraSettings,
     ModelConfig,
@@ -43,6 +53,11 @@ __all__ = [
     "DEFAULT_RANKS",
     "VLLM_RANKS",
     "EstimateConfig",
+    "ShowConfig",
+    "ReportConfig",
+    "InspectConfig",
+    "ExportConfig",
+    "EXPORT_TOOLS",
     "ModelConfig",
     "DataConfig",
     "LoraSettings",

@@ -19,16 +19,71 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX = 16
 
 
-def opt(default: Any = None, help: str = "", *, identity: bool = True, choices=None, **kw):
+def opt(
+    default: Any = None,
+    help: str = "",
+    *,
+    identity: bool = True,
+    choices=None,
+    everyday: str | None = None,
+    positional: bool = False,
+    required: bool = False,
+    metavar: str | None = None,
+    **kw,
+):
     """A dataclass field with CLI/YAML metadata.
 
     identity=False marks options that do not change results (output, logging,
     budgets that only cut a search short): a resumed run may change them.
+    ``everyday`` marks the options a first-time user needs: ``rankwise search --help``
+    shows them, each with this one-line summary of its help (``--help-all`` shows every
+    option with its whole help). ``positional``, ``required`` and ``metavar`` shape the
+    argument on the command line (``rankwise show DIR``, ``export --to TOOL``).
     """
-    meta = {"help": help, "identity": identity, "choices": choices}
+    meta = {
+        "help": help,
+        "identity": identity,
+        "choices": choices,
+        "everyday": everyday,
+        "positional": positional,
+        "required": required,
+        "metavar": metavar,
+    }
+    return _field(default, meta, **kw)
+
+
+def _field(default: Any, meta: dict, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+def shared(klass: type, name: str, **overrides):
+    """The option ``name`` as ``klass`` declares it, for another command that takes it too
+    (``rankwise estimate --seq-len``): the same help, choices, default and checks
+    (``declared_in``: :func:`check_shared` runs them). ``overrides`` replaces the default or
+    the choices; say why beside it.
+    """
+    source = next(f for f in dataclasses.fields(klass) if f.name == name)
+    if source.default is not dataclasses.MISSING:
+        default = source.default
+    else:
+        default = source.default_factory()
+    default = overrides.pop("default", default)
+    return _field(default, {**source.metadata, **overrides, "declared_in": klass})
+
+
+def check_shared(obj) -> None:
+    """Check (and normalise: comma lists, sorted ranks) the :func:`shared` options of ``obj``
+    as the groups that declare them do, so the errors are theirs, naming the flag."""
+    by_group: dict[type, list[str]] = {}
+    for f in dataclasses.fields(obj):
+        if "declared_in" in f.metadata:
+            by_group.setdefault(f.metadata["declared_in"], []).append(f.name)
+    for klass, names in by_group.items():
+        group = klass(**{n: getattr(obj, n) for n in names})
+        for n in names:
+            setattr(obj, n, getattr(group, n))
 
 
 # Options whose flag is not their name: ``from`` is a Python keyword, so the option is

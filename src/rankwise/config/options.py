@@ -76,14 +76,44 @@ class Options:
                 "--stop-when-decided: needs --executor local (the search decides at each "
                 "evaluation of a running trial, in this process)"
             )
+        if self.lora.use_dora and self.search.strategy == "nested":
+            raise ConfigError(
+                "--use-dora: --strategy nested trains plain LoRA only (its truncations mask "
+                "the rank of B·A, which DoRA renormalises per output feature); use --strategy "
+                "ladder or grid"
+            )
         if seq_cls and self.search.strategy == "nested":
             raise ConfigError(
                 "--strategy nested: supports --task causal-lm only (every truncation would "
                 "share one classifier head trained at whichever rank each step drew)"
             )
+        if self.lora.target_parameters:
+            self._check_target_parameters()
+
+    def _check_target_parameters(self) -> None:
+        """What PEFT's LoRA on parameters (ParamWrapper, peft 0.17+) cannot train."""
+        if self.search.strategy == "nested":
+            raise ConfigError(
+                "--strategy nested: not with --target-parameters (a nested run truncates each "
+                "module's rank directions; an expert parameter's factors hold every expert's)"
+            )
+        if "dropout" in (self.search.tune or []):
+            raise ConfigError("--tune dropout: --target-parameters takes no dropout (PEFT)")
+        if self.lora.use_dora:
+            raise ConfigError("--use-dora: PEFT has no DoRA for --target-parameters")
 
     def to_flat(self) -> dict[str, Any]:
         return {k: v for g in GROUPS for k, v in dataclasses.asdict(getattr(self, g)).items()}
+
+    def updated(self, values: dict[str, Any], source: str = "") -> Options:
+        """A copy with ``values`` (flat keys, as :meth:`from_flat` takes) over these options,
+        checked again as a whole.
+
+        Example:
+            >>> Options().updated({"ranks": "4,1", "seed": 3}).search.ranks
+            [1, 4]
+        """
+        return Options.from_flat({**self.to_flat(), **values}, source)
 
     def identity(self) -> dict[str, Any]:
         """Every option that determines results, defaults included, as resolved now.

@@ -19,10 +19,11 @@ Two things here keep that base fixed and the terminal quiet:
   kernels-community ...``, an optional ``kernels`` package it falls back from). transformers
   (5.x) does not import it on its own; PEFT does whenever it is installed: eagerly in
   ``peft/helpers.py``, and in ``get_peft_model`` (its LoRA dispatch imports
-  ``lora/bnb.py``). Importing rankwise installs a one-shot import hook
-  (:func:`hold_back_bitsandbytes`) that keeps bitsandbytes out of peft's first import, and
-  the trial lifecycle attaches adapters :func:`without_bitsandbytes`, so no command imports
-  it unless a quantized base is asked for (:func:`require_bitsandbytes`).
+  ``lora/bnb.py``). Where a command first needs PEFT it imports it through
+  :func:`import_peft`, which keeps bitsandbytes out of peft's first import, and the trial
+  lifecycle attaches adapters :func:`without_bitsandbytes`, so no command imports it unless
+  a quantized base is asked for (:func:`require_bitsandbytes`). Importing rankwise itself
+  imports neither, and installs no import hook.
 
 Bytes per weight (what ``estimate`` counts), for a linear layer of ``n = in x out``
 weights: NF4 keeps ``n / 2`` bytes plus one scale per block of 64 weights (fp32, or with
@@ -38,7 +39,6 @@ Example (arithmetic only; nothing is imported):
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import logging
 import math
@@ -50,7 +50,7 @@ from rankwise.errors import ConfigError
 __all__ = [
     "QUANTIZE_CHOICES",
     "INSTALL_HINT",
-    "hold_back_bitsandbytes",
+    "import_peft",
     "without_bitsandbytes",
     "require_bitsandbytes",
     "bnb_config_kwargs",
@@ -100,50 +100,19 @@ def _forget_peft_checks() -> None:
             check.cache_clear()
 
 
-class _QuietLoader(importlib.abc.Loader):
-    """Runs peft's ``__init__`` (and so every module it imports) without bitsandbytes."""
+def import_peft():
+    """``peft``, imported without bitsandbytes unless that is already imported (a quantized
+    base); once peft is imported, a no-op. Called where a command first needs PEFT (the
+    study, loading a model, estimate, export), not at ``import rankwise``: importing the
+    package changes nothing in the import system.
 
-    def __init__(self, loader, finder):
-        self.loader, self.finder = loader, finder
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        try:
-            with without_bitsandbytes():
-                self.loader.exec_module(module)
-        finally:  # leave no trace: peft looks imported normally, and the hook is gone
-            module.__loader__ = module.__spec__.loader = self.loader
-            if self.finder in sys.meta_path:
-                sys.meta_path.remove(self.finder)
-
-
-class _HoldBack(importlib.abc.MetaPathFinder):
-    """Finds what the other finders find; for ``peft``, with the loader wrapped. It stays
-    until peft is imported: transformers looks peft up (``find_spec``) before anything
-    imports it."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "peft":
-            return None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
-            spec = find(name, path, target)
-            if spec is not None:
-                if spec.loader is not None:
-                    spec.loader = _QuietLoader(spec.loader, self)
-                return spec
-        return None
-
-
-def hold_back_bitsandbytes() -> None:
-    """Keep bitsandbytes out of peft's first import (a no-op once peft is imported)."""
-    if "peft" in sys.modules or any(isinstance(f, _HoldBack) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _HoldBack())
+    transformers only looks peft up (``find_spec``); peft's own first import is what would
+    import bitsandbytes (``peft/helpers.py``), so that import runs held back.
+    """
+    if "peft" not in sys.modules:
+        with without_bitsandbytes():
+            import peft  # noqa: F401
+    return sys.modules["peft"]
 
 
 def require_bitsandbytes(quantize: str):
