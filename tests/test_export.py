@@ -269,3 +269,36 @@ def test_a_real_search_exported_and_applied(tmp_path, llama_dir, text_jsonl, cap
     model = get_peft_model(tiny_model("llama"), config)
     ranks = {m.r["default"] for m in model.modules() if hasattr(m, "lora_A") and m.r}
     assert ranks == {rank}
+
+
+@pytest.mark.parametrize("tool", ["axolotl", "llama-factory", "trl"])
+def test_the_schedule_dora_and_neftune_are_written_back(tmp_path, capsys, tool):
+    """The trials' schedule and NEFTune in the tool's own training keys (axolotl's cosine to
+    a floor as cosine + cosine_min_lr_ratio), beside its DoRA key; --merge-into notes a
+    file whose schedule differs, and not one that leaves it to the same default."""
+    from rankwise.report.merge import merge_into
+
+    budget = {"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+              "neftune_alpha": 5.0, "holds_for": "6 steps, cosine_with_min_lr schedule"}  # fmt: skip
+    fabricate_run(tmp_path / "run", {"use_dora": True}, None, budget=budget)
+    cfg = yaml.safe_load(run_export(tmp_path, capsys, tool))
+    expected = {
+        "axolotl": {"lr_scheduler": "cosine", "cosine_min_lr_ratio": 0.1, "peft_use_dora": True},
+        "llama-factory": {"lr_scheduler_type": "cosine_with_min_lr", "use_dora": True,
+                          "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
+        "trl": {"lr_scheduler_type": "cosine_with_min_lr", "use_dora": True,
+                "lr_scheduler_kwargs": {"min_lr_rate": 0.1}},
+    }[tool]  # fmt: skip
+    assert expected.items() <= cfg.items() and cfg["neftune_noise_alpha"] == 5.0
+    key = "lr_scheduler" if tool == "axolotl" else "lr_scheduler_type"
+    default = tmp_path / "default.yaml"  # the tool's default schedule: linear, or axolotl's cosine
+    default.write_text({"axolotl": "base_model: m\n", "llama-factory": "stage: sft\n",
+                        "trl": "model_name_or_path: m\n"}[tool])  # fmt: skip
+    linear = tmp_path / "linear.yaml"
+    linear.write_text(default.read_text() + f"{key}: linear\n")
+    notes = {}
+    for f in (default, linear):
+        text = merge_into(tmp_path / "run", tool, f).path.read_text()
+        notes[f.stem] = f"the search used {key}:" in text
+        assert yaml.safe_load(text).get(key) == yaml.safe_load(f.read_text()).get(key)  # kept
+    assert notes == {"default": tool != "axolotl", "linear": True}

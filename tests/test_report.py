@@ -251,7 +251,7 @@ def test_complete_run_recommends_and_shows_how_to_load(tmp_path):
     run_dir = CASES["complete"](tmp_path)
     view = load_run(run_dir)
     assert view.finished and view.status == "complete"
-    assert view.recommendation["rank"] == 4  # 8 gains only 0.3% over 4
+    assert view.recommendation.rank == 4  # 8 gains only 0.3% over 4
     snippet = config_snippet(view)
     assert "config = LoraConfig(\n    r=4,\n    lora_alpha=16.0," in snippet
     assert 'target_modules=["q_proj", "v_proj"],' in snippet and 'task_type="CAUSAL_LM",' in snippet
@@ -273,9 +273,9 @@ def test_complete_run_recommends_and_shows_how_to_load(tmp_path):
 def test_partial_run_is_provisional(tmp_path):
     view = load_run(CASES["partial"](tmp_path))
     assert not view.finished and view.status.startswith("in progress (1 trial")
-    assert view.recommendation["rank"] == 4  # provisional, from r=4 and r=8 only
-    assert view.recommendation["best_rank"] == 8
-    assert view.recommendation["lora_config"]["r"] == 4  # the spec the r=4 trial ran
+    assert view.recommendation.rank == 4  # provisional, from r=4 and r=8 only
+    assert view.recommendation.best_rank == 8
+    assert view.recommendation.lora_config["r"] == 4  # the spec the r=4 trial ran
     running = trial_table_rows(view)[-1]
     assert (running["rank"], running["status"]) == ("16", "running")
     assert running["diagnosis / reason"].startswith("running for")
@@ -308,7 +308,7 @@ def test_several_seeds_pool_to_mean_and_standard_error(tmp_path):
 
 def test_no_completed_trial_recommends_nothing(tmp_path):
     view = load_run(CASES["none-completed"](tmp_path))
-    assert view.recommendation["rank"] is None and config_snippet(view) == ""
+    assert view.recommendation.rank is None and config_snippet(view) == ""
     assert "no trial completed; nothing to recommend" in summary_markdown(view)
     assert "no recommendation yet" in write_report(view).read_text()
 

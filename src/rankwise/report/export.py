@@ -14,18 +14,26 @@ lora_dropout               ``lora_dropout``            ``lora_dropout``
 target_modules (names)     ``lora_target_modules``     ``lora_target: a,b``
 target_modules all-linear  ``lora_target_linear``      ``lora_target: all``
 use_rslora / use_dora      ``peft_use_rslora/_dora``   ``use_rslora`` / ``use_dora``
+target_parameters          ``lora_target_parameters``  (no key)
 rank_pattern               ``lora_rank_pattern``       (no key)
 alpha_pattern              ``lora_alpha_pattern``      (no key)
 bias other than none       (no key)                    (no key)
 quantize 4bit / 8bit       ``adapter: qlora`` +        ``quantization_bit: 4`` / ``8``
                            ``load_in_4bit`` / ``lora``
                            + ``load_in_8bit``
+lr schedule (budget)       ``lr_scheduler`` (cosine     ``lr_scheduler_type``,
+                           + ``cosine_min_lr_ratio``),  ``lr_scheduler_kwargs``
+                           ``lr_scheduler_kwargs``
+NEFTune alpha (budget)     ``neftune_noise_alpha``      ``neftune_noise_alpha``
 =========================  ==========================  ============================
 
 ``trl`` writes TRL's ``ModelConfig`` keys as ``trl sft --config`` reads them
 (``model_name_or_path``, ``use_peft``, ``lora_r``, ``lora_alpha``, ``lora_dropout``,
-``lora_target_modules``, ``use_rslora``, ``use_dora``, ``load_in_4bit``/``8bit``; no
-per-module keys). ``--merge-into FILE`` (:mod:`rankwise.report.merge`) sets these keys in
+``lora_target_modules``, ``lora_target_parameters``, ``use_rslora``, ``use_dora``, ``load_in_4bit``/``8bit``; no
+per-module keys), and the schedule and NEFTune as LLaMA-Factory does (both are
+``TrainingArguments`` keys). The schedule and NEFTune are how the trials trained, not LoRA
+settings: ``--merge-into`` leaves the file's own and says where they differ, as it does
+for the model. ``--merge-into FILE`` (:mod:`rankwise.report.merge`) sets these keys in
 the user's own config instead, keeping the rest of it. With ``--serve`` the text says the
 ``--max-lora-rank`` to start vLLM with.
 
@@ -66,13 +74,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankwise.config.commands import EXPORT_TOOLS
 from rankwise.errors import ConfigError
-from rankwise.io.readers import read_json_object
+from rankwise.report.document import read_document
 from rankwise.storage.rundir import RunDir
 
 __all__ = ["TOOLS", "Exported", "export", "export_config"]
 
-TOOLS = ("axolotl", "llama-factory", "trl", "peft")
+TOOLS = EXPORT_TOOLS  # declared with --to (rankwise.config.commands)
 TOOL_NAMES = {"axolotl": "axolotl", "llama-factory": "LLaMA-Factory", "trl": "TRL", "peft": "PEFT"}
 QUANTIZE_BITS = {None: None, "none": None, "4bit": 4, "8bit": 8}
 # rankwise's embedded model is the GGUF of this hub model, dequantised
@@ -116,7 +125,7 @@ def load_recommendation(run_dir: str | Path) -> dict:
         raise ConfigError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no recommendation.json; a search writes it when it finishes")
-    rec = read_json_object(path, "export")
+    rec = read_document(path, "export").to_dict()  # any version, as the current one
     lora = rec.get("lora_config")
     if rec.get("rank") is None or not isinstance(lora, dict) or "r" not in lora:
         why = f" ({rec['reason']})" if rec.get("reason") else ""
@@ -134,7 +143,8 @@ class _Yaml:
         self.tool, self.lines, self.notes = TOOL_NAMES[tool], [], []
         self.keys, self.setup, self.comments = {}, {}, []
         name = rec.get("name") or "?"
-        reason = " ".join(str(rec.get("reason") or f"r={rec['rank']}").split())
+        said = rec.get("headline") or rec.get("reason") or f"r={rec['rank']}"
+        reason = " ".join(str(said).split())
         self.comment(f"LoRA settings recommended by rankwise (run {name}): {reason}")
         if holds := (rec.get("budget") or {}).get("holds_for"):
             self.comment(f"The answer holds for a trial budget of {holds}.")
@@ -199,8 +209,9 @@ def _leftovers(lora: dict, handled: set[str], y: _Yaml) -> None:
         return
     import dataclasses
 
-    from peft import LoraConfig
+    from rankwise.io.quantize import import_peft
 
+    LoraConfig = import_peft().LoraConfig  # bitsandbytes held back (rankwise.io.quantize)
     defaults = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
         for f in dataclasses.fields(LoraConfig)
@@ -233,6 +244,8 @@ def _axolotl(rec: dict) -> Exported:
         y.comment("target_modules not recorded (PEFT's default for the architecture)")
     else:  # a list of names, or a string PEFT reads as a regex; axolotl passes both through
         y.key("lora_target_modules", targets)
+    if lora.get("target_parameters"):  # a mixture of experts' fused weights
+        y.key("lora_target_parameters", lora["target_parameters"])
     y.key("peft_use_rslora", bool(lora.get("use_rslora", False)))
     if lora.get("use_dora"):
         y.key("peft_use_dora", True)
@@ -245,7 +258,8 @@ def _axolotl(rec: dict) -> Exported:
     if lora.get("bias", "none") != "none":
         y.unsupported("bias", lora["bias"], "bias key (it trains LoRA with bias='none')")
     handled = {"lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"}
-    _leftovers(lora, handled | {"rank_pattern", "alpha_pattern", "bias"}, y)
+    _leftovers(lora, handled | {"rank_pattern", "alpha_pattern", "bias", "target_parameters"}, y)
+    _training(rec, y, "lr_scheduler")
     return y.done()
 
 
@@ -266,7 +280,7 @@ def _llama_factory(rec: dict) -> Exported:
         y.unsupported("target_modules", None, "key for PEFT's per-architecture default")
     else:
         y.unsupported("target_modules", targets, "regex targets (lora_target takes names)")
-    return _flags_and_leftovers(lora, y)
+    return _flags_and_leftovers(rec, y)
 
 
 def _trl(rec: dict) -> Exported:
@@ -283,11 +297,15 @@ def _trl(rec: dict) -> Exported:
         y.comment("target_modules not recorded (PEFT's default for the architecture)")
     else:  # TRL passes a list or "all-linear" through to LoraConfig
         y.key("lora_target_modules", targets)
-    return _flags_and_leftovers(lora, y)
+    if lora.get("target_parameters"):  # ModelConfig.lora_target_parameters
+        y.key("lora_target_parameters", lora["target_parameters"])
+    return _flags_and_leftovers(rec, y, {"target_parameters"})
 
 
-def _flags_and_leftovers(lora: dict, y: _Yaml) -> Exported:
-    """rsLoRA and DoRA as the tool's flags; what it has no key for, said in a comment."""
+def _flags_and_leftovers(rec: dict, y: _Yaml, written: set[str] = frozenset()) -> Exported:
+    """rsLoRA and DoRA as the tool's flags; what it has no key for (and the caller has not
+    ``written``), said in a comment; then the schedule and NEFTune (TrainingArguments keys)."""
+    lora = rec["lora_config"]
     y.key("use_rslora", bool(lora.get("use_rslora", False)))
     if lora.get("use_dora"):
         y.key("use_dora", True)
@@ -297,8 +315,29 @@ def _flags_and_leftovers(lora: dict, y: _Yaml) -> Exported:
     if lora.get("bias", "none") != "none":
         y.unsupported("bias", lora["bias"], "LoRA bias key")
     handled = {"lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora"}
-    _leftovers(lora, handled | {"rank_pattern", "alpha_pattern", "bias"}, y)
+    _leftovers(lora, handled | {"rank_pattern", "alpha_pattern", "bias"} | written, y)
+    _training(rec, y, "lr_scheduler_type")
     return y.done()
+
+
+def _training(rec: dict, y: _Yaml, key: str) -> None:
+    """The schedule and NEFTune the trials trained with, in the tool's training keys (set
+    up, not merged: ``--merge-into`` says where the file's differ). axolotl (``key``
+    lr_scheduler) spells cosine_with_min_lr as its own cosine with ``cosine_min_lr_ratio``."""
+    budget = rec.get("budget") or {}
+    name, kwargs = budget.get("lr_scheduler"), dict(budget.get("lr_scheduler_kwargs") or {})
+    if name is None:
+        return  # recorded before schedules were: it trained rankwise's linear
+    if key == "lr_scheduler" and name == "cosine_with_min_lr" and set(kwargs) == {"min_lr_rate"}:
+        name, ratio = "cosine", kwargs.pop("min_lr_rate")
+        y.key(key, name, lora=False)
+        y.key("cosine_min_lr_ratio", ratio, lora=False)
+    else:
+        y.key(key, name, lora=False)
+    if kwargs:
+        y.key("lr_scheduler_kwargs", kwargs, lora=False)
+    if budget.get("neftune_alpha"):
+        y.key("neftune_noise_alpha", budget["neftune_alpha"], lora=False)
 
 
 def _peft(rec: dict) -> Exported:

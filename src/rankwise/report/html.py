@@ -49,9 +49,12 @@ from rankwise.report.plots import (
     pareto_figure,
 )
 from rankwise.report.summary import (
+    PROVISIONAL,
     _facts,
-    _rec_lines,
+    _headline,
+    _more_lines,
     config_snippet,
+    rank_table_note,
     rank_table_rows,
     trial_table_rows,
 )
@@ -69,6 +72,8 @@ section { background: #fff; border-radius: 8px; padding: 16px 20px; margin: 16px
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 0; }
 dl.facts dt { color: #666; } dl.facts dd { margin: 0; word-break: break-all; }
 .rec .rank { font-size: 30px; font-weight: 700; color: #b3261e; margin: 4px 0; }
+.rec .headline { font-size: 17px; font-weight: 600; }
+.rec ul.evidence { margin: 4px 0 8px; padding-left: 20px; }
 .banner { background: #fff4ce; border-left: 4px solid #e0a800; padding: 8px 12px; }
 pre { background: #1e1e2e; color: #e6e6e6; padding: 12px 14px; border-radius: 6px;
       overflow-x: auto; font-size: 13px; }
@@ -102,22 +107,25 @@ def _html_table(rows: list[dict[str, str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
 
 
-def _header_html(view: RunView) -> str:
+def _facts_html(view: RunView) -> str:
     facts = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _facts(view))
-    return f'<h1>rankwise: {_e(view.name)}</h1>\n<section><dl class="facts">{facts}</dl></section>'
+    return f'<section><h2>Run</h2><dl class="facts">{facts}</dl></section>'
 
 
 def _recommendation_html(view: RunView) -> str:
-    rank = view.recommendation["rank"]
-    lines = _rec_lines(view)
-    banner = "" if view.finished else f'<p class="banner">{_e(lines.pop(0))}</p>'
+    """The headline first, then the evidence lines, then what else the search saw."""
+    rank = view.recommendation.rank
+    banner = "" if view.finished else f'<p class="banner">{_e(PROVISIONAL)}</p>'
     big = f"r = {rank}" if rank is not None else "no recommendation yet"
-    paras = "".join(f"<p>{_e(line)}</p>" for line in lines)
+    items = "".join(f"<li>{_e(line)}</li>" for line in view.recommendation.evidence)
+    listed = f'<ul class="evidence">{items}</ul>' if items else ""
+    paras = "".join(f"<p>{_e(line)}</p>" for line in _more_lines(view))
     snippet = config_snippet(view)
     code = f"<pre><code>{_e(snippet)}</code></pre>" if snippet else ""
     return (
         f'<section class="rec"><h2>Recommendation</h2>{banner}'
-        f'<p class="rank">{_e(big)}</p>{paras}{code}</section>'
+        f'<p class="rank">{_e(big)}</p><p class="headline">{_e(_headline(view))}</p>'
+        f"{listed}{paras}{code}</section>"
     )
 
 
@@ -177,11 +185,12 @@ def report_html(run: str | Path | RunView) -> str:
             "costs the base model (right): the increase of its loss on the retain set and the "
             "mean KL(base || adapted) of its next-token distributions there.",
         ))  # fmt: skip
-    body = [_header_html(view), _recommendation_html(view)]
+    body = [f"<h1>rankwise: {_e(view.name)}</h1>", _recommendation_html(view), _facts_html(view)]
     body += [_figure_html(*f) for f in figures]
     body += [_spectra_html(view)]
     body += [
-        f"<section><h2>Ranks</h2>{_html_table(rank_table_rows(view))}</section>",
+        f"<section><h2>Ranks</h2>{_html_table(rank_table_rows(view))}"
+        f"<p>{_e(rank_table_note(view))}</p></section>",
         f"<section><h2>Trials</h2>{_html_table(trial_table_rows(view))}</section>",
         _options_html(view),
     ]
@@ -194,7 +203,7 @@ def report_html(run: str | Path | RunView) -> str:
 
 def _spectra_html(view: RunView) -> str:
     """The recommended adapter's effective ranks by layer × module, once it is delivered."""
-    adapter = view.run_dir / (view.recommendation["adapter_dir"] or ADAPTER_DIR)
+    adapter = view.run_dir / (view.recommendation.adapter_dir or ADAPTER_DIR)
     if not adapter.is_dir():
         return ""
     from rankwise.analysis.spectra import (

@@ -6,8 +6,9 @@ answer's value in place (its end-of-line comment stays); one it lacks goes after
 LoRA key it has (or at the end); a comment block before the first of them says what
 rankwise set, which budget the answer holds for, what the tool has no key for, and the
 vLLM ``--max-lora-rank``. A per-module pattern the file holds but the answer does not is
-removed (it would override the answer). The model and quantization keys are not changed:
-where the file's differ from what the search used, the comment says so. A JSON file
+removed (it would override the answer). The model, quantization, schedule and NEFTune keys
+are not changed: where the file's differ from what the search used (a key it leaves out
+counts as the tool's default), the comment says so. A JSON file
 (TRL's ``TrainingArguments`` as JSON) keeps its key order; JSON has no comments, so the
 notes come back as notes.
 
@@ -50,6 +51,13 @@ __all__ = ["Merged", "merge_into", "merged_path"]
 # Keys the answer replaces even when it does not set them: a stale per-module pattern
 # would override the answer's ranks.
 STALE = {"axolotl": ("lora_rank_pattern", "lora_alpha_pattern")}
+# What the tool trains with where the file leaves a training key out: a search that used
+# the same needs no note.
+TOOL_DEFAULTS = {
+    "axolotl": {"lr_scheduler": "cosine"},
+    "llama-factory": {"lr_scheduler_type": "linear"},
+    "trl": {"lr_scheduler_type": "linear"},
+}
 
 
 @dataclass
@@ -164,10 +172,11 @@ def _apply(data, exported: Exported, tool: str, is_json: bool) -> list[str]:
     comments = [head.split("; ")[0]]
     comments += [c for c in exported.comments[1:] if not c.startswith("Merge these keys")]
     comments += [f"{k} removed: the answer sets no per-module ranks" for k in removed]
+    has = {k: data.get(k, TOOL_DEFAULTS[tool].get(k)) for k in exported.setup}
     comments += [
-        f"the search used {k}: {json.dumps(v)}; this file has {json.dumps(data.get(k))}"
+        f"the search used {k}: {json.dumps(v)}; this file has {json.dumps(has[k])}"
         for k, v in exported.setup.items()
-        if data.get(k) != v and k not in ("adapter", "finetuning_type")
+        if has[k] != v and k not in ("adapter", "finetuning_type")
     ]
     notes = [f"not applied: {n}" for n in exported.notes]
     if not is_json and exported.keys:

@@ -124,7 +124,7 @@ def _plot_losses(ax: Any, view: RunView, ok: list[RankScore]) -> None:
             color="tab:gray",
             label=f"base model, no adapter ({shown(m, view.base_loss):.4f})",
         )
-    if pick := next((s for s in ok if s.rank == view.recommendation["rank"]), None):
+    if pick := next((s for s in ok if s.rank == view.recommendation.rank), None):
         label = f"recommended r={pick.rank}" + ("" if view.finished else " (provisional)")
         ax.plot(
             [pick.rank], [shown(m, pick.mean)], "*", ms=20, color="tab:red", label=label, zorder=5
@@ -270,7 +270,7 @@ def pareto_figure(view: RunView) -> Any:
     ax.plot([p[0] for p in points], [p[1] for p in points], "o", color="tab:blue", label="rank")
     for x, y, rank in points:
         ax.annotate(f"r={rank}", (x, y), xytext=(5, 5), textcoords="offset points", fontsize=8)
-        if rank == view.recommendation["rank"]:
+        if rank == view.recommendation.rank:
             ax.plot([x], [y], "*", ms=18, color="tab:red", label="recommended", zorder=5)
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=_score_label(view))
@@ -363,7 +363,7 @@ def answer_figure(view: RunView) -> Any:
     """(e) The recommended rank at every evaluation step, recomputed from the stored curves:
     where the answer still moves late, the training budget decides the rank."""
     fig, (ax,) = _figure(1, 10.0, 3.4)
-    steps = [a for a in view.recommendation.get("answer_by_step") or [] if a.get("rank")]
+    steps = [a for a in view.recommendation.answer_by_step if a.get("rank")]
     ax.set(title="recommended rank vs step", xlabel="step", ylabel="rank")
     if not steps:
         _no_data(ax, "no answer yet")
@@ -401,7 +401,7 @@ def forgetting_figure(view: RunView) -> Any:
     if limit is not None:
         cost.axhline(limit, color="tab:red", alpha=0.5, label=f"--max-forgetting {limit:g}")
     cost.set_ylabel("nats per retain token", color="tab:red")
-    if (pick := view.recommendation["rank"]) is not None:
+    if (pick := view.recommendation.rank) is not None:
         ax.axvline(pick, color="tab:green", alpha=0.4, lw=6, label=f"recommended r={pick}")
     if not shares and not drift:
         _no_data(ax, "no trial measured yet")

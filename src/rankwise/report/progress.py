@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 
 from rankwise.core import metrics
+from rankwise.core.eta import TimeLeft, clock_seconds, left_text
 from rankwise.records import COMPLETE, TrialResult, TrialSpec
 from rankwise.storage.rundir import RunDir
 
@@ -51,18 +52,34 @@ class Progress:
         self.total: int | None = None
         self.budget: float | None = None
         self.before = 0.0
+        self.left: TimeLeft | None = None
+        self.running: dict[str, float] = {}  # trial key -> when it started (perf_counter)
+        self.last_end: float | None = None  # when the last trial settled
 
-    def plan(self, total: int, budget: float | None, elapsed_before: float = 0.0) -> None:
-        """At most ``total`` rank trials; ``budget`` seconds for the whole search (--max-time)."""
-        self.total, self.budget, self.before = total, budget, elapsed_before
+    def plan(
+        self,
+        total: int,
+        budget: float | None,
+        elapsed_before: float = 0.0,
+        left: TimeLeft | None = None,
+    ) -> None:
+        """At most ``total`` rank trials; ``budget`` seconds for the whole search (--max-time);
+        ``left``: the time-left estimate, told the trials already stored (told each new one)."""
+        self.total, self.budget, self.before, self.left = total, budget, elapsed_before, left
 
     def status(self) -> str:
-        """'trial k of at most n, elapsed, budget left' for the bar and the log lines."""
+        """'trial k of at most n, elapsed, time left, budget left' for the bar and the lines."""
         elapsed = self.before + time.perf_counter() - self.started
         text = f"trial {self.count}" + (f" of at most {self.total}" if self.total else "")
         text += f", {elapsed:.0f}s elapsed"
-        if self.budget:
-            text += f", {max(0.0, self.budget - elapsed):.0f}s of --max-time left"
+        budget_left = max(0.0, self.budget - elapsed) if self.budget else None
+        if self.left is not None:
+            now = time.perf_counter()
+            running = [now - t for t in self.running.values()]
+            if left := left_text(self.left.estimate(running, budget_left)):
+                text += f", {left}"
+        if budget_left is not None:
+            text += f", {budget_left:.0f}s of --max-time left"
         return text
 
     def log(self, text: str) -> None:
@@ -72,6 +89,7 @@ class Progress:
     def trial(self, spec: TrialSpec):
         """Yields the per-step callback ``(step, total, loss)`` for run_trial."""
         self.count += 1
+        self.running[spec.key] = time.perf_counter()  # until trial_done tells its result
         if self.quiet:
             yield None
             return
@@ -104,17 +122,29 @@ class Progress:
     def trial_started(self, worker: str, spec: TrialSpec, note: str = "") -> None:
         """A trial started on a worker (parallel search: no bar, one line per start)."""
         self.count += 1
+        self.running[spec.key] = time.perf_counter()
         note = f" ({note})" if note else ""
         self.log(f"{worker}: started r={spec.rank} seed={spec.seed}{note}  ({self.status()})")
 
     def trial_done(self, result: TrialResult) -> None:
+        now, started = time.perf_counter(), self.running.pop(result.key, None)
+        if self.left is not None:  # a result never started here (a skip) counts its own
+            own = result.wall_seconds + result.retain_seconds
+            seconds = own if started is None else clock_seconds(started, now, self.last_end, own)
+            self.left.tell(result.train_tokens, seconds)
+        self.last_end = now
         group = f"[{result.group}] " if result.group else ""
         worker = f"{result.extra['worker']}: " if result.extra.get("worker") else ""
         ahead = " (speculative)" if result.extra.get("speculative") else ""
         self.log(f"{worker}{group}{trial_line(result)}{ahead}  ({self.status()})")
 
     def done(self, rec, run_dir) -> None:
-        self.log(f"recommendation: {rec.reason}")
+        """The answer: its headline, then its evidence lines (``rec``: the
+        :class:`~rankwise.report.document.RecommendationDoc`; a bare Recommendation has
+        only its reason)."""
+        self.log(f"recommendation: {getattr(rec, 'headline', '') or rec.reason}")
+        for line in getattr(rec, "evidence", ()):
+            self.log(f"  {line}")
         if rec.rank is not None:
             d = RunDir(run_dir)
             self.log(f"adapter: {d.adapter}   details: {d.summary}, {d.report}")

@@ -1,24 +1,44 @@
-"""recommendation.json: the one document that says what a search recommends, and why.
+"""recommendation.json: the one function that writes it (:func:`build_document`).
 
-Written once at the end of a search (:func:`write_recommendation`) from plain inputs; read
-back by ``show``, ``report`` and ``export``. Its keys are the public schema: add, never
-rename.
+The search calls it once at the end, with what it found; ``show`` and the reports call it
+for the provisional answer of a live or interrupted run, from the store alone, with the
+run's criterion and its scale. Either way the result is a
+:class:`~rankwise.report.document.RecommendationDoc`: the headline, the evidence lines and
+every field (the record, the schema and the README's table say what each holds). The
+recommendation itself comes from :func:`recommend_run`, the search core's
+:func:`~rankwise.core.criteria.recommend` with the reason in the metric's terms.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rankwise.config import serve_round_up
+from rankwise.config import parse_serve, serve_round_up
 from rankwise.core import metrics
-from rankwise.core.criteria import Criterion, Recommendation
+from rankwise.core.criteria import Criterion, Recommendation, recommend
 from rankwise.core.scores import RankScore, improvement_share
+from rankwise.errors import ConfigError
 from rankwise.records import TrialResult
-from rankwise.report.view import excluded_by_forgetting, forgetting_by_rank, with_drift
+from rankwise.report.document import RecommendationDoc, criterion_of
+from rankwise.report.forgetting import (
+    drift_lines,
+    excluded_by_forgetting,
+    forgetting_by_rank,
+    with_drift,
+)
+from rankwise.report.words import evidence, headline
 from rankwise.storage.rundir import ADAPTER_DIR
 
-__all__ = ["TRIAL_KEYS", "RecommendationInputs", "recommendation_doc", "max_lora_rank"]
+__all__ = [
+    "TRIAL_KEYS",
+    "RecommendationInputs",
+    "build_document",
+    "recommend_run",
+    "criterion_of",
+    "max_lora_rank",
+]
 
 # The fields of each trial the document lists (the store holds the rest).
 TRIAL_KEYS = (
@@ -42,6 +62,19 @@ TRIAL_KEYS = (
     "retain_seconds",
 )
 
+# The sections of the search's evidence and of the stages after the curve (extras).
+SECTIONS = (
+    "diagnosis",
+    "races",
+    "stopped_early",
+    "answer_by_step",
+    "answer_moved",
+    "targets",
+    "tuning",
+    "final",
+    "per_layer",
+)
+
 
 @dataclass
 class RecommendationInputs:
@@ -53,57 +86,106 @@ class RecommendationInputs:
     scores: list[RankScore]
     criterion: Criterion
     base_loss: float | None
-    opts: Any
+    options: dict[str, Any]
+    """The run's flat options (``Options.to_flat()``, as the store keeps them)."""
     name: str
-    lr: float | None
-    lr_record: dict | None
-    precision: str
-    quantization_config: dict | None
+    lr: float | None = None
+    lr_record: dict | None = None
+    precision: str = ""
+    quantization_config: dict | None = None
     labels: list | None = None
     warnings: list[str] = field(default_factory=list)
     extras: dict = field(default_factory=dict)
-    budget: dict = field(default_factory=dict)  # run.setup.apply_budget: which budget it holds for
+    """The evidence sections (:data:`SECTIONS`) and anything else to write beside them."""
+    budget: dict = field(default_factory=dict)  # study.session: which budget it holds for
+    delivered: bool = True
+    """Whether the adapter is in ``adapter/`` (a provisional answer's is not yet)."""
 
 
-def recommendation_doc(x: RecommendationInputs) -> dict:
-    """The document as a dict (JSON-ready)."""
-    o, rec = x.opts, x.rec
-    return {
-        **asdict(rec),
-        "reason": with_drift(rec.reason, rec, x.trials, o.search.max_forgetting),
-        "forgetting": _forgetting(x),
+def trainable_params(trials: list[TrialResult]) -> dict[int, int]:
+    """Trainable parameters per rank, from its completed trials."""
+    return {t.rank: t.trainable_params for t in trials if t.ok and t.trainable_params}
+
+
+def recommend_run(
+    scores: list[RankScore],
+    criterion: Criterion,
+    metric: str = "loss",
+    stop_reason: str = "",
+    base_loss: float | None = None,
+    params: dict[int, int] | None = None,
+) -> Recommendation:
+    """The search core's recommendation, its reason in the metric's terms."""
+    rec = recommend(scores, criterion, stop_reason, base_loss, params)
+    if metric != "loss":
+        rec = dataclasses.replace(rec, reason=metrics.reason(rec, scores, criterion, metric))
+    return rec
+
+
+def build_document(x: RecommendationInputs) -> RecommendationDoc:
+    """The document: the one writer of recommendation.json (and of a provisional answer)."""
+    o, rec = x.options, x.rec
+    metric = o.get("metric") or "loss"
+    params = trainable_params(x.trials)
+    drift = drift_lines(rec, x.trials, o.get("max_forgetting"))
+    cap = served[1] if (served := parse_serve(o.get("serve"))) else None
+    said = headline(rec, x.scores, metric, params, cap, _moved(x.extras))
+    fields = {f.name for f in dataclasses.fields(RecommendationDoc)}
+    core = {k: v for k, v in asdict(rec).items() if k != "criterion"}
+    sections = {**x.extras}
+    values = {
+        **core,
+        "headline": said,
+        "evidence": tuple(evidence(rec, x.scores, x.criterion, metric, params, drift, cap)),
+        "reason": with_drift(rec.reason, rec, x.trials, o.get("max_forgetting")),
         "criterion": {
             "kind": x.criterion.kind,
             "threshold": x.criterion.threshold,
             "scale": x.criterion.scale,
         },
-        "base_val_loss": x.base_loss,
-        "strategy": o.search.strategy,
+        "forgetting": _forgetting(x),
+        "strategy": o.get("strategy") or "",
         "lora_config": x.lora,
-        "adapter_dir": ADAPTER_DIR if x.lora else None,
-        "model": o.model.model,
+        "adapter_dir": ADAPTER_DIR if x.lora and x.delivered else None,
+        "model": o.get("model") or "",
         "name": x.name,
         "learning_rate": {"lr": x.lr, "calibrated": x.lr_record is not None, **(x.lr_record or {})},
         "budget": {
-            "max_steps": o.train.max_steps,
-            "batch_size": o.train.batch_size,
-            "seq_len": o.data.seq_len,
-            "lr": x.lr,
+            "max_steps": o.get("max_steps"),
+            "batch_size": o.get("batch_size"),
+            "seq_len": o.get("seq_len"),
             **x.budget,
         },
-        "trials": [{k: getattr(t, k) for k in TRIAL_KEYS} for t in x.trials],
-        "scores": _scores(x.scores, x.base_loss, rec.best_loss, forgetting_by_rank(x.trials)),
-        "alpha_policy": o.lora.alpha_policy,
+        "trials": tuple({k: getattr(t, k) for k in TRIAL_KEYS} for t in x.trials),
+        "scores": tuple(
+            _scores(x.scores, x.base_loss, rec.best_loss, forgetting_by_rank(x.trials))
+        ),
+        "alpha_policy": o.get("alpha_policy") or "",
         "precision": x.precision,
-        "task": o.model.task,
-        "quantize": o.model.quantize,
+        "task": o.get("task"),
+        "quantize": o.get("quantize"),
         "quantization_config": x.quantization_config,
-        **_metric_fields(o, rec, x.labels),
-        **_serve_fields(o, x.lora),
-        **_recipe_fields(o),
-        "warnings": x.warnings,
-        **x.extras,
+        **_metric_fields(metric, o.get("task"), rec, x.labels),
+        "serve": _serve_fields(o, x.lora),
+        "recipe": _recipe_fields(o),
+        "warnings": tuple(x.warnings),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in sections.items()},
     }
+    known = {k: v for k, v in values.items() if k in fields}
+    extra = {k: v for k, v in values.items() if k not in fields}
+    return RecommendationDoc(**known, extra=extra)
+
+
+def _moved(extras: dict) -> str:
+    """The verdict of the last stage after the curve that changed the answer ("" if none)."""
+    for key in ("per_layer", "tuning", "targets"):
+        s = extras.get(key)
+        if not isinstance(s, dict):
+            continue
+        picked = (s.get("pick") or {}).get("targets") if key == "targets" else None
+        if s.get("changed") or picked not in (None, "as searched"):
+            return str(s.get("verdict") or "")
+    return ""
 
 
 def _scores(
@@ -120,11 +202,10 @@ def _scores(
     return [row(s) for s in scores]
 
 
-def _metric_fields(opts, rec: Recommendation, labels: list | None) -> dict:
-    """The metric, and for a classifier its labels and the recommendation in its terms."""
-    metric = opts.train.metric
+def _metric_fields(metric: str, task: str | None, rec: Recommendation, labels) -> dict:
+    """A classifier's labels, and for a task metric the recommendation in its terms."""
     out: dict = {"metric": metric}
-    if opts.model.task == "seq-cls":
+    if task == "seq-cls":
         out["labels"] = labels
     if metric != "loss":
         out["metric_value"] = metrics.shown(metric, rec.loss)
@@ -143,18 +224,19 @@ def max_lora_rank(lora: dict) -> int:
     return serve_round_up(max(ranks))
 
 
-def _serve_fields(opts, lora: dict | None) -> dict:
+def _serve_fields(options: dict, lora: dict | None) -> dict | None:
     """``serve``: the server the answer is for and the --max-lora-rank to start it with."""
-    if not opts.search.serve:
-        return {}
-    cap = opts.search.max_lora_rank
+    served = parse_serve(options.get("serve"))
+    if served is None:
+        return None
+    cap = served[1]
     need = max_lora_rank(lora) if lora else None
     out = {"engine": "vllm", "max_lora_rank": need, "serve_cap": cap}
     if need is not None:
-        out["command"] = f"vllm serve {opts.model.model} --enable-lora --max-lora-rank {need}"
+        out["command"] = f"vllm serve {options.get('model')} --enable-lora --max-lora-rank {need}"
     if need is not None and need > cap:
         out["warning"] = f"the adapter needs --max-lora-rank {need}, above --serve {cap}"
-    return {"serve": out}
+    return out
 
 
 def _forgetting(x: RecommendationInputs) -> dict | None:
@@ -164,10 +246,10 @@ def _forgetting(x: RecommendationInputs) -> dict | None:
     by_rank = forgetting_by_rank(x.trials)
     if not by_rank:
         return None
-    retain = x.opts.data.retain
+    retain = x.options.get("retain")
     return {
         "retain": "self-sampled" if retain is None else retain,
-        "max_forgetting": x.opts.search.max_forgetting,
+        "max_forgetting": x.options.get("max_forgetting"),
         "by_rank": [{"rank": r, **v} for r, v in by_rank.items()],
         "recommended": by_rank.get(x.rec.rank),
         "best": by_rank.get(x.rec.best_rank),
@@ -178,11 +260,16 @@ def _forgetting(x: RecommendationInputs) -> dict | None:
     }
 
 
-def _recipe_fields(opts) -> dict:
-    """``recipe``: the --from file the search read, and which tool's config it is."""
-    if not opts.run.recipe:
-        return {}
+def _recipe_fields(options: dict) -> dict | None:
+    """``recipe``: the --from file the search read, and which tool's config it is (None
+    for the tool when the file can no longer be read)."""
+    path = options.get("recipe")
+    if not path:
+        return None
     from rankwise.io.recipes import detect_tool, load_recipe_file
 
-    tool = detect_tool(load_recipe_file(opts.run.recipe), opts.run.recipe)
-    return {"recipe": {"path": str(opts.run.recipe), "tool": tool}}
+    try:
+        tool = detect_tool(load_recipe_file(path), path)
+    except (ConfigError, OSError):
+        tool = None
+    return {"path": str(path), "tool": tool}

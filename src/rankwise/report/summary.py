@@ -9,6 +9,7 @@ from typing import Any
 
 from rankwise.config import format_bytes
 from rankwise.core import metrics
+from rankwise.core.eta import duration
 from rankwise.records import TrialKind, TrialResult
 from rankwise.report.view import SUMMARY_FILE, RunView, _view
 from rankwise.storage.rundir import ADAPTER_DIR
@@ -34,6 +35,8 @@ def _note(r: TrialResult) -> str:
         parts.append(f"early stopped at step {r.steps} (--early-stopping-patience)")
     if r.kind == TrialKind.NESTED:
         parts.append("nested-rank training (one run, truncated)")
+    if r.branch is not None:  # --branch-at: a branch names its trunk, a trunk says so
+        parts.append(r.branch.describe())
     for attempt in r.extra.get("attempts") or []:
         parts.append(f"retried: worker {attempt.get('worker')} lost ({attempt.get('reason')})")
     if r.extra.get("speculative"):
@@ -125,9 +128,9 @@ def rank_table_rows(run: str | Path | RunView) -> list[dict[str, str]]:
             f" ± {s.se:.4f}" if s.n > 1 else ""
         )
         verdict = ""
-        if s.rank == rec["rank"]:
+        if s.rank == rec.rank:
             verdict = "recommended" + ("" if view.finished else " (provisional)")
-        elif s.rank == rec["best_rank"]:
+        elif s.rank == rec.best_rank:
             verdict = (
                 "lowest loss" if view.metric == "loss" else f"best {metrics.label(view.metric)}"
             )
@@ -170,12 +173,12 @@ def config_snippet(run: str | Path | RunView) -> str:
     """Copy-pasteable Python: the recommended ``LoraConfig`` and how to load the adapter."""
     view = _view(run)
     rec = view.recommendation
-    if not rec["lora_config"]:
+    if not rec.lora_config:
         return ""
-    lora = rec["lora_config"]
+    lora = rec.lora_config
     first = [k for k in ("r", "lora_alpha", "use_rslora", "target_modules") if k in lora]
     args = "".join(f"    {k}={_py(lora[k])},\n" for k in first + sorted(set(lora) - set(first)))
-    adapter = (view.run_dir / (rec["adapter_dir"] or ADAPTER_DIR)).as_posix()
+    adapter = (view.run_dir / (rec.adapter_dir or ADAPTER_DIR)).as_posix()
     lines = [
         "from peft import LoraConfig, PeftModel",
         "",
@@ -184,7 +187,7 @@ def config_snippet(run: str | Path | RunView) -> str:
     ]
     base = _base_lines(view)
     lines += base or [f"# base_model: the model the search trained on, {_py(view.model)}"]
-    if not rec["adapter_dir"]:
+    if not rec.adapter_dir:
         lines.append("# the adapter is written there when the search finishes")
     lines.append(f"model = PeftModel.from_pretrained(base_model, {_py(adapter)})")
     return "\n".join(lines)
@@ -194,7 +197,7 @@ def _base_lines(view: RunView) -> list[str]:
     """How to load the base as the search did, when that takes more than the model's name:
     a classifier head over the run's labels, a bitsandbytes quantization (rankwise.io.quantize)."""
     rec = view.recommendation
-    quantization, labels = rec.get("quantization_config"), rec.get("labels")
+    quantization, labels = rec.quantization_config, rec.labels
     if not quantization and not labels:
         return []
     auto = "AutoModelForSequenceClassification" if labels else "AutoModelForCausalLM"
@@ -250,11 +253,12 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
     o, rec = view.options, view.recommendation
     facts = [
         ("status", view.status),
+        ("time left", None if view.time_left is None else f"at most {duration(view.time_left)}"),
         ("model", view.model),
         ("train data", o.get("train")),
         ("records", _data_fact(view.data)),
         ("run directory", str(view.run_dir)),
-        ("strategy", rec["strategy"] or o.get("strategy")),
+        ("strategy", rec.strategy or o.get("strategy")),
         ("criterion", view.criterion.resolve(view.base_loss).describe()),
         ("base model val loss (no adapter)", _num(view.base_loss, ".4f")),
         ("retain set", _retain_fact(view.retain, o.get("max_forgetting"))),
@@ -264,12 +268,12 @@ def _facts(view: RunView) -> list[tuple[str, str]]:
         ("metric", _metric_fact(view.metric)),
         ("alpha policy", o.get("alpha_policy")),
         ("target modules", o.get("target_modules")),
-        ("learning rate", _lr_fact(rec.get("learning_rate"))),
-        ("precision", rec.get("precision")),
+        ("learning rate", _lr_fact(rec.learning_rate)),
+        ("precision", rec.precision),
         ("max steps", o.get("max_steps")),
         ("seeds", o.get("seeds", 1)),
         ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
-        ("stop reason", rec["stop_reason"]),
+        ("stop reason", rec.stop_reason),
     ]
     return [
         (k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
@@ -313,18 +317,19 @@ def _metric_fact(metric: str) -> str | None:
     )
 
 
-def _rec_lines(view: RunView) -> list[str]:
-    """The recommendation as plain sentences."""
+PROVISIONAL = "Provisional: the search has not finished; this is what the trials so far support."
+
+
+def _headline(view: RunView) -> str:
     rec = view.recommendation
-    lines = (
-        []
-        if view.finished
-        else ["Provisional: the search has not finished; this is what the trials so far support."]
-    )
-    lines.append(rec["reason"] or "nothing to recommend yet")
-    if rec["confidence"]:
-        lines.append(f"confidence: {rec['confidence']}")
-    diagnosis = rec["diagnosis"]
+    return rec.headline or rec.reason or "nothing to recommend yet"
+
+
+def _more_lines(view: RunView) -> list[str]:
+    """What the search saw beside the answer: advice, races, stages, the answer over steps."""
+    rec = view.recommendation
+    lines = []
+    diagnosis = rec.diagnosis
     if isinstance(diagnosis, dict):
         if diagnosis.get("advice"):
             lines.append(f"advice: {diagnosis['advice']}")
@@ -335,7 +340,7 @@ def _rec_lines(view: RunView) -> list[str]:
     elif diagnosis:
         lines.append(f"diagnosis: {diagnosis}")
     lines += _noise_lines(rec)
-    final = rec.get("final")
+    final = rec.final
     if isinstance(final, dict) and final.get("final_val_loss") is not None:
         nested = final.get("nested_val_loss")
         lines.append(
@@ -347,27 +352,28 @@ def _rec_lines(view: RunView) -> list[str]:
         ("tuning", "co-tuning"),
         ("per_layer", "per-layer ranks"),
     ):
-        section = rec.get(key)
+        section = getattr(rec, key)
         if isinstance(section, dict) and section.get("verdict"):
             lines.append(f"{label}: {section['verdict']}")
     return lines
 
 
-def _noise_lines(rec: dict) -> list[str]:
-    """The measured noise, the races it caused and what they cost, the answer over steps."""
+def rank_table_note(view: RunView) -> str:
+    """What the ranks table's numbers are, and why they differ from the trials table's."""
+    what = metrics.label(view.metric)
+    return (
+        f"{what}: each rank's mean over its seeds, adjusted for the seed effects the ranks "
+        "share (a seed that is lucky for one rank is lucky for all), ± its standard error; "
+        f"the trials table lists each trial's raw {what}, so a single-seed rank may differ "
+        "from its trial."
+    )
+
+
+def _noise_lines(rec) -> list[str]:
+    """The races the noise caused and what they cost, the answer over steps (the noise
+    itself is an evidence line)."""
     lines = []
-    noise = rec.get("noise")
-    if isinstance(noise, dict):
-        if noise.get("sigma") is None:
-            lines.append("noise: not measured (one seed per rank; --max-seeds 2+ measures it)")
-        else:
-            how = "paired by seed" if noise["source"] == "paired" else "spread of one rank"
-            lines.append(
-                f"noise: {noise['sigma']:.4f} nats per trial, seed to seed ({how}, "
-                f"{noise['df']} df); a step counts only beyond 2 standard errors of its "
-                "paired difference"
-            )
-    for race in rec.get("races") or []:
+    for race in rec.races:
         low, high = race["ranks"]
         if race.get("not_raced"):
             lines.append(race["not_raced"])
@@ -376,7 +382,7 @@ def _noise_lines(rec: dict) -> list[str]:
             f"raced r={low} vs r={high}: +{len(race['added'])} trials "
             f"({race.get('train_tokens', 0):,} tokens, {race.get('wall_seconds', 0):.0f}s)"
         )
-    cut = rec.get("stopped_early") or []
+    cut = rec.stopped_early
     if cut:
         saved = sum(c.get("tokens_saved", 0) for c in cut)
         which = ", ".join(f"r={c['rank']} seed {c['seed']} at step {c['step']}" for c in cut)
@@ -384,30 +390,38 @@ def _noise_lines(rec: dict) -> list[str]:
             f"stopped early (--stop-when-decided): {len(cut)} trial{'s' * (len(cut) != 1)} "
             f"({which}), {saved:,} tokens not trained; none could change the answer"
         )
-    by_step = [a for a in rec.get("answer_by_step") or [] if a.get("rank")]
+    by_step = [a for a in rec.answer_by_step if a.get("rank")]
     if by_step:
         lines.append("answer by step: " + ", ".join(f"{a['step']}: r={a['rank']}" for a in by_step))
-    budget = rec.get("budget") or {}
+    budget = rec.budget or {}
     if budget.get("epochs") or budget.get("trial_budget", 1) < 1:
         lines.append(f"the answer holds for a trial budget of {budget['holds_for']}")
-    if rec.get("answer_moved"):
-        lines.append(f"warning: {rec['answer_moved']}")
+    if rec.answer_moved:
+        lines.append(f"warning: {rec.answer_moved}")
     return lines
 
 
 def summary_markdown(run: str | Path | RunView) -> str:
-    """The run in Markdown: facts, recommendation (with code), per-rank and per-trial tables."""
+    """The run in Markdown: the recommendation (headline, evidence, code), the facts, the
+    per-rank and per-trial tables."""
     view = _view(run)
-    rank = view.recommendation["rank"]
+    rank = view.recommendation.rank
     out = [f"# rankwise: {_md(view.name)}\n"]
-    out += [f"- **{k}**: {_md(v)}" for k, v in _facts(view)]
-    out.append(f"\n## Recommendation: {'r = ' + str(rank) if rank is not None else 'none'}\n")
-    out += [_md(line) + "\n" for line in _rec_lines(view)]
+    out.append(f"## Recommendation: {'r = ' + str(rank) if rank is not None else 'none'}\n")
+    if not view.finished:
+        out.append(PROVISIONAL + "\n")
+    out.append(f"**{_md(_headline(view))}**\n")
+    out += [f"- {_md(line)}" for line in view.recommendation.evidence]
+    out.append("")
+    out += [_md(line) + "\n" for line in _more_lines(view)]
     if snippet := config_snippet(view):
         out.append(f"```python\n{snippet}\n```\n")
+    out.append("## Run\n")
+    out += [f"- **{k}**: {_md(v)}" for k, v in _facts(view)]
     out += [
-        "## Ranks\n",
+        "\n## Ranks\n",
         _md_table(rank_table_rows(view)),
+        f"_{_md(rank_table_note(view))}_\n",
         "## Trials\n",
         _md_table(trial_table_rows(view)),
     ]
