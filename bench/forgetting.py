@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import rankwise
-from bench import corpora, planted, planted2
+from bench import corpora, harness, planted, planted2
 from rankwise.records import SKIPPED
 
 __all__ = ["RANKS", "TASKS", "run_task", "spearman", "table", "main"]
@@ -226,44 +226,39 @@ def _f(x, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _per_rank(row: dict, r: str) -> list:
+    v = row["ranks"][r]
+    mark = " (rec.)" if int(r) == row["rank"] else " (best)" if int(r) == row["best_rank"] else ""
+    held = (row.get("held") or {}).get(r, (row.get("held") or {}).get(str(r)))
+    exact = (row.get("exact_kl") or {}).get(r, (row.get("exact_kl") or {}).get(str(r)))
+    share = _f(100 * v["share"], ".1f") + "%" if v["share"] is not None else "-"
+    return [row["task"], f"{r}{mark}", share, _f(v["forgetting"], "+.4f"), _f(v["kl"]),
+            _f(exact), _f(held, "+.4f")]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| task | r | share of improvement | forgetting (retain-loss increase) | KL "
-            "(top-256 bound) | exact KL | held-back increase |")  # fmt: skip
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        for r, v in sorted(row["ranks"].items(), key=lambda x: int(x[0])):
-            mark = (
-                " (rec.)"
-                if int(r) == row["rank"]
-                else " (best)"
-                if int(r) == row["best_rank"]
-                else ""
-            )
-            held = (row.get("held") or {}).get(r, (row.get("held") or {}).get(str(r)))
-            exact = (row.get("exact_kl") or {}).get(r, (row.get("exact_kl") or {}).get(str(r)))
-            share = _f(100 * v["share"], ".1f") + "%" if v["share"] is not None else "-"
-            lines.append(f"| {row['task']} | {r}{mark} | {share} | {_f(v['forgetting'], '+.4f')} "
-                         f"| {_f(v['kl'])} | {_f(exact)} | {_f(held, '+.4f')} |")  # fmt: skip
-    return "\n".join(lines)
+    head = ["task", "r", "share of improvement", "forgetting (retain-loss increase)",
+            "KL (top-256 bound)", "exact KL", "held-back increase"]  # fmt: skip
+    cells = [_per_rank(row, r) for row in rows
+             for r in sorted(row["ranks"], key=int)]  # fmt: skip
+    return harness.table(head, cells)
+
+
+def _totals(row: dict) -> list:
+    by = {int(r): v for r, v in row["ranks"].items()}
+    rec, best = row["rank"], row["best_rank"]
+    pick = f"r={rec} ({_f(by.get(rec, {}).get('forgetting'), '+.4f')})" if rec else "none"
+    return [row["task"], _f(row["rho_rank"], "+.2f"), _f(row.get("rho_held"), "+.2f"),
+            f"{100 * row['retain_share']:.1f}% ({row['retain_seconds']:.0f} of "
+            f"{row['wall']:.0f} s)", _f(row["top_k_mass"], ".2f"),
+            f"{pick} vs r={best} ({_f(by.get(best, {}).get('forgetting'), '+.4f')})"]  # fmt: skip
 
 
 def summary(rows: list[dict]) -> str:
-    head = (
-        "| task | rho(forgetting, r) | rho(self-sampled, held-back) | retain eval share of "
-        "wall time | top-256 mass | recommended r (forgetting) vs best r (forgetting) |"
-    )
-    lines = [head, "|---|---|---|---|---|---|"]
-    for row in rows:
-        by = {int(r): v for r, v in row["ranks"].items()}
-        rec, best = row["rank"], row["best_rank"]
-        pick = f"r={rec} ({_f(by.get(rec, {}).get('forgetting'), '+.4f')})" if rec else "none"
-        lines.append(
-            f"| {row['task']} | {_f(row['rho_rank'], '+.2f')} | {_f(row.get('rho_held'), '+.2f')} "
-            f"| {100 * row['retain_share']:.1f}% ({row['retain_seconds']:.0f} of {row['wall']:.0f} s) "
-            f"| {_f(row['top_k_mass'], '.2f')} | {pick} vs r={best} "
-            f"({_f(by.get(best, {}).get('forgetting'), '+.4f')}) |"
-        )  # fmt: skip
-    return "\n".join(lines)
+    head = ["task", "rho(forgetting, r)", "rho(self-sampled, held-back)",
+            "retain eval share of wall time", "top-256 mass",
+            "recommended r (forgetting) vs best r (forgetting)"]  # fmt: skip
+    return harness.table(head, map(_totals, rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks:
             rows.append(run_task(task, args))
             print(summary(rows[-1:]).splitlines()[-1], flush=True)
-            if not args.smoke:  # each task as it ends: a later one may fail
-                old = json.loads(saved.read_text()) if saved.exists() else []
-                kept = {r["task"]: r for r in old} | {rows[-1]["task"]: rows[-1]}
-                saved.write_text(json.dumps(list(kept.values()), indent=2) + "\n")
-        if not args.smoke:
-            rows = json.loads(saved.read_text())
+            # Each task as it ends (a later one may fail), with those of earlier runs.
+            old = json.loads(saved.read_text()) if saved.exists() else []
+            kept = {r["task"]: r for r in old} | {rows[-1]["task"]: rows[-1]}
+            saved.write_text(json.dumps(list(kept.values()), indent=2) + "\n")
+        rows = json.loads(saved.read_text())
+    if not args.smoke:
+        harness.write_results("forgetting", rows, settings={"out": str(args.out)})
     print(table(rows))
     print()
     print(summary(rows))

@@ -27,11 +27,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+if not __package__:  # run as a file (the measured worker process): make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import harness  # noqa: E402
 
 SECTION = "## Peak memory: predicted vs measured"
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -241,20 +245,16 @@ def search_ray(tmp: Path) -> list[tuple[str, object]]:
 
 
 def search_table(rows: list[tuple[str, object]]) -> str:
-    head = (
-        "| search | trial | predicted | measured | error | baseline (pred.) "
-        "| resident after the trial (worker) |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    head = ["search", "trial", "predicted", "measured", "error", "baseline (pred.)",
+            "resident after the trial (worker)"]  # fmt: skip
+    cells = []
     for name, t in rows:
         pred, meas = t.predicted["peak_memory_bytes"], t.peak_memory_bytes
         base = t.predicted.get("baseline_bytes")
         resident = t.extra.get("resident_bytes")
-        lines.append(
-            f"| {name} | {t.key} | {mib(pred)} | {mib(meas)} | {100 * (pred - meas) / meas:+.1f}% "
-            f"| {mib(base) if base else '-'} | {mib(resident) if resident else '-'} |"
-        )
-    return "\n".join(lines)
+        cells.append([name, t.key, mib(pred), mib(meas), f"{100 * (pred - meas) / meas:+.1f}%",
+                      mib(base) if base else "-", mib(resident) if resident else "-"])  # fmt: skip
+    return harness.table(head, cells)
 
 
 def run_searches(steps: int) -> int:
@@ -281,15 +281,9 @@ def run_one(c: dict, saved: bool) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{harness.cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def mib(n: float) -> str:
@@ -297,19 +291,16 @@ def mib(n: float) -> str:
 
 
 def table(rows: list[tuple[dict, dict]], saved: bool) -> tuple[str, float, float]:
-    head = "| config | predicted | measured | error | baseline | activations (pred.) |"
-    head += " saved by autograd |" if saved else ""
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    errors = []
+    head = ["config", "predicted", "measured", "error", "baseline", "activations (pred.)"]
+    head += ["saved by autograd"] if saved else []
+    cells, errors = [], []
     for c, r in rows:
         err = 100 * (r["predicted"] - r["measured"]) / r["measured"]
         errors.append(abs(err))
-        line = (
-            f"| {label(c)} | {mib(r['predicted'])} | {mib(r['measured'])} | {err:+.1f}% "
-            f"| {mib(r['baseline'])} | {mib(r['estimate']['activation_bytes'])} |"
-        )
-        lines.append(line + (f" {mib(r['saved'])} |" if saved else ""))
-    return "\n".join(lines), statistics.median(errors), max(errors)
+        cells.append([label(c), mib(r["predicted"]), mib(r["measured"]), f"{err:+.1f}%",
+                      mib(r["baseline"]), mib(r["estimate"]["activation_bytes"])]
+                     + ([mib(r["saved"])] if saved else []))  # fmt: skip
+    return harness.table(head, cells), statistics.median(errors), max(errors)
 
 
 def write_section(text: str) -> None:

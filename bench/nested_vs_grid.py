@@ -45,7 +45,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench import planted
+from bench import harness, planted
 from bench import search_efficiency as se
 from rankwise import search
 from rankwise.config import Options
@@ -244,12 +244,13 @@ def _fmt_gains(curve: dict) -> str:
     return " / ".join(f"{(a - b) / a:+.2%}" for a, b in zip(v, v[1:], strict=False))
 
 
-HEADER = (
-    "| task | k | ranks | nested rank | grid rank | same? | regret (nats) | "
-    "nested+final tokens ÷ one r_max trial | ÷ grid (N trials) | "
-    "trial wall: nested+final ÷ one r_max trial | ÷ grid | "
-    "wall s: nested + final / grid trials (nested e2e) | final − nested val at its rank |"
-)
+COLUMNS = [
+    "task", "k", "ranks", "nested rank", "grid rank", "same?", "regret (nats)",
+    "nested+final tokens ÷ one r_max trial", "÷ grid (N trials)",
+    "trial wall: nested+final ÷ one r_max trial", "÷ grid",
+    "wall s: nested + final / grid trials (nested e2e)", "final − nested val at its rank",
+]  # fmt: skip
+HEADER = "| " + " | ".join(COLUMNS) + " |"
 
 
 def _label(row: dict) -> str:
@@ -263,34 +264,31 @@ def _s(seconds: float | None) -> str:
     return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"
 
 
+def _cells(r: dict) -> list:
+    w, fin = r["wall"], r.get("final") or {}
+    diff = fin.get("difference")
+    return [
+        _label(r), r["k"] or "-", ",".join(map(str, r["ranks"])), r["nested_rank"],
+        r["grid_rank"], "yes" if r["same_rank"] else "NO", f"{r['regret']:+.4f}",
+        f"{r['tokens_vs_one_trial']:.2f}", f"{r['tokens_vs_grid']:.2f} ({r['grid_trials']})",
+        f"{r['wall_vs_one_trial']:.2f}", f"{r['wall_vs_grid']:.2f}",
+        f"{_s(w['nested'])} + {_s(w['final'])} / {_s(w['grid'])} "
+        f"({_s(r['end_to_end_seconds']['nested'])})",
+        "-" if diff is None else f"{diff:+.4f}",
+    ]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    lines = [HEADER, "|" + "---|" * 13]
-    for r in rows:
-        w, fin = r["wall"], r.get("final") or {}
-        diff = fin.get("difference")
-        lines.append(
-            f"| {_label(r)} | {r['k'] or '-'} | {','.join(map(str, r['ranks']))} | "
-            f"{r['nested_rank']} | {r['grid_rank']} | {'yes' if r['same_rank'] else 'NO'} | "
-            f"{r['regret']:+.4f} | {r['tokens_vs_one_trial']:.2f} | "
-            f"{r['tokens_vs_grid']:.2f} ({r['grid_trials']}) | {r['wall_vs_one_trial']:.2f} | "
-            f"{r['wall_vs_grid']:.2f} | {_s(w['nested'])} + {_s(w['final'])} / {_s(w['grid'])} "
-            f"({_s(r['end_to_end_seconds']['nested'])}) | "
-            f"{'-' if diff is None else f'{diff:+.4f}'} |"
-        )
-    lines += [
-        "",
-        "| task | curve | best val loss per rank | gain per step up | rank at 1% |",
-        "|---|---|---|---|---|",
-    ]
+    """Both tables, rendered from the stored rows (``results/<task>.json``)."""
+    curves = []
     for r in rows:
         ranks = ",".join(str(x) for x in sorted(map(int, r["grid_curve"])))
         for kind in ("nested", "grid"):
             c = r[f"{kind}_curve"]
-            lines.append(
-                f"| {_label(r)} | {kind} | r={ranks}: {_fmt_curve(c)} | {_fmt_gains(c)} | "
-                f"{r[f'{kind}_rank']} |"
-            )
-    return "\n".join(lines)
+            curves.append([_label(r), kind, f"r={ranks}: {_fmt_curve(c)}", _fmt_gains(c),
+                           r[f"{kind}_rank"]])  # fmt: skip
+    head = ["task", "curve", "best val loss per rank", "gain per step up", "rank at 1%"]
+    return harness.table(COLUMNS, map(_cells, rows)) + "\n\n" + harness.table(head, curves)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(p.read_text()) for p in results.glob("*.json")]
     order = {n: i for i, n in enumerate(["planted-k2", "planted-k4", "planted-k8", "planted-k32"])}
     rows.sort(key=lambda r: (r.get("variant", ""), order.get(r["task"], 9)))
+    if not args.smoke:  # every stored row, with the environment: bench/results/
+        harness.write_results("nested_vs_grid", rows, settings={"out": str(args.out)})
     print(table(rows))
     if cleanup:
         shutil.rmtree(cleanup, ignore_errors=True)

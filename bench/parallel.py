@@ -20,9 +20,9 @@ during the run is printed with the table.
 
 Usage::
 
-    .venv/bin/python -m bench.parallel            # a few minutes
+    .venv/bin/python -m bench.parallel            # a few minutes; bench/results/parallel.json
     .venv/bin/python -m bench.parallel --smoke    # seconds of training
-    .venv/bin/python -m bench.parallel --smoke --strategies ladder   # tests: the speculative one
+    .venv/bin/python -m bench.parallel --smoke --strategies ladder --results DIR   # tests
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")  # as rankwise's own local Ray
 
 import torch  # noqa: E402
 
+from bench import harness  # noqa: E402
 from rankwise.storage.store import RunStore  # noqa: E402
 from rankwise.testing import save_tiny_model  # noqa: E402
 
@@ -106,12 +107,31 @@ def run(model: Path, train: Path, out: Path, p: dict, strategy: str, executor: s
     }
 
 
+HEADER = ["search", "trials (decided + speculative)", "local s", "ray 2 workers s", "speed-up",
+          "speculative tokens", "same decisions", "same losses"]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    """The table, from the rows main() stores (one per strategy: both searches)."""
+
+    def cells(row: dict) -> list:
+        local, par = row["local"], row["ray"]
+        extra = f"{par['extra_tokens'] / par['tokens']:.0%}" if par["tokens"] else "-"
+        return [row["strategy"], f"{len(par['decided'])} + {len(par['speculative'])}",
+                f"{local['wall']:.1f}", f"{par['wall']:.1f}", f"{local['wall'] / par['wall']:.2f}x",
+                f"{par['extra_tokens']:,} ({extra})", f"yes (r={par['rank']})",
+                "yes" if row["same_losses"] else "NO"]  # fmt: skip
+
+    return harness.table(HEADER, map(cells, rows))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny model and few steps")
     ap.add_argument(
         "--strategies", nargs="+", default=["grid", "ladder"], choices=["grid", "ladder"]
     )
+    ap.add_argument("--results", type=Path, help="folder of parallel.json (--smoke: none)")
     args = ap.parse_args(argv)
     p = SMOKE if args.smoke else FULL
     import ray
@@ -135,26 +155,17 @@ def main(argv=None) -> int:
             load.append(os.getloadavg()[0])
             same = all(par["losses"][k] == v for k, v in local["losses"].items())
             assert local["decided"] == par["decided"] and local["rank"] == par["rank"]
-            rows.append((strategy, local, par, same))
+            rows.append({"strategy": strategy, "local": local, "ray": par, "same_losses": same})
     if own:
         ray.shutdown()
+    if args.results or not args.smoke:
+        settings = {**p, "ray_start_seconds": ray_start, "load_average": [min(load), max(load)]}
+        harness.write_results("parallel", rows, args.results, settings)
     print(
         f"ray start: {ray_start:.1f} s; load average (1 min) during the run: "
         f"{min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores"
     )
-    print(
-        "| search | trials (decided + speculative) | local s | ray 2 workers s | speed-up "
-        "| speculative tokens | same decisions | same losses |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for strategy, local, par, same in rows:
-        extra = f"{par['extra_tokens'] / par['tokens']:.0%}" if par["tokens"] else "-"
-        print(
-            f"| {strategy} | {len(par['decided'])} + {len(par['speculative'])} "
-            f"| {local['wall']:.1f} | {par['wall']:.1f} | {local['wall'] / par['wall']:.2f}x "
-            f"| {par['extra_tokens']:,} ({extra}) | yes (r={par['rank']}) "
-            f"| {'yes' if same else 'NO'} |"
-        )
+    print(table(rows))
     return 0
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bench import planted
+from bench import harness, planted
 from rankwise import search
 from rankwise.config import SearchConfig
 from rankwise.core.criteria import recommend
@@ -198,48 +198,46 @@ def _fmt_gains(curve: dict) -> str:
     return " / ".join(f"{(a - b) / a:+.2%}" for a, b in zip(v, v[1:], strict=False))
 
 
+MAIN_COLUMNS = [
+    "task", "k", "ranks", "ladder trials (ranks)", "grid trials", "tokens ladder÷grid",
+    "trial wall ladder÷grid", "ladder ÷ one trial at its rank (tokens / wall)", "ladder rank",
+    "grid rank", "same?", "regret (nats)", "ladder run",
+]  # fmt: skip
+CURVE_COLUMNS = [
+    "task", "policy", "best val loss per rank (grid)", "gain per step up", "grid rank",
+    "ladder rank", "k", "ladder / grid rank at tolerance 0.5%", "at 0.25%",
+]  # fmt: skip
+
+
+def _main_cells(r: dict) -> list:
+    lad, grid = r["ladder"], r["grid"]
+    how = (
+        "replayed on grid trials"
+        if r["replayed"]
+        else (f"real (max loss diff vs grid {r['ladder_grid_max_loss_diff']:.1e})")
+    )
+    return [
+        r["task"], r["k"] or "-", ",".join(map(str, r["ranks"])),
+        f"{lad['trials']} ({','.join(map(str, lad['ranks']))})", grid["trials"],
+        f"{r['tokens_ratio']:.2f}", f"{r['wall_ratio']:.2f}",
+        f"{r['ladder_vs_one_trial_tokens']:.2f} / {r['ladder_vs_one_trial_wall']:.2f}",
+        lad["rank"], grid["rank"], "yes" if r["same_rank"] else "no", f"{r['regret']:+.4f}", how,
+    ]  # fmt: skip
+
+
+def _curve_cells(r: dict) -> list:
+    ranks = ",".join(str(x) for x in sorted(map(int, r["grid_curve"])))
+    at = ["{} / {}".format(*ranks_at(r["grid_curve"], r["start_rank"], t)) for t in (0.005, 0.0025)]
+    return [r["task"], r.get("policy", "fixed"), f"r={ranks}: {_fmt_curve(r['grid_curve'])}",
+            _fmt_gains(r["grid_curve"]), r["grid"]["rank"], r["ladder"]["rank"], r["k"] or "-",
+            *at]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    """The markdown tables RESULTS.md shows."""
+    """The markdown tables RESULTS.md shows, rendered from the stored rows."""
     main = [r for r in rows if r.get("policy", "fixed") == "fixed"]
-    lines = [
-        "| task | k | ranks | ladder trials (ranks) | grid trials | tokens ladder÷grid | "
-        "trial wall ladder÷grid | ladder ÷ one trial at its rank (tokens / wall) | "
-        "ladder rank | grid rank | same? | regret (nats) | ladder run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in main:
-        lad, grid = r["ladder"], r["grid"]
-        how = (
-            "replayed on grid trials"
-            if r["replayed"]
-            else (f"real (max loss diff vs grid {r['ladder_grid_max_loss_diff']:.1e})")
-        )
-        lines.append(
-            f"| {r['task']} | {r['k'] or '-'} | {','.join(map(str, r['ranks']))} | "
-            f"{lad['trials']} ({','.join(map(str, lad['ranks']))}) | {grid['trials']} | "
-            f"{r['tokens_ratio']:.2f} | {r['wall_ratio']:.2f} | "
-            f"{r['ladder_vs_one_trial_tokens']:.2f} / {r['ladder_vs_one_trial_wall']:.2f} | "
-            f"{lad['rank']} | {grid['rank']} | {'yes' if r['same_rank'] else 'no'} | "
-            f"{r['regret']:+.4f} | {how} |"
-        )
-    lines += [
-        "",
-        "| task | policy | best val loss per rank (grid) | gain per step up | grid rank | "
-        "ladder rank | k | ladder / grid rank at tolerance 0.5% | at 0.25% |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ranks = ",".join(str(x) for x in sorted(map(int, r["grid_curve"])))
-        lines.append(
-            f"| {r['task']} | {r.get('policy', 'fixed')} | r={ranks}: {_fmt_curve(r['grid_curve'])}"
-            f" | {_fmt_gains(r['grid_curve'])} | {r['grid']['rank']} | {r['ladder']['rank']} | {r['k'] or '-'} | "
-            + " | ".join(
-                "{} / {}".format(*ranks_at(r["grid_curve"], r["start_rank"], t))
-                for t in (0.005, 0.0025)
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    return (harness.table(MAIN_COLUMNS, map(_main_cells, main)) + "\n\n"
+            + harness.table(CURVE_COLUMNS, map(_curve_cells, rows)))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     order = {n: i for i, n in enumerate(RANKS)}
     rows.sort(key=lambda r: (order[r["task"]], list(ALPHA).index(r.get("policy", "fixed"))))
+    if not args.smoke:  # every stored row, with the environment: bench/results/
+        harness.write_results("search_efficiency", rows, settings={"out": str(args.out)})
     print(table(rows))
     return 0
 

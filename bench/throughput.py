@@ -82,25 +82,26 @@ class _EvalTimer:
             self.spans.append((t0, time.perf_counter()))
 
 
-def load(model: str, args, work: Path):
-    """(model, tokenizer, token data) for ``smollm2`` or the in-process ``tiny`` Llama."""
+def load(model: str, args, work: Path, device: str = "cpu"):
+    """(model, tokenizer, token data) for ``smollm2`` (or another ``--model``) or the
+    in-process ``tiny`` Llama, on ``device``."""
     from rankwise.io.models import load_model
     from rankwise.testing import make_tokenizer, tiny_model
 
     if model == "tiny":
-        net, tok = tiny_model("llama").requires_grad_(False), make_tokenizer()
+        net, tok = tiny_model("llama").requires_grad_(False).to(device), make_tokenizer()
         rng = random.Random(0)
         lines = (" ".join(rng.choice(WORDS) for _ in range(20)) for _ in range(400))
         (work / "tiny.txt").write_text("\n".join(lines))
         train = str(work / "tiny.txt")
     else:
-        net, tok, _ = load_model(ModelConfig(model=model, device="cpu"))
+        net, tok, _ = load_model(ModelConfig(model=model, device=device))
         train = "stdlib-docstrings"
     cfg = DataConfig(train=train, seq_len=args.seq_len, max_examples=2000)
     return net, tok, prepare_data(cfg, tok, work / model, seed=0)
 
 
-def rankwise_autocast(precision: str, n_params: int) -> str | None:
+def rankwise_autocast(precision: str, n_params: int, device: str = "cpu") -> str | None:
     """What rankwise's trial runs under: ``--dtype auto`` picks bf16 autocast where the
     hardware has it (rankwise.io.models.pick_autocast); ``fp32`` is ``--dtype float32``."""
     from rankwise.io.models import pick_autocast
@@ -109,7 +110,7 @@ def rankwise_autocast(precision: str, n_params: int) -> str | None:
         return None
     if precision == "bf16":
         return "bfloat16"
-    return pick_autocast("auto", "cpu", n_params)
+    return pick_autocast("auto", device, n_params)
 
 
 def make_spec(args, steps: int, autocast: str | None = None) -> TrialSpec:
@@ -202,7 +203,7 @@ def run_baseline(ctx: TrialContext, spec: TrialSpec, work: Path, bf16: bool = Fa
         logging_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=str(ctx.device) == "cpu",
         bf16=bf16,
         dataloader_pin_memory=False,
         seed=spec.seed,
@@ -248,12 +249,15 @@ def _figures(t0, t1, first_begin, first_end, last_end, eval_seconds, tokens, n, 
     }
 
 
-def bench_model(model: str, args, work: Path, precision: str = "default", loaded=None) -> dict:
-    net, tok, data = loaded or load(model, args, work)
-    ctx = TrialContext(net, tok, "cpu", data)
+def bench_model(
+    model: str, args, work: Path, precision: str = "default", loaded=None, device: str = "cpu"
+) -> dict:
+    net, tok, data = loaded or load(model, args, work, device)
+    ctx = TrialContext(net, tok, device, data)
     from rankwise.io.models import param_count
 
-    autocast, bf16 = rankwise_autocast(precision, param_count(net)), precision == "bf16"
+    autocast = rankwise_autocast(precision, param_count(net), device)
+    bf16 = precision == "bf16"
     # The baseline is evaluated as it trained: under autocast when Trainer used bf16.
     spec_a = make_spec(args, args.steps, autocast)
     spec_b = make_spec(args, args.steps, "bfloat16" if bf16 else None)

@@ -1,8 +1,9 @@
-"""bench/early_stop.py: stopping a trial once it cannot change the answer (torch-free replay)."""
+"""bench/archive/early_stop.py: stopping a trial once it cannot change the answer (torch-free replay)."""
 
 from __future__ import annotations
 
-from bench import early_stop, stability
+from bench import stability
+from bench.archive import early_stop
 from rankwise.core.criteria import Criterion
 
 CURVE = {1: 3.80, 2: 3.70, 4: 3.62, 8: 3.61, 16: 3.609, 32: 3.6085}

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from bench import criteria, precision, rank_curves, search_cost, search_efficiency, throughput
+from bench import criteria, harness, rank_curves, search_efficiency, throughput
 
 from .conftest import table_rows
 
@@ -45,10 +45,10 @@ def test_throughput_arms_train_alike(bench_main, tmp_path):
     assert ours == pytest.approx(trainer, rel=2e-3)
 
 
-def test_criteria_replay_on_made_up_curves(bench_main):
-    out = bench_main(criteria)
-    rows = table_rows(out)
-    ranks = {(r[0], r[1]): r[2:4] for r in rows if r[1] in ("grid", "ladder")}
+def test_criteria_replay_on_made_up_curves(bench_main, tmp_path):
+    out = bench_main(criteria, "--results", str(tmp_path))
+    rows = harness.read_results("criteria", tmp_path)["results"]
+    ranks = {(r["criterion"], r["how"]): r["ranks"] for r in rows}
     assert len(ranks) == 2 * len(criteria.CANDIDATES)
     # The curves fall to k and are flat after it: the ladder, climbing from r=4, reaches the
     # grid's answer under every criterion ...
@@ -57,7 +57,7 @@ def test_criteria_replay_on_made_up_curves(bench_main):
         assert ranks[name, "ladder"] == ranks[name, "grid"], name
     # ... and the strictest relative rule and the 1% knee recommend exactly k (2 and 8).
     for name in ("relative 0.005", "knee 0.01"):
-        assert [cell.split()[0] for cell in ranks[name, "grid"]] == ["2", "8"], name
+        assert ranks[name, "grid"] == [2, 8], name
     assert "grid: meets the target" in out and "relative 0.005, " in out
 
 
@@ -72,54 +72,3 @@ def test_rank_curves_fall_below_the_base_model(bench_main, tmp_path):
     params = body["trainable_params"]
     assert params["2"] == 2 * params["1"]
     assert body["train_tokens"]["1"] == body["train_tokens"]["2"]
-
-
-@pytest.mark.slow
-def test_precision_autocast_stays_near_fp32(bench_main, tmp_path, monkeypatch):
-    from rankwise.io import models
-
-    # precision.py sets the autocast size floor to 0 for its run; put it back afterwards.
-    monkeypatch.setattr(models, "AUTOCAST_MIN_PARAMS_CPU", models.AUTOCAST_MIN_PARAMS_CPU)
-    out = bench_main(precision, "--out", str(tmp_path))
-    [row] = table_rows(out, "planted-k2")
-    assert row[1] == "1,2"
-    fp32, auto = ([float(v) for v in cell.split(" / ")] for cell in row[2:4])
-    # bf16 autocast (or fp32 again, on a CPU without bf16) moves no val loss by more than
-    # 0.02 nats, and the "max diff" column is that largest move.
-    diffs = [abs(a - b) for a, b in zip(fp32, auto, strict=True)]
-    assert max(diffs) < 0.02 and float(row[4]) == pytest.approx(max(diffs), abs=1e-4)
-
-
-@pytest.mark.slow
-def test_search_cost_counts_tokens_in_trials(bench_main, tmp_path):
-    # Three of the seven variants cover the three ways a variant is run: the ladder
-    # replayed on the grid, on a quarter-length grid, and a real nested search.
-    variants = ("ladder", "short-ladder¼", "nested+warm½")
-    out = bench_main(search_cost, "--out", str(tmp_path), "--variants", *variants)
-    row = json.loads((tmp_path / "planted-k2" / "result.json").read_text())
-    cost = {v: x["tokens"] for v, x in row["variants"].items()}
-    assert set(cost) == set(variants)
-    # Tokens in units of one full trial: a nested run trains as much as one trial, and the
-    # warm-started final trial half a trial more.
-    assert cost["nested+warm½"] == pytest.approx(1.5)
-    # The ladder's cost is a whole number of trials, the short ladder's a quarter of that
-    # plus the one full trial at its answer.
-    assert cost["ladder"] == round(cost["ladder"]) >= 1
-    assert (cost["short-ladder¼"] - 1) * 4 == pytest.approx(round((cost["short-ladder¼"] - 1) * 4))
-    assert "| nested+warm½ | 1.50 | " in out  # the summary row
-
-
-def test_lr_horizon_picks_from_its_own_sweeps(bench_main, tmp_path):
-    from bench import lr_horizon
-
-    out = bench_main(lr_horizon, "--out", str(tmp_path))
-    [row] = table_rows(out, "planted-k2-smoke")
-    rows = json.loads((tmp_path / "lr_horizon.json").read_text())
-    [r] = rows
-    # Each horizon's pick is its own sweep's lowest loss, and the ratio is to the full-length
-    # pick: the table says what the sweeps measured.
-    for key in ("full", "half", "quarter"):
-        losses = {float(lr): v for lr, v in r[key].items() if v is not None}
-        assert r[f"{key}_pick"] == min(losses, key=losses.get)
-    assert r["quarter_ratio"] == pytest.approx(r["quarter_pick"] / r["full_pick"])
-    assert row[2] == f"{r['full_pick']:g}"

@@ -1,4 +1,4 @@
-"""bench/start_prior.py: the start-rank priors and the replays that judge them.
+"""bench/archive/start_prior.py: the start-rank priors and the replays that judge them.
 
 Torch-free and deterministic: made-up curves and pools, and the one-seed curves the script
 carries (copied from bench/RESULTS.md). The stored stability pools are not needed.
@@ -10,7 +10,7 @@ import doctest
 
 import pytest
 
-from bench import start_prior as sp
+from bench.archive import start_prior as sp
 from rankwise.records import TrialResult
 
 RANKS = (1, 2, 4, 8, 16, 32)

@@ -123,7 +123,7 @@ def test_worker_processes_do_not_change_the_tokens(tmp_path, num_proc):
 if __name__ == "__main__":
     import tempfile
 
-    from bench.data_prep import old_prepare
+    from bench.archive.data_prep import old_prepare
 
     commit = sys.argv[sys.argv.index("--commit") + 1] if "--commit" in sys.argv else None
     prepare = old_prepare(commit) if commit else prepare_data

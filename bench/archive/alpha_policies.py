@@ -8,9 +8,9 @@ the curves, the calibrated rates, and the rank recommended at 1%, 0.5% and 0.25%
 
 Usage::
 
-    .venv/bin/python -m bench.alpha_policies --tasks planted-k2 planted-k8
-    .venv/bin/python -m bench.alpha_policies --tasks planted-k32
-    .venv/bin/python -m bench.alpha_policies --report
+    .venv/bin/python -m bench.archive.alpha_policies --tasks planted-k2 planted-k8
+    .venv/bin/python -m bench.archive.alpha_policies --tasks planted-k32
+    .venv/bin/python -m bench.archive.alpha_policies --report
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bench import search_efficiency as se
 from rankwise.core.criteria import recommend
 from rankwise.core.scores import rank_scores
 
-OUT = Path(__file__).parent / ".cache" / "runs" / "alpha-policies"
+OUT = Path(__file__).resolve().parents[1] / ".cache" / "runs" / "alpha-policies"  # bench/.cache
 POLICIES = {
     "fixed": {},
     "rslora": {"alpha_policy": "rslora"},

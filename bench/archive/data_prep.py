@@ -21,12 +21,17 @@ processes run, the peak of the summed memory of the process and its workers, sam
   ``datasets.map`` (``--num-proc``: worker processes; 1 = tokenise in the main process).
 
 Both must produce the same token blocks; the table says whether they did (a digest of
-the blocks).
+the blocks). The smoke run needs no git history: it compares today's arm with the "before"
+arm's output on the same 3,000 records, measured once at commit 9887486's code and
+committed as ``data_prep.reference.json`` (``--write-reference``, which does need that
+commit, wrote it). The full run's "before" arm still loads the old code from git; without
+the commit it measures "after" only.
 
 Usage::
 
-    .venv/bin/python -m bench.data_prep                  # 1,000,000 records; a few minutes each
-    .venv/bin/python -m bench.data_prep --smoke          # 3,000 records, seconds
+    .venv/bin/python -m bench.archive.data_prep          # 1,000,000 records; a few minutes each
+    .venv/bin/python -m bench.archive.data_prep --smoke  # 3,000 records against the reference
+    .venv/bin/python -m bench.archive.data_prep --write-reference   # once, at commit 9887486's code
 """
 
 from __future__ import annotations
@@ -41,8 +46,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (this file is in bench/archive/)
+if not __package__:  # run as a file (the measured child process): make `bench` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import harness  # noqa: E402
+
 BEFORE = "9887486"
+SMOKE_RECORDS = 3_000
+REFERENCE = Path(__file__).with_name("data_prep.reference.json")
+"""The "before" arm on the smoke records (--write-reference): no git history needed."""
+HEADER = ["implementation", "records", "tokens (blocks)", "time", "CPU time", "baseline RSS",
+          "peak RSS, main process", "peak PSS, all processes", "blocks digest"]  # fmt: skip
 WORDS = "the of a to in rank adapter loss model token value layer step data search".split()
 
 
@@ -176,12 +191,28 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def arm_name(impl: str, procs: str) -> str:
+    if impl == "before":
+        return f"before ({BEFORE})"
+    return "after" + (f", num_proc {procs}" if procs else ", num_proc auto")
+
+
+def cells(r: dict) -> list:
+    """One row of the table, from one arm's result."""
+    peak = mib(r["tree_peak"]) if r.get("tree_peak") else "no workers"
+    return [r["implementation"], f"{r['records']:,}", f"{r['tokens']:,} ({r['blocks']:,})",
+            f"{r['seconds']:.1f} s", f"{r['cpu']:.1f} s", mib(r["baseline"]), mib(r["maxrss"]),
+            peak, r["digest"]]  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--arms", default="before,after:1,after", help="before, after[:num_proc]")
-    p.add_argument("--smoke", action="store_true", help="3,000 records; before and after")
+    p.add_argument("--smoke", action="store_true", help="3,000 records against the reference")
+    p.add_argument("--write-reference", action="store_true", help=f"write {REFERENCE.name}")
+    p.add_argument("--results", type=Path, help="folder of data_prep.json (--smoke: none)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -190,34 +221,34 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    n = 3_000 if args.smoke else args.records
-    arms = ("before,after" if args.smoke else args.arms).split(",")
+    small = args.smoke or args.write_reference
+    n = SMOKE_RECORDS if small else args.records
+    arms = ("before" if args.write_reference else "after" if args.smoke else args.arms).split(",")
     if "before" in arms and not _git_has(BEFORE):
+        if args.write_reference:
+            raise SystemExit(f"--write-reference: commit {BEFORE} is not in this checkout")
         print(f"(commit {BEFORE} is not in this checkout: measuring 'after' only)")
         arms = [a for a in arms if a != "before"]
+    rows = []
+    if args.smoke:  # the old code's output, committed: the arm the smoke run compares with
+        rows.append(json.loads(REFERENCE.read_text()))
     with tempfile.TemporaryDirectory(prefix="rankwise-bench-") as tmp:
         data = Path(tmp) / "records.jsonl"
         size = write_records(data, n)
         print(f"{n:,} records, {size / 2**20:,.1f} MiB of JSON Lines; seq_len {args.seq_len}\n")
-        print(
-            "| implementation | records | tokens (blocks) | time | CPU time | baseline RSS "
-            "| peak RSS, main process | peak PSS, all processes | blocks digest |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
         for arm in arms:
             impl, _, procs = arm.partition(":")
             r = measure(impl, data, args.seq_len, int(procs) if procs else None)
-            name = f"before ({BEFORE})" if impl == "before" else "after"
-            if impl == "after":
-                name += f", num_proc {procs}" if procs else ", num_proc auto"
-            print(
-                f"| {name} | {n:,} | {r['tokens']:,} ({r['blocks']:,}) | {r['seconds']:.1f} s "
-                f"| {r['cpu']:.1f} s "
-                f"| {mib(r['baseline'])} | {mib(r['maxrss'])} "
-                f"| {mib(r['tree_peak']) if r['tree_peak'] else 'no workers'} "
-                f"| {r['digest']} |",
-                flush=True,
-            )
+            rows.append({"implementation": arm_name(impl, procs), "records": n, **r})
+            print(f"measured {rows[-1]['implementation']}", file=sys.stderr, flush=True)
+    if args.write_reference:
+        ref = {**rows[0], "implementation": f"before ({BEFORE}, committed reference)"}
+        REFERENCE.write_text(json.dumps(ref, indent=1) + "\n")
+        print(f"wrote {REFERENCE}")
+    settings = {"records": n, "seq_len": args.seq_len, "arms": arms}
+    if args.results or not small:
+        print(f"wrote {harness.write_results('data_prep', rows, args.results, settings)}\n")
+    print(harness.table(HEADER, [cells(r) for r in rows]))
     return 0
 
 

@@ -20,8 +20,8 @@ many stops changed the search's final answer (the rule must be one whose error i
 
 Usage::
 
-    .venv/bin/python -m bench.early_stop                    # the table (no torch, ~1 min)
-    .venv/bin/python -m bench.early_stop --scale 2 --min-fraction 0.6
+    .venv/bin/python -m bench.archive.early_stop                    # the table (no torch, ~1 min)
+    .venv/bin/python -m bench.archive.early_stop --scale 2 --min-fraction 0.6
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ For each task, at the search's start rank (4), two sweeps over ``--lr-candidates
 The bias is the ratio of the calibrated rate to the full-length best, and the cost of it is
 the full-length loss at the calibrated rate minus the full-length best.
 
-    .venv/bin/python -m bench.lr_horizon              # the two planted tasks (minutes)
-    .venv/bin/python -m bench.lr_horizon --smoke      # tests: a tiny task, seconds
+    .venv/bin/python -m bench.archive.lr_horizon              # the two planted tasks (minutes)
+    .venv/bin/python -m bench.archive.lr_horizon --smoke      # tests: a tiny task, seconds
 """
 
 from __future__ import annotations

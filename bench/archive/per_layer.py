@@ -22,10 +22,10 @@ re-running resumes finished trials. ``--report`` prints the table from the JSON.
 
 Usage::
 
-    .venv/bin/python -m bench.per_layer                   # all three tasks (~20 min, 2 cores)
-    .venv/bin/python -m bench.per_layer --tasks planted-mlp --energies 0.9 0.95  # + 2 trials
-    .venv/bin/python -m bench.per_layer --report
-    .venv/bin/python -m bench.per_layer --smoke           # seconds, for tests
+    .venv/bin/python -m bench.archive.per_layer                   # all three tasks (~20 min, 2 cores)
+    .venv/bin/python -m bench.archive.per_layer --tasks planted-mlp --energies 0.9 0.95  # + 2 trials
+    .venv/bin/python -m bench.archive.per_layer --report
+    .venv/bin/python -m bench.archive.per_layer --smoke           # seconds, for tests
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from bench import planted
 from rankwise import search
 from rankwise.analysis.spectra import inspect_adapter
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # bench/ (this file is in bench/archive/)
 
 OUT = ROOT / ".cache" / "runs" / "per-layer"
 # Planted tasks: short records (seq_len 32) so that an r=32 all-linear trial takes about a

@@ -12,9 +12,9 @@ stdlib docstrings (the ``make demo`` setting, shortened).
 
 Usage::
 
-    .venv/bin/python -m bench.precision                  # all three tasks (one thread)
-    .venv/bin/python -m bench.precision --smoke          # seconds, for tests
-    .venv/bin/python -m bench.precision --planted-cache DIR   # reuse generated tasks
+    .venv/bin/python -m bench.archive.precision                  # all three tasks (one thread)
+    .venv/bin/python -m bench.archive.precision --smoke          # seconds, for tests
+    .venv/bin/python -m bench.archive.precision --planted-cache DIR   # reuse generated tasks
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from rankwise.core.scores import rank_scores
 from rankwise.io import models
 from rankwise.io.models import cpu_has_bf16
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # bench/ (this file is in bench/archive/)
 
 OUT = ROOT / ".cache" / "runs" / "precision"
 PLANTED = {"steps": 200, "batch": 8, "eval_every": 50}

@@ -36,9 +36,9 @@ stdlib docstrings and on installed packages' READMEs (``bench/corpora.py``).
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.search_cost --tasks planted-k2 planted-k8
-    .venv/bin/python -m bench.search_cost --report      # the table from saved JSON
-    .venv/bin/python -m bench.search_cost --smoke       # seconds, for tests
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.archive.search_cost --tasks planted-k2 planted-k8
+    .venv/bin/python -m bench.archive.search_cost --report      # the table from saved JSON
+    .venv/bin/python -m bench.archive.search_cost --smoke       # seconds, for tests
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from rankwise.core.criteria import recommend
 from rankwise.core.strategies import Ladder
 from rankwise.storage.store import RunStore
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # bench/ (this file is in bench/archive/)
 
 OUT = ROOT / ".cache" / "runs" / "search-cost"
 PLANTED = {"max_steps": 300, "batch_size": 16, "eval_every": 50, "warmup_steps": 15}

@@ -62,11 +62,11 @@ so its tokens are today's per-character rate times that run's characters (an est
 
 Usage::
 
-    .venv/bin/python -m bench.start_prior                      # the tables, no torch, ~4 s
-    .venv/bin/python -m bench.start_prior --check-params       # + PEFT's parameter counts
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.start_prior --measure-corpora   # SmolLM2 tokens
+    .venv/bin/python -m bench.archive.start_prior                      # the tables, no torch, ~4 s
+    .venv/bin/python -m bench.archive.start_prior --check-params       # + PEFT's parameter counts
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.archive.start_prior --measure-corpora   # SmolLM2 tokens
 
-(``.venv/bin/python bench/start_prior.py`` works as well.)
+(``.venv/bin/python bench/archive/start_prior.py`` works as well.)
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-if not __package__:  # run as a file (bench/start_prior.py): make `bench` importable
+ROOT = Path(__file__).resolve().parents[1]  # bench/ (this file is in bench/archive/)
+if not __package__:  # run as a file (bench/archive/start_prior.py): make `bench` importable
     sys.path.insert(0, str(ROOT.parent))
 
 from bench import stability  # noqa: E402
@@ -92,7 +92,7 @@ from rankwise.core.strategies import Ladder  # noqa: E402
 from rankwise.records import TrialResult  # noqa: E402
 
 OUTER = stability.OUTER
-CRITERION = Criterion()  # the default: knee 1% of the improvement over the base model
+CRITERION = Criterion("knee", 0.01, "base")  # the default when this was measured
 
 
 # -- the prior ------------------------------------------------------------------------------

@@ -226,6 +226,11 @@ class RunStore:
         ).fetchall()
         return [dict(r) for r in rows]
 
+    def times(self) -> dict[str, tuple[float, float | None]]:
+        """When each trial started and finished (``time.time()``; None while it runs)."""
+        rows = self.db.execute("SELECT key, started_at, finished_at FROM trials").fetchall()
+        return {r["key"]: (r["started_at"], r["finished_at"]) for r in rows}
+
     def spec(self, key: str) -> TrialSpec | None:
         row = self.db.execute("SELECT spec FROM trials WHERE key = ?", (key,)).fetchone()
         return TrialSpec.from_json(row["spec"]) if row and row["spec"] != "{}" else None
