@@ -53,6 +53,8 @@ CASES = {
         ["--target-modules", "no linear module named wq, wv", "q_proj", "v_proj"],
     ),
     "rank zero": (None, ["--ranks", "0,2"], ["--ranks: every rank must be a positive integer"]),
+    "regret zero": (None, ["--max-regret", "0"], ["--max-regret: expected a share of the val loss in (0, 1)"]),
+    "regret one": (None, ["--max-regret", "1"], ["--max-regret: expected a share of the val loss in (0, 1)"]),
     "rank not integer": (None, ["--ranks", "1,2.5"], ["--ranks: expected integers, got '2.5'"]),
     "rank above layer size": (
         None,
@@ -68,6 +70,27 @@ CASES = {
         ["validation set would be empty"],
     ),
     "malformed size": (None, ["--max-memory", "20XB"], ["--max-memory"]),
+    "schedule arguments not an object": (
+        None,
+        ["--lr-scheduler-kwargs", "[1, 2]"],
+        ["--lr-scheduler-kwargs: expected a JSON object"],
+    ),
+    "schedule argument it does not take": (
+        None,
+        ["--lr-scheduler", "cosine", "--lr-scheduler-kwargs", '{"cycles": 2}'],
+        ["--lr-scheduler-kwargs: cosine takes no argument 'cycles'", "num_cycles"],
+    ),
+    "floor on a schedule without one": (
+        None,
+        ["--lr-scheduler", "cosine", "--min-lr-ratio", "0.1"],
+        ["--min-lr-ratio", "cosine_with_min_lr", "not cosine"],
+    ),
+    "neftune alpha zero": (None, ["--neftune-alpha", "0"], ["--neftune-alpha: must be > 0"]),
+    "dora with nested": (
+        None,
+        ["--use-dora", "--strategy", "nested"],
+        ["--use-dora", "--strategy nested"],
+    ),
 }
 
 
@@ -164,6 +187,21 @@ def test_output_directory_that_cannot_be_written(tmp_path, llama_dir, text_jsonl
         "is not a directory",
     )
     assert blocker.read_text() == "x"
+
+
+def test_unknown_schedule_lists_the_known_ones(tmp_path, capsys):
+    """A schedule transformers has not: exit 2, one line naming the flag and every known one,
+    from the command line (argparse's choices) and from YAML (the config's own check)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--lr-scheduler", "cosin"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "--lr-scheduler" in err and "'cosin'" in err and "'warmup_stable_decay'" in err
+    config = tmp_path / "c.yaml"
+    config.write_text("lr_scheduler: cosin\n")
+    check_error(capsys, ["search", "--config", str(config)], "--lr-scheduler: expected one of",
+                "cosine_with_min_lr", "got 'cosin'")  # fmt: skip
 
 
 def test_unknown_yaml_key_and_malformed_yaml(tmp_path, capsys):

@@ -155,3 +155,74 @@ def test_format_table_lists_every_rank():
     lines = text.splitlines()
     assert lines[0].split()[:2] == ["rank", "trainable"] and "s/step" not in text
     assert lines[2].split()[0] == "1" and lines[3].split()[0] == "256"
+
+
+@pytest.mark.parametrize(
+    ("arch", "targets"),
+    [("llama", ["q_proj", "k_proj", "down_proj"]), ("llama", ["embed_tokens", "q_proj"]),
+     ("gpt2", ["c_attn", "c_proj"])],
+    ids=str,
+)  # fmt: skip
+def test_dora_counts_and_file_size_match_peft(arch, targets, tmp_path):
+    """DoRA: one trained magnitude per output feature of every adapted module, saved as its
+    lora_magnitude_vector; the search's budgets see them (--max-trainable-params, size)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(
+            tiny_model(arch), LoraConfig(r=4, target_modules=targets, use_dora=True)
+        )
+    peft_model.save_pretrained(tmp_path)
+    [e] = estimate(tiny_model(arch), ranks=[4], target_modules=targets, use_dora=True,
+                   baseline_bytes=0)  # fmt: skip
+    assert e.trainable_params == peft_model.get_nb_trainable_parameters()[0]
+    assert e.trainable_params > lora_param_count(tiny_model(arch), targets, 4)
+    if "embed_tokens" not in targets:  # PEFT then also saves the whole embedding matrix
+        assert e.adapter_bytes == (tmp_path / "adapter_model.safetensors").stat().st_size
+
+
+def _held_for_backward(model, batch: int, seq: int = 16) -> int:
+    """Bytes of the tensors autograd still holds for backward after one forward pass."""
+    import gc
+    import weakref
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    boxes = []
+
+    def pack(t):
+        boxes.append(weakref.ref(box := Box(t)))
+        return box
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(4, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda b: b.t):
+        out = model(input_ids=ids).logits  # noqa: F841  (keeps the graph alive)
+    gc.collect()
+    held = {}
+    for ref in boxes:
+        if (box := ref()) is not None:
+            storage = box.t.untyped_storage()
+            if storage.data_ptr() not in params:
+                held[storage.data_ptr()] = storage.nbytes()
+    return sum(held.values())
+
+
+def test_dora_activations_are_what_autograd_keeps():
+    """The memory model's DoRA term, 2 x out elements per token per adapted module (the base
+    and LoRA outputs it rescales), against what autograd really holds for backward."""
+    from rankwise.analysis.memory import _lora_layer_elements
+
+    targets = ["q_proj", "up_proj", "down_proj"]
+
+    def per_token(use_dora: bool) -> float:
+        m = get_peft_model(
+            tiny_model("llama"), LoraConfig(r=4, target_modules=targets, use_dora=use_dora)
+        ).train()
+        return (_held_for_backward(m, 4) - _held_for_backward(m, 2)) / (2 * 16 * 4)  # fp32
+
+    names = resolve_target_modules(tiny_model("llama"), targets)
+    model = tiny_model("llama")
+    predicted = _lora_layer_elements(model, names, 4, True) - _lora_layer_elements(model, names, 4)
+    assert per_token(True) - per_token(False) == predicted > 0

@@ -26,7 +26,7 @@ from rankwise.run.parallel import drive_parallel, lookahead
 from rankwise.run.ray_executor import _connect
 from rankwise.testing import FakePool, FakeRunner
 
-from .conftest import search_argv, table_rows
+from .conftest import search_argv
 
 RANKS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -320,20 +320,23 @@ def test_ray_ladder_decides_as_the_sequential_one(
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
-def test_bench_parallel_smoke(ray_session, bench_main):
+def test_bench_parallel_smoke(ray_session, bench_main, tmp_path):
     """bench/parallel.py --smoke on this module's Ray: the ladder on 2 workers, speculating
     on the next rank, decides as the local executor does and records the same losses. (The
     grid's equality is test_ray_grid_gives_the_same_losses_bit_for_bit's.)"""
-    from bench import parallel
+    from bench import harness, parallel
 
-    out = bench_main(parallel, "--strategies", "ladder")
-    [row] = table_rows(out, "ladder")
-    decided, speculative = map(int, row[1].split(" + "))
-    assert decided >= 2  # the ladder climbed at least one step
-    # Same decisions (the benchmark asserts them) and the same loss for every trial both ran.
-    assert row[6].startswith("yes (r=") and row[7] == "yes"
+    out = bench_main(parallel, "--strategies", "ladder", "--results", str(tmp_path))
+    [row] = harness.read_results("parallel", tmp_path)["results"]
+    local, par = row["local"], row["ray"]
+    assert row["strategy"] == "ladder" and len(par["decided"]) >= 2  # it climbed a step
+    # Same decisions and rank (the benchmark asserts them) and the same loss for every trial
+    # both ran.
+    assert par["decided"] == local["decided"] and par["rank"] == local["rank"]
+    assert row["same_losses"] and all(par["losses"][k] == v for k, v in local["losses"].items())
     # Speculative trials are counted apart from the decided ones, with their tokens.
-    assert (speculative == 0) == row[5].startswith("0 (")
+    assert (not par["speculative"]) == (par["extra_tokens"] == 0)
+    assert parallel.table([row]) in out
 
 
 def test_a_worker_killed_mid_trial_is_retried(ray_session, local_grid, llama_dir, data, tmp_path):

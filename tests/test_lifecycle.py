@@ -54,8 +54,15 @@ MODELS = {
     "gpt2": lambda: tiny_model("gpt2"),  # Conv1D layers with biases
     "llama-bias": lambda: tiny_model("llama", attention_bias=True, mlp_bias=True),
     "llama": lambda: tiny_model("llama"),
+    "qwen3-moe": lambda: tiny_model("qwen3_moe"),  # fused experts: PEFT's ParamWrapper
 }
-TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama-bias": ["q_proj", "up_proj"], "llama": ["q_proj"]}
+TARGETS = {
+    "gpt2": ["c_attn", "c_fc"],
+    "llama-bias": ["q_proj", "up_proj"],
+    "llama": ["q_proj"],
+    "qwen3-moe": ["q_proj"],
+}
+PARAMETERS = {"qwen3-moe": ["experts.gate_up_proj", "experts.down_proj"]}
 
 
 def spec(arch, rank=4, bias="none", key="t", **train) -> TrialSpec:
@@ -63,7 +70,13 @@ def spec(arch, rank=4, bias="none", key="t", **train) -> TrialSpec:
         key=key,
         rank=rank,
         seed=0,
-        lora=LoraSpec(r=rank, lora_alpha=8, target_modules=TARGETS[arch], bias=bias),
+        lora=LoraSpec(
+            r=rank,
+            lora_alpha=8,
+            target_modules=TARGETS[arch],
+            bias=bias,
+            target_parameters=PARAMETERS.get(arch),
+        ),
         train=TrainSpec(
             **{"max_steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "eval_every": 2}
             | train
@@ -105,6 +118,25 @@ def test_base_is_bit_identical_after_trials(arch, bias):
     alone = run_trial(spec(arch, 2, bias), context(MODELS[arch]()))
     assert run_trial(spec(arch, 2, bias), ctx).best_val_loss == alone.best_val_loss
     assert first.best_val_loss == alone.best_val_loss
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-bias"])  # DoRA wraps modules only
+def test_base_is_bit_identical_after_dora_trials(arch):
+    """DoRA adds a magnitude vector per adapted module and builds its weight norm from the
+    base weight; after a DoRA trial, complete or failed, the base is as it was."""
+
+    def dora(rank: int, use_dora: bool = True) -> TrialSpec:
+        s = spec(arch, rank, "all" if arch == "llama-bias" else "none")
+        return s.replace(lora=s.lora.replace(use_dora=use_dora))
+
+    ctx = context(MODELS[arch]())
+    before = digest(ctx.model)
+    done, plain = run_trial(dora(2), ctx), run_trial(dora(2, use_dora=False), ctx)
+    assert done.ok and done.trainable_params > plain.trainable_params  # the magnitudes trained
+    assert digest(ctx.model) == before
+    failed = run_lifecycle(dora(4), ctx, FailAt(3))[0]
+    assert failed.status == "failed" and "boom" in failed.reason
+    assert digest(ctx.model) == before
 
 
 def test_the_callers_modes_and_gradients_survive_a_failed_trial():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from bench import per_layer, planted
+from bench import planted
 from rankwise.cli import main
 from rankwise.config import LoraSettings
 from rankwise.core.criteria import Criterion
@@ -20,7 +20,7 @@ from rankwise.stages import per_layer as perlayer
 from rankwise.testing import tiny_model
 from rankwise.training import eva, patterns
 
-from .conftest import make_spec, search_argv, table_rows
+from .conftest import make_spec, search_argv
 
 
 def per_layer_argv(llama_dir, train, out, **over):
@@ -204,23 +204,6 @@ def test_eva_keeps_the_policy_scale_and_records_its_pattern(policy):
     assert not hasattr(model, "peft_config")  # detached: the base is as it was
 
 
-def test_bench_smoke(bench_main, tmp_path):
-    out = bench_main(per_layer, "--out", str(tmp_path))
-    rows = {r[1]: r for r in table_rows(out, "planted-mlp") if len(r) == 8}
-    assert set(rows) == {"uniform", "spectral", "eva"}, out
-    assert rows["uniform"][2] == "r=4 everywhere"
-
-    def params(row):
-        return int(row[3].split()[0].replace(",", ""))
-
-    # Both proposals were trained (at the smoke's energy 0.9). The spectral pattern keeps at
-    # most the uniform rank in every module: never more parameters. Every proposal trains
-    # the same tokens as the uniform trial, and exactly one configuration is delivered.
-    assert 0 < params(rows["spectral"]) <= params(rows["uniform"]) and params(rows["eva"]) > 0
-    assert len({r[6] for r in rows.values()}) == 1 and rows["uniform"][6] != "-"
-    assert sorted(r[7] for r in rows.values() if r[7]) in (["kept"], ["yes"])
-
-
 @pytest.mark.slow
 def test_planted_needs_per_module_type(tmp_path):
     """A teacher with a rank-8 update on up_proj/down_proj and none elsewhere (hidden 64,
@@ -230,7 +213,7 @@ def test_planted_needs_per_module_type(tmp_path):
     with at most 60% of its parameters. Measured: effective rank @90% q 3, v 4, up 7,
     down 6; pattern 37% of the uniform adapter's params, val loss 3.6900 against 3.6764
     (+0.37%, within 1%). (At 300 steps: q 4, v 6, up 9, down 7.5; 41%; +0.32%.)
-    bench/per_layer.py runs the longer version, the q/v-planted task and SmolLM2."""
+    bench/archive/per_layer.py runs the longer version, the q/v-planted task and SmolLM2."""
     from rankwise import search
     from rankwise.analysis.spectra import inspect_adapter
     from rankwise.config import SearchConfig

@@ -325,15 +325,22 @@ def test_trl_keys_and_its_defaults(recipes, tmp_path):
 
 
 def test_unhonoured_keys_are_each_named_once(tmp_path, llama_dir):
+    """Keys the trials honour now (cosine, NEFTune) are not warned about; those they cannot
+    (axolotl's quadratic warm-up and rex schedule, packing, several devices) once each."""
     text = AXOLOTL.format(model=llama_dir, data=alpaca_file(tmp_path / "a.jsonl"))
     text = text.replace("sample_packing: true", "sample_packing: false")
     text += (
         "neftune_noise_alpha: 5\ndeepspeed: deepspeed_configs/zero2.json\nlr_scheduler: cosine\n"
+        "lr_quadratic_warmup: true\n"
     )
     (tmp_path / "r.yml").write_text(text.replace("lr_scheduler: linear\n", ""))
     warned = [w.split(":")[0] for w in read_recipe(tmp_path / "r.yml").warnings]
-    assert warned == ["axolotl lr_scheduler cosine", "axolotl sample_packing false",
-                      "axolotl neftune_noise_alpha 5", "axolotl deepspeed deepspeed_configs/zero2.json"]  # fmt: skip
+    assert warned == ["axolotl lr_quadratic_warmup True", "axolotl sample_packing false",
+                      "axolotl deepspeed deepspeed_configs/zero2.json"]  # fmt: skip
+    (tmp_path / "rex.yml").write_text(text.replace("lr_scheduler: cosine", "lr_scheduler: rex"))
+    rex = read_recipe(tmp_path / "rex.yml")
+    assert "lr_scheduler" not in rex.options
+    assert [w for w in rex.warnings if w.startswith("axolotl lr_scheduler rex: not a ")]
 
 
 def test_flags_override_the_recipe(recipes):

@@ -26,6 +26,7 @@ __all__ = [
     "MAIN",
     "LoraSpec",
     "TrainSpec",
+    "Branch",
     "TrialSpec",
     "TrialResult",
     "COMPLETE",
@@ -88,6 +89,9 @@ class LoraSpec:
     init_lora_weights: bool | str = True
     use_dora: bool = False
     eva_config: dict[str, Any] | None = None  # peft.EvaConfig fields, with init "eva"
+    # Parameters PEFT wraps directly (ParamWrapper): a mixture-of-experts model's fused 3-D
+    # expert weights, which no target_modules reaches. ``r`` is then the rank of each expert.
+    target_parameters: list[str] | None = None
 
     def kwargs(self) -> dict[str, Any]:
         """``LoraConfig(**spec.kwargs())`` builds exactly what was recorded."""
@@ -118,9 +122,44 @@ class TrainSpec:
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     init_adapter: str | None = None  # a PEFT adapter folder (same rank) the trial starts from
+    # The learning-rate schedule (a transformers get_scheduler type) and the arguments it
+    # gets, --min-lr-ratio included; "linear" is rankwise's own (rankwise.training.schedule).
+    lr_scheduler: str = "linear"
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    neftune_alpha: float | None = None  # NEFTune's noise on the input embeddings, in training
 
     def replace(self, **changes) -> TrainSpec:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A trial of the rank curve that shares its first steps with its seed's trunk
+    (``--branch-at``). The trunk (``role="trunk"``, the first trial of its seed) saves its
+    whole training state after optimizer step ``step`` in ``checkpoint``; every other rank of
+    that seed starts there and trains the rest of the same schedule on the same data order:
+    ``grown`` (more rank: new components with B = 0, the update unchanged), ``shrunk`` (less
+    rank: the SVD truncation of the trunk's update) or ``continued`` (the trunk's own rank).
+
+    >>> b = Branch(trunk="r4-s0", step=50, role="grown", trunk_rank=4, checkpoint="c")
+    >>> b.describe(), b.is_trunk
+    ('branch of r4-s0 @ step 50 (grown from r=4)', False)
+    """
+
+    trunk: str  # the trunk trial's key
+    step: int  # the optimizer step after which the trunk's state is saved
+    role: str  # trunk, grown, shrunk or continued
+    trunk_rank: int
+    checkpoint: str  # the folder of the trunk's saved state (rankwise.storage.rundir)
+
+    @property
+    def is_trunk(self) -> bool:
+        return self.role == "trunk"
+
+    def describe(self) -> str:
+        if self.is_trunk:
+            return f"trunk: its state at step {self.step} is where this seed's other ranks start"
+        return f"branch of {self.trunk} @ step {self.step} ({self.role} from r={self.trunk_rank})"
 
 
 @dataclass(frozen=True)
@@ -137,6 +176,7 @@ class TrialSpec:
     kind: TrialKind = TrialKind.MAIN
     group: str = ""  # the label of a variant (a learning rate, a target set, a co-tune setting)
     adapter_dir: str | None = None
+    branch: Branch | None = None  # --branch-at: the trunk saves its state, a branch starts there
 
     def __post_init__(self):
         # Plain dicts (from JSON, or written by hand) become the typed records.
@@ -144,6 +184,8 @@ class TrialSpec:
             object.__setattr__(self, "lora", LoraSpec(**self.lora))
         if isinstance(self.train, dict):
             object.__setattr__(self, "train", TrainSpec(**self.train))
+        if isinstance(self.branch, dict):
+            object.__setattr__(self, "branch", Branch(**self.branch))
         object.__setattr__(self, "kind", TrialKind(self.kind))
 
     def to_json(self) -> str:
@@ -203,9 +245,14 @@ class TrialResult:
     """Mean KL(base || adapted) of the next-token distributions on the retain set (nats)."""
     retain_seconds: float = 0.0
     """Wall time of the retain evaluation (not part of ``wall_seconds``)."""
+    branch: Branch | None = None
+    """--branch-at: the trunk this trial branched from (its first ``branch.step`` steps are
+    the trunk's, not counted in ``train_tokens``), or the trunk's own record."""
 
     def __post_init__(self):
         object.__setattr__(self, "kind", TrialKind(self.kind))
+        if isinstance(self.branch, dict):
+            object.__setattr__(self, "branch", Branch(**self.branch))
 
     @classmethod
     def of(cls, spec: TrialSpec, status: str, reason: str = "", **fields) -> TrialResult:

@@ -1,7 +1,7 @@
 """Tiny models and tokenizers built in-process, for tests, benchmarks and examples.
 
 Nothing is downloaded: a character-level tokenizer over printable ASCII and a
-2-layer, hidden-64 Llama or GPT-2 built from a config with a fixed seed, a BERT-style
+2-layer, hidden-64 Llama, GPT-2 or Qwen3-MoE built from a config with a fixed seed, a BERT-style
 encoder for sequence classification, and a labelled text set read from the Python
 standard library (:func:`stdlib_topics`).
 
@@ -66,10 +66,11 @@ def make_tokenizer():
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2, **config):
-    """A randomly initialised causal LM of the given architecture ('llama' or 'gpt2');
+    """A randomly initialised causal LM of the given architecture ('llama', 'gpt2', or
+    'qwen3_moe': a mixture of 4 experts per layer, top-2);
     ``config`` overrides fields of its config (e.g. ``attention_bias=True``)."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3MoeConfig
 
     if arch == "llama":
         config = LlamaConfig(
@@ -96,6 +97,25 @@ def tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int
             pad_token_id=0,
             bos_token_id=2,
             eos_token_id=3,
+            **config,
+        )
+    elif arch == "qwen3_moe":  # fused experts: mlp.experts.gate_up_proj (E, 2f, d), down_proj
+        config = Qwen3MoeConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=hidden // 2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            tie_word_embeddings=False,
             **config,
         )
     else:

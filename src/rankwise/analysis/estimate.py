@@ -45,12 +45,14 @@ from rankwise.analysis.params import (
     _ADAPTER_BYTES,
     _DTYPE_BYTES,
     _base_params,
+    _parameter_targets,
     _peft_targets,
     adapter_file_bytes,
     lora_param_count,
-    resolve_target_modules,
+    module_targets,
 )
 from rankwise.config import format_bytes
+from rankwise.io.quantize import import_peft
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -154,6 +156,8 @@ def estimate(
     timing: StepTimeModel | None = None,
     max_steps: int | None = None,
     quantize: str = "none",
+    target_parameters=None,
+    use_dora: bool = False,
 ) -> list[RankEstimate]:
     """Predict trainable parameters, adapter size and peak training memory per rank.
 
@@ -161,34 +165,42 @@ def estimate(
     read) or a loaded ``nn.Module`` (inspected in place, weights untouched). On CPU the
     baseline is this process's current RSS unless ``baseline_bytes`` is given: call it
     before loading the model, or pass the RSS measured then. ``timing`` (from
-    :func:`calibrate`) fills step and trial seconds.
+    :func:`calibrate`) fills step and trial seconds. ``target_parameters``: as PEFT takes
+    them, or ``experts`` (rankwise.io.experts); the rank is then each expert's.
+    ``use_dora``: DoRA adapters (their magnitude vectors and the outputs they scale).
     """
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"dtype: expected one of {', '.join(_DTYPE_BYTES)}, got {dtype!r}")
     if quantize not in ("none", "4bit", "8bit"):
         raise ValueError(f"quantize: expected none, 4bit or 8bit, got {quantize!r}")
+    import_peft()  # the targets are PEFT's; imported without bitsandbytes (rankwise.io.quantize)
     if isinstance(model, (str, Path)):
         model = _meta_model(str(model), trust_remote_code)
     if baseline_bytes is None:
         from rankwise.training.resources import current_rss
 
         baseline_bytes = current_rss() if str(device) == "cpu" else 0
-    targets = resolve_target_modules(model, target_modules)
+    tp = _resolve_parameters(model, target_parameters)
+    targets = module_targets(model, target_modules, tp)
+    shapes = _parameter_targets(model, tp)
     base = _base_params(model)
     weights = weights_bytes(model, dtype, quantize)
     rows = []
     for rank in sorted(ranks):
-        trainable = lora_param_count(model, target_modules, rank, bias)
+        trainable = lora_param_count(model, target_modules, rank, bias, tp, use_dora)
         state = _ADAM_COPIES * _ADAPTER_BYTES * trainable
         acts = activation_bytes(
-            model, targets, rank, batch_size, seq_len, dtype, gradient_checkpointing, device
-        )
+            model, targets, rank, batch_size, seq_len, dtype, gradient_checkpointing, device,
+            shapes, use_dora,
+        )  # fmt: skip
         rows.append(
             RankEstimate(
                 rank=rank,
                 trainable_params=trainable,
                 base_params=base,
-                adapter_bytes=adapter_file_bytes(model, target_modules, rank, bias, dtype),
+                adapter_bytes=adapter_file_bytes(
+                    model, target_modules, rank, bias, dtype, tp, use_dora
+                ),
                 weights_bytes=weights,
                 adapter_state_bytes=state,
                 activation_bytes=acts,
@@ -199,7 +211,17 @@ def estimate(
     return timing.apply(rows, max_steps) if timing else rows
 
 
-def _time_steps(model, rank, target_modules, batch_size, seq_len, steps, seed) -> tuple[int, float]:
+def _resolve_parameters(model, target_parameters):
+    """``experts`` expanded and every name checked (rankwise.io.experts)."""
+    from rankwise.io.experts import resolve_target_parameters
+
+    return resolve_target_parameters(model, target_parameters)
+
+
+def _time_steps(
+    model, rank, target_modules, batch_size, seq_len, steps, seed, target_parameters=None,
+    use_dora=False,
+) -> tuple[int, float]:  # fmt: skip
     """Seconds per step of a fresh adapter, timed by the one trial lifecycle on random
     tokens (its first step is warm-up, not timed); the base model is left as it was."""
     import torch
@@ -213,13 +235,16 @@ def _time_steps(model, rank, target_modules, batch_size, seq_len, steps, seed) -
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, _Shape.of(model).vocab, (batch_size, seq_len), generator=gen)
     ctx = TrialContext(model, None, device, TokenData(ids, ids, ids[:1], ids[:1], {}))
-    targets = _peft_targets(model, target_modules)
+    tp = _resolve_parameters(model, target_parameters)
+    targets = [] if tp and target_modules is None else _peft_targets(model, target_modules)
     spec = TrialSpec(
         key=f"calibrate-r{rank}",
         rank=rank,
         seed=seed,
         kind=TrialKind.CALIBRATION,
-        lora=LoraSpec(r=rank, lora_alpha=16, target_modules=targets),
+        lora=LoraSpec(
+            r=rank, lora_alpha=16, target_modules=targets, target_parameters=tp, use_dora=use_dora
+        ),
         train=TrainSpec(
             max_steps=steps + 1, batch_size=batch_size, lr=1e-4, warmup_steps=0, seed=seed
         ),
@@ -241,6 +266,8 @@ def calibrate(
     seq_len: int = 256,
     steps: int = 3,
     seed: int = 0,
+    target_parameters=None,
+    use_dora: bool = False,
 ) -> StepTimeModel:
     """Time real training steps at two ranks and fit seconds = a + b x trainable params.
 
@@ -250,8 +277,9 @@ def calibrate(
     """
     if len(set(ranks)) < 2:
         raise ValueError(f"ranks: need two different ranks to fit a line, got {ranks!r}")
+    tp = target_parameters
     samples = tuple(
-        _time_steps(model, r, target_modules, batch_size, seq_len, steps, seed)
+        _time_steps(model, r, target_modules, batch_size, seq_len, steps, seed, tp, use_dora)
         for r in sorted(set(ranks))
     )
     (p0, t0), (p1, t1) = samples[0], samples[-1]

@@ -101,8 +101,14 @@ def _base_layer_elements(s: _Shape, seq_len: int) -> tuple[float, float]:
 _SHARED_INPUTS = {"o_proj"}
 
 
-def _lora_layer_elements(model, targets: list[str], rank: int) -> float:
-    """Elements per token (summed over layers) that LoRA adds: inputs to lora_A, A's outputs."""
+def _lora_layer_elements(model, targets: list[str], rank: int, dora: bool = False) -> float:
+    """Elements per token (summed over layers) that LoRA adds: inputs to lora_A, A's outputs.
+
+    DoRA (PEFT's DoraLinearLayer) also keeps, per adapted module, the base output and the
+    LoRA output (2 x out per token) to scale them by magnitude / ||W + s·B@A||; its norm is
+    detached, so the dense B@A it builds is freed within the forward. Measured with
+    saved_tensors_hooks on the tiny Llama: exactly 2 x out per token, plus ~2.5 x out
+    elements per module whatever the batch (left out)."""
     inputs: dict[tuple[str, int], int] = {}
     for name, module in _modules(model, targets):
         parent, _, short = name.rpartition(".")
@@ -110,7 +116,25 @@ def _lora_layer_elements(model, targets: list[str], rank: int) -> float:
         if short not in _SHARED_INPUTS:
             # q/k/v read the same normed input, as do gate/up: one copy per (parent, width)
             inputs[(parent, fan_in)] = fan_in
-    return sum(inputs.values()) + rank * len(targets)
+    extra = sum(2 * _linear_shape(m)[1] for _, m in _modules(model, targets)) if dora else 0
+    return sum(inputs.values()) + rank * len(targets) + extra
+
+
+def _expert_elements(model, parameters: dict) -> tuple[float, int]:
+    """What LoRA on parameters (PEFT's ParamWrapper) adds: (elements per token, elements).
+
+    PEFT adds ``scaling · B_e @ A_e`` to the weight before the forward, so each wrapped
+    parameter's merged copy (E x out x in) is kept for backward, and, the weight now
+    needing a gradient, so is every expert's input: each token reaches
+    ``num_experts_per_tok`` experts. The factors themselves are parameters. Measured with
+    saved_tensors_hooks on the tiny Qwen3-MoE: exactly this, at every rank.
+    """
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    top_k = getattr(c, "num_experts_per_tok", None) or 1
+    per_token = sum(top_k * p.fan_in if p.experts > 1 else p.fan_in for p in parameters.values())
+    merged = sum(p.experts * p.fan_in * p.fan_out for p in parameters.values())
+    return per_token, merged
 
 
 def activation_bytes(
@@ -122,6 +146,8 @@ def activation_bytes(
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     device: str = "cpu",
+    parameters: dict | None = None,
+    use_dora: bool = False,
 ) -> int:
     """Peak bytes of activations for one training step of a B x L batch.
 
@@ -129,15 +155,18 @@ def activation_bytes(
     plus one layer recomputed during backward) and the logits: at the start of backward
     the log-softmax output, its gradient and the logits' gradient coexist, B x L x V
     each, in fp32 (transformers' loss upcasts the logits; a lower-precision model also
-    holds its own copy).
+    holds its own copy). ``parameters``: the wrapped parameters' shapes
+    (rankwise.io.experts.targeted_parameters), whose merged copies are kept too.
     """
     s = _Shape.of(model)
     size = _DTYPE_BYTES[dtype]
     tokens = batch_size * seq_len
     per_layer, attention = _base_layer_elements(s, seq_len)
-    lora = _lora_layer_elements(model, targets, rank)
-    if gradient_checkpointing:
+    expert_inputs, merged = _expert_elements(model, parameters or {})
+    lora = _lora_layer_elements(model, targets, rank, use_dora) + expert_inputs
+    if gradient_checkpointing:  # one layer is recomputed, with its merged weights
         layers = s.layers * s.hidden + per_layer + lora / s.layers
+        merged /= s.layers
     else:
         layers, attention = s.layers * per_layer + lora, s.layers * attention
     logits = LOGIT_COPIES * 4 + (size if size != 4 else 0)
@@ -145,9 +174,11 @@ def activation_bytes(
         logits = 0  # a classifier's logits are B x num_labels, not B x L x V
     hidden_scale = _scale(device, tokens * s.hidden * size)
     attention_scale = _scale(device, batch_size * s.heads * seq_len**2 * size)
+    merged_scale = _scale(device, int(merged * size / max(1, len(parameters or ()))))
     return int(
         tokens * size * (hidden_scale * layers + attention_scale * attention)
         + tokens * s.vocab * logits
+        + merged_scale * merged * size
     )
 
 

@@ -72,6 +72,21 @@ def resolve_target_modules(model, target_modules=None) -> list[str]:
     return names
 
 
+def module_targets(model, target_modules=None, target_parameters=None) -> list[str]:
+    """:func:`resolve_target_modules`, except that target parameters alone wrap no module
+    (rankwise passes ``target_modules=[]`` then: rankwise.io.models.check_targets)."""
+    if target_parameters and target_modules in (None, []):
+        return []
+    return resolve_target_modules(model, target_modules)
+
+
+def _parameter_targets(model, target_parameters) -> dict:
+    """Full name -> :class:`~rankwise.io.experts.ParameterShape` of each wrapped parameter."""
+    from rankwise.io.experts import targeted_parameters
+
+    return targeted_parameters(model, target_parameters)
+
+
 def _modules(model, names):
     lookup = dict(model.named_modules())
     return [(n, lookup[n]) for n in names]
@@ -119,10 +134,22 @@ def _head_params(model) -> dict[str, tuple[list[int], int]]:
     return {f"{name}.{k}": (list(p.shape), p.numel()) for k, p in module.named_parameters()}
 
 
-def lora_param_count(model, target_modules=None, rank: int = 8, bias: str = "none") -> int:
-    """Trainable parameters of a LoRA adapter, exactly as PEFT counts them."""
-    targets = resolve_target_modules(model, target_modules)
+def lora_param_count(
+    model,
+    target_modules=None,
+    rank: int = 8,
+    bias: str = "none",
+    target_parameters=None,
+    use_dora: bool = False,
+) -> int:
+    """Trainable parameters of a LoRA adapter, exactly as PEFT counts them: with target
+    parameters, r·E·(in + out) for each (E experts of rank r each); with DoRA, also one
+    magnitude per output feature of every adapted module."""
+    targets = module_targets(model, target_modules, target_parameters)
     lora = sum(rank * sum(_linear_shape(m)) for _, m in _modules(model, targets))
+    if use_dora:
+        lora += sum(_linear_shape(m)[1] for _, m in _modules(model, targets))
+    lora += sum(p.params(rank) for p in _parameter_targets(model, target_parameters).values())
     head = sum(n for _, n in _head_params(model).values())
     return lora + sum(_bias_params(model, targets, bias).values()) + head
 
@@ -130,11 +157,31 @@ def lora_param_count(model, target_modules=None, rank: int = 8, bias: str = "non
 _SAFETENSORS_TAG = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
 
 
-def _lora_tensors(model, targets, rank, bias, bias_dtype):
-    """(saved name, shape, dtype tag, element size) of every tensor in the adapter file."""
+def _parameter_tensors(model, target_parameters, rank) -> list[tuple]:
+    """The saved rows of the wrapped parameters. PEFT nests one ParamWrapper per parameter
+    of a module, the first registered innermost, and saves each under its wrapper's path:
+    ``<module>.base_layer.lora_A.weight`` for the inner of two, ``<module>.lora_A.weight``
+    for the outer."""
+    shapes = _parameter_targets(model, target_parameters)
+    per_module: dict[str, list[str]] = {}
+    for name in shapes:
+        per_module.setdefault(name.rpartition(".")[0], []).append(name)
+    rows = []
+    for module, names in per_module.items():
+        for depth, name in enumerate(reversed(names)):
+            p = shapes[name]
+            prefix = f"base_model.model.{module}" + ".base_layer" * depth
+            rows.append((f"{prefix}.lora_A.weight", [rank * p.experts, p.fan_in], "F32", 4))
+            rows.append((f"{prefix}.lora_B.weight", [p.fan_out, rank * p.experts], "F32", 4))
+    return rows
+
+
+def _lora_tensors(model, targets, rank, bias, bias_dtype, target_parameters=None, dora=False):
+    """(saved name, shape, dtype tag, element size) of every tensor in the adapter file
+    (DoRA: each module's ``lora_magnitude_vector`` too, one value per output feature)."""
     import torch
 
-    rows = []
+    rows = _parameter_tensors(model, target_parameters, rank)
     for name, module in _modules(model, targets):
         fan_in, fan_out = _linear_shape(module)
         prefix = f"base_model.model.{name}"
@@ -142,6 +189,8 @@ def _lora_tensors(model, targets, rank, bias, bias_dtype):
             pairs = (("lora_embedding_A", [rank, fan_in]), ("lora_embedding_B", [fan_out, rank]))
         else:
             pairs = (("lora_A.weight", [rank, fan_in]), ("lora_B.weight", [fan_out, rank]))
+        if dora:
+            pairs += (("lora_magnitude_vector", [fan_out]),)
         for suffix, shape in pairs:
             rows.append((f"{prefix}.{suffix}", shape, "F32", 4))
     tag, size = _SAFETENSORS_TAG[bias_dtype]
@@ -153,7 +202,13 @@ def _lora_tensors(model, targets, rank, bias, bias_dtype):
 
 
 def adapter_file_bytes(
-    model, target_modules=None, rank: int = 8, bias: str = "none", dtype: str = "float32"
+    model,
+    target_modules=None,
+    rank: int = 8,
+    bias: str = "none",
+    dtype: str = "float32",
+    target_parameters=None,
+    use_dora: bool = False,
 ) -> int:
     """Size of the ``adapter_model.safetensors`` PEFT writes, header included.
 
@@ -161,8 +216,9 @@ def adapter_file_bytes(
     name within dtype, widest dtype first, ``__metadata__`` first) padded with spaces to
     a multiple of 8, then the data. Biases (bias="all"/"lora_only") keep the base dtype.
     """
-    targets = resolve_target_modules(model, target_modules)
-    rows = sorted(_lora_tensors(model, targets, rank, bias, dtype), key=lambda t: (-t[3], t[0]))
+    targets = module_targets(model, target_modules, target_parameters)
+    rows = _lora_tensors(model, targets, rank, bias, dtype, target_parameters, use_dora)
+    rows.sort(key=lambda t: (-t[3], t[0]))
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, tag, size in rows:

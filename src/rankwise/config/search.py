@@ -32,28 +32,35 @@ class SearchConfig:
         "(then probe down if the smallest rank tried is the answer); grid: train every rank "
         "in --ranks; nested: one nested-rank run gives the whole curve, then one ordinary trial.",
         choices=["ladder", "grid", "nested"],
+        everyday=(
+            "ladder (climb the ranks until the answer is settled), grid (every rank) or nested."
+        ),
     )
-    ranks: list[int] = opt(DEFAULT_RANKS, "Candidate ranks, ascending.")
+    ranks: list[int] = opt(
+        DEFAULT_RANKS, "Candidate ranks, ascending.", everyday="Candidate ranks, e.g. 1,4,16,64."
+    )
     start_rank: int | None = opt(
         None,
         "First rank the ladder trains. Default by base-model size (larger models often "
         "benefit from higher ranks): < 1B params: 4; < 10B: 8; else 16.",
+        everyday="First rank the ladder trains (default: by model size).",
     )
     criterion: str = opt(
         "knee",
         "When a rank is as good as the best. knee: the top of the last step up the ranks "
-        "that gains, per doubling of r, more than --threshold of the improvement over the "
-        "base model (no adapter); share: the smallest rank that reaches --threshold of the "
+        "that gains, per doubling of r, more than --threshold of the val loss (or of what "
+        "--criterion-scale names); share: the smallest rank that reaches --threshold of the "
         "improvement over the base model that the best rank reached; relative: the smallest "
         "rank whose val loss is within --threshold of the best, relative to the loss. "
         "Decides the rank, target sets and co-tuning.",
         choices=["knee", "share", "relative"],
+        everyday="When a rank is as good as the best: knee, share or relative.",
     )
     threshold: float | None = opt(
         None,
-        "The criterion's threshold; default: knee 0.01, share 0.99, relative 0.01 "
-        "(bench/RESULTS.md, 'Criterion': the knee at 0.01 recommended the planted rank k on "
-        "4 of 5 tasks and within a factor 2 on all 5).",
+        "The criterion's threshold; default: knee 0.005 of the val loss per doubling (0.01 "
+        "with --criterion-scale base, 0.1 with range), share 0.99, relative 0.01 "
+        "(bench/RESULTS.md, 'An answer a user can act on' and 'Criterion').",
     )
     patience: int = opt(
         1,
@@ -63,6 +70,7 @@ class SearchConfig:
         None,
         "Largest rank allowed (serving cap: vLLM's max_lora_rank defaults to 16).",
         identity=False,
+        everyday="Largest rank allowed (a serving cap).",
     )
     serve: str | None = opt(
         None,
@@ -80,7 +88,10 @@ class SearchConfig:
         None, "Skip ranks whose adapter has more trainable parameters.", identity=False
     )
     max_time: Any = opt(
-        None, "Wall-time budget of the whole search (e.g. 30m, 2h, or seconds).", identity=False
+        None,
+        "Wall-time budget of the whole search (e.g. 30m, 2h, or seconds).",
+        identity=False,
+        everyday="Wall-time budget of the whole search, e.g. 30m or 2h.",
     )
     max_trial_time: Any = opt(
         None,
@@ -105,14 +116,17 @@ class SearchConfig:
     seeds: int = opt(
         1,
         "Train each rank with N seeds (adapter init and data order); scores become "
-        "mean ± standard error and a gain must beat the noise (2 SE).",
+        "mean ± standard error and a gain must beat the noise (Student's t at its degrees of "
+        "freedom).",
+        everyday="Seeds per rank; scores become mean ± standard error.",
     )
     max_seeds: int = opt(
         3,
         "Racing: the start rank is trained with 2 seeds to measure the seed-to-seed noise, and "
-        "when a comparison the answer rests on is within 2 standard errors of its paired "
+        "when a comparison the answer rests on is within the t half-width of its paired "
         "difference, both ranks get more seeds, up to this many. 1: one seed per rank, noise "
         "unmeasured.",
+        everyday="Seeds a close comparison is raced up to (1: no racing).",
     )
     stop_when_decided: bool = opt(
         False,
@@ -127,8 +141,15 @@ class SearchConfig:
         "What the criterion's share is a share of: base (the improvement over the base "
         "model), range (the improvement from the smallest rank tried to the best; does not "
         "shrink when the base model is far off the data), loss (the val loss). Default: "
-        "knee and share: base; relative: loss.",
+        "knee and relative: loss; share: base.",
         choices=["base", "range", "loss"],
+    )
+    max_regret: float = opt(
+        0.01,
+        "The guarantee: the recommended rank loses at most this share of the val loss to the "
+        "best rank the search trained, shown beyond the noise (0.01 = 1%). The criterion may "
+        "choose a smaller rank only inside it; the ladder climbs until the step above the "
+        "answer is shown to gain less.",
     )
     tune: list[str] | None = opt(
         None,
@@ -187,6 +208,15 @@ class SearchConfig:
         "in r; or uniform-r).",
         choices=["uniform-list", "uniform-r"],
     )
+    branch_at: float | None = opt(
+        None,
+        "Branched trials: the first trial of each seed on the rank curve (the trunk) saves "
+        "its adapter, optimizer and data position at this share of --max-steps; every other "
+        "rank of that seed starts there (grown: new components at B = 0, the update "
+        "unchanged; shrunk: its SVD truncation) and trains the rest of the same schedule, "
+        "so it costs 1 - F of a trial. Each seed has its own trunk, so the seeds' spread "
+        "stays that of whole trials. Off by default: bench/RESULTS.md ('Branched trials').",
+    )
 
     def __post_init__(self):
         _choice(self, "strategy")
@@ -220,6 +250,16 @@ class SearchConfig:
             )
         for name in ("nested_distribution", "nested_scale", "final_init"):
             _choice(self, name)
+        ba = self.branch_at
+        if ba is not None and (
+            isinstance(ba, bool) or not isinstance(ba, int | float) or not 0 < ba < 1
+        ):
+            raise ConfigError(f"--branch-at: expected a share of --max-steps in (0, 1), got {ba!r}")
+        if ba is not None and self.strategy == "nested":
+            raise ConfigError(
+                "--branch-at: not with --strategy nested (a nested run trains every rank in "
+                "one run already; branching shares the first steps of separate trials)"
+            )
         fs = self.final_steps
         if isinstance(fs, bool) or not isinstance(fs, int | float) or not 0 < fs <= 1:
             raise ConfigError(
@@ -275,7 +315,7 @@ class SearchConfig:
         """The :class:`rankwise.core.criteria.Criterion` these options name."""
         from rankwise.core.criteria import Criterion
 
-        return Criterion(self.criterion, self.threshold, self.criterion_scale)
+        return Criterion(self.criterion, self.threshold, self.criterion_scale, self.max_regret)
 
     def start_rank_for(self, n_params: int) -> int:
         """--start-rank, or the rule by model size, snapped to the nearest rank in --ranks."""

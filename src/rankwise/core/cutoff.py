@@ -68,8 +68,10 @@ def _bucket(fraction: float, drift: Sequence[tuple[float, float]] = DRIFT) -> fl
     return max(starts) if starts else None
 
 
-def run_drift(results: Sequence[TrialResult]) -> dict[float, float]:
-    """The largest late move of a paired gap this run has seen, per bucket of :data:`DRIFT`:
+def run_drift(
+    results: Sequence[TrialResult], drift: Sequence[tuple[float, float]] = DRIFT
+) -> dict[float, float]:
+    """The largest late move of a paired gap this run has seen, per bucket of ``drift``:
     over every pair of finished, unstopped trials of one seed that were evaluated at the
     same steps, ``max |g(T) - g(t)|`` for t in the bucket."""
     done = [r for r in results if _finished(r)]
@@ -84,7 +86,7 @@ def run_drift(results: Sequence[TrialResult]) -> dict[float, float]:
                 continue
             final = A[end] - B[end]
             for t in A:
-                bucket = _bucket(t / end)
+                bucket = _bucket(t / end, drift)
                 if t < end and t in B and bucket is not None:
                     moved = abs(final - (A[t] - B[t]))
                     out[bucket] = max(out.get(bucket, 0.0), moved)
@@ -191,7 +193,7 @@ class Cutoff:
         if not partners:
             return None
         partner = min(partners, key=lambda r: (abs(r.rank - proposal.rank), r.rank))
-        return cls(strategy, proposal, partner, run_drift(results), drift)
+        return cls(strategy, proposal, partner, run_drift(results, drift), drift)
 
     def decision(self, loss: float, blocks: Sequence[float]) -> tuple:
         """(recommended rank, undecided, next trial asked) had the trial ended at ``loss``."""

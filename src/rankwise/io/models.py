@@ -38,6 +38,7 @@ __all__ = [
     "linear_module_names",
     "default_target_modules",
     "check_targets",
+    "rank_cap",
     "output_head_name",
     "EMBEDDED_MODEL",
 ]
@@ -252,7 +253,10 @@ def load_model(cfg: ModelConfig, labels: list | None = None):
     import torch
     from transformers import AutoTokenizer
 
+    from rankwise.io.quantize import import_peft
+
     quiet_libraries()
+    import_peft()  # before transformers may: bitsandbytes only for a quantized base
     source = resolve_source(cfg.model)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -367,14 +371,42 @@ def default_target_modules(model) -> list[str] | None:
     return list(targets) if targets else None
 
 
-def check_targets(model, target_modules: list[str] | None, ranks: list[int]) -> list[str]:
-    """Resolve the target modules and check every rank fits them; returns the matched names.
+def check_targets(
+    model, target_modules: list[str] | None, ranks: list[int], target_parameters=None
+) -> list[str]:
+    """Resolve the target modules and check every rank fits them and the target parameters
+    (names as PEFT takes them: :func:`rankwise.io.experts.resolve_target_parameters`);
+    returns the matched module names. With target parameters and no target modules, none.
 
     Raises ConfigError naming the flag and listing what the model has.
     """
+    matched = _matched_modules(model, target_modules, bool(target_parameters))
+    smallest = rank_cap(model, matched, target_parameters)
+    too_big = [r for r in ranks if r > smallest]
+    if too_big:
+        raise ConfigError(
+            f"--ranks: rank {too_big[0]} exceeds the smallest target layer's min(in, out) = "
+            f"{smallest}; use ranks <= {smallest}"
+        )
+    return matched
+
+
+def rank_cap(model, modules: list[str], target_parameters=None) -> int:
+    """The largest rank every target takes: min(in, out) of the smallest module or expert."""
+    from rankwise.io.experts import targeted_parameters
+
+    linear = linear_module_names(model)
+    sizes = [min(linear[n]) for n in modules]
+    sizes += [p.max_rank for p in targeted_parameters(model, target_parameters).values()]
+    return min(sizes)
+
+
+def _matched_modules(model, target_modules: list[str] | None, parameters: bool) -> list[str]:
     linear = linear_module_names(model)
     head = output_head_name(model)
     short = sorted({n.rsplit(".", 1)[-1] for n in linear if n != head})
+    if target_modules is None and parameters:
+        return []  # --target-parameters alone adapts only those (LoraConfig target_modules=[])
     if target_modules is None:
         targets = default_target_modules(model)
         if targets is None:
@@ -394,13 +426,6 @@ def check_targets(model, target_modules: list[str] | None, ranks: list[int]) -> 
                 f"its linear modules are: {', '.join(short)} (or use all-linear)"
             )
         matched = [n for n in linear if any(n == t or n.endswith("." + t) for t in targets)]
-    smallest = min(min(linear[n]) for n in matched)
-    too_big = [r for r in ranks if r > smallest]
-    if too_big:
-        raise ConfigError(
-            f"--ranks: rank {too_big[0]} exceeds the smallest target layer's min(in, out) = "
-            f"{smallest}; use ranks <= {smallest}"
-        )
     return matched
 
 

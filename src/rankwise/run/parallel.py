@@ -108,7 +108,10 @@ class _Scheduler:
         free = self.pool.free()
         for q in lookahead(strategy, self.waiting_for, known, lambda q: self.key(q) in busy, free):
             spec, settled, predicted = self.runner.prepare(q.rank, q.seed, self.variant, False)
-            if settled is None:
+            # --branch-at: a trunk runs only when asked, so each seed's trunk is the first of
+            # its trials the search asks for, as sequentially (rankwise.run.branching).
+            trunk = spec.branch is not None and spec.branch.is_trunk
+            if settled is None and not trunk:
                 self.jobs[spec.key] = job = _Job(spec, predicted, speculative=True)
                 self._submit(job)
 

@@ -3,6 +3,7 @@ the base model; specs go in and results come out as JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -31,17 +32,24 @@ class Worker:
         torch.set_num_threads(threads)  # one trial per worker: its share of the cores
         self.local: RunDir | None = None  # tokens and adapters when the disk is not shared
 
-    def run(self, spec_json: str, task: tuple = (), tokens: list | None = None) -> dict:
+    def run(
+        self,
+        spec_json: str,
+        task: tuple = (),
+        tokens: list | None = None,
+        trunk: dict | None = None,
+    ) -> dict:
         """Train one trial (``task``: ``("nested", ranks, scale_for, distribution)`` for a
         nested-rank run); ``tokens``: ``[ObjectRef]`` of the token blocks, or None to read
-        them from the run directory."""
+        them from the run directory; ``trunk``: a branch's trunk state (its files), sent
+        along with the tokens when the run directory is not shared."""
         from rankwise.training.adapter import TrialContext
         from rankwise.training.trial import run_trial
 
         spec = TrialSpec.from_json(spec_json)
         ships_adapter = tokens is not None and bool(spec.adapter_dir)
         if tokens is not None:
-            spec = self._localise(spec, tokens[0])
+            spec = self._localise(spec, tokens[0], trunk)
         spec = _visible_device(spec)
         ctx = TrialContext.for_spec(spec)
         if task:
@@ -63,12 +71,16 @@ class Worker:
                 "resident_bytes": resident_bytes(ctx.device),
             },
         }
+        if trunk:  # the trunk state it was sent is the driver's already: not sent back
+            shutil.rmtree(spec.branch.checkpoint, ignore_errors=True)
         if ships_adapter:  # the driver's disk is not this worker's: send the adapter back
             out["files"] = _take_files(self.local.trials)
         return out
 
-    def _localise(self, spec: TrialSpec, ref) -> TrialSpec:
-        """Token blocks from the object store, written once to a local folder."""
+    def _localise(self, spec: TrialSpec, ref, trunk: dict | None = None) -> TrialSpec:
+        """Token blocks from the object store, written once to a local folder; a trunk's
+        state goes to (a branch: comes from) this worker's copy of its folder, which a
+        trunk's result takes back with its adapter."""
         if self.local is None:
             import ray
             from safetensors.torch import save_file
@@ -77,6 +89,11 @@ class Worker:
             self.local.data.mkdir()
             save_file(ray.get(ref), str(self.local.tokens))
         adapter = str(self.local.relocate(spec.adapter_dir)) if spec.adapter_dir else None
+        if spec.branch is not None and spec.adapter_dir:
+            driver = RunDir.of_adapter(spec.adapter_dir).path
+            folder = self.local.path / Path(spec.branch.checkpoint).relative_to(driver)
+            _write_files(folder, trunk or {})
+            spec = spec.replace(branch=dataclasses.replace(spec.branch, checkpoint=str(folder)))
         return spec.replace(data_dir=str(self.local.data), adapter_dir=adapter)
 
 
@@ -161,7 +178,8 @@ class RayPool:
         if self.ship is not None and self.tokens is None:  # once, on the first trial
             self.tokens = self.ray.put(_token_arrays(self.ship))
         tokens = None if self.tokens is None else [self.tokens]
-        ref = self._actor(worker).run.remote(spec.to_json(), task, tokens)
+        trunk = _trunk_files(spec) if self.tokens is not None else None
+        ref = self._actor(worker).run.remote(spec.to_json(), task, tokens, trunk)
         self.running[ref] = (spec.key, worker, spec)
         return worker
 
@@ -178,6 +196,8 @@ class RayPool:
             self._replace(worker)
             return Arrival(key, worker, None, _one_line(exc))
         results = [TrialResult.from_json(r) for r in out["results"]]
+        # A branch trained from the worker's copy of its trunk's state: recorded as the driver's.
+        results = [r.replace(branch=spec.branch) if r.branch else r for r in results]
         if "resident_bytes" in out["info"]:
             self.resident[worker] = int(out["info"]["resident_bytes"])
         if not out["healthy"]:
@@ -203,6 +223,14 @@ class RayPool:
         for worker in self.actors:
             self._replace(worker)
         self.running.clear()
+
+
+def _trunk_files(spec: TrialSpec) -> dict[str, bytes] | None:
+    """A branch's trunk state, for a worker that does not share the run directory."""
+    if spec.branch is None or spec.branch.is_trunk:
+        return None
+    folder = Path(spec.branch.checkpoint)
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 def _write_files(root: Path, files: dict[str, bytes]) -> None:

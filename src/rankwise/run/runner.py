@@ -25,6 +25,7 @@ from rankwise.records import (
     TrialSpec,
     Variant,
 )
+from rankwise.run import branching
 from rankwise.storage.rundir import RunDir
 
 __all__ = ["TrialRunner"]
@@ -38,6 +39,8 @@ class TrialRunner:
         self.progress, self.tracker = progress, tracker
         self.ranks: list[int] = state["ranks"]
         self.targets: list[str] = state["targets"]
+        # target_parameters as PEFT takes them (``experts`` resolved; rankwise.io.experts)
+        self.parameters: list[str] | None = state.get("parameters")
         self.lr: float | None = state.get("lr")
         self.autocast: str | None = state.get("autocast")
         self.baseline_bytes: int = state["baseline_bytes"]
@@ -65,6 +68,8 @@ class TrialRunner:
             lora_dropout=lo.dropout,
             bias=lo.bias,
             use_rslora=lo.alpha_policy == "rslora",
+            use_dora=lo.use_dora,
+            target_parameters=self.parameters,
         )
 
     def lora_config(self, rank: int, target_modules=None, overrides: tuple = ()) -> dict:
@@ -72,7 +77,8 @@ class TrialRunner:
         spec = self.lora_spec(rank, target_modules).replace(**dict(overrides))
         from rankwise.training.adapter import task_type
 
-        optional = ("rank_pattern", "alpha_pattern", "eva_config")  # shown only when set
+        # shown only when set
+        optional = ("rank_pattern", "alpha_pattern", "eva_config", "target_parameters")
         kw = {k: v for k, v in spec.kwargs().items() if k not in optional or v}
         return {**kw, "task_type": task_type(self.opts.model.task)}
 
@@ -89,12 +95,15 @@ class TrialRunner:
                 "max_trial_time": self.opts.search.max_trial_time,
                 "autocast": self.autocast,
                 "init_adapter": variant.init_adapter,
+                "lr_scheduler_kwargs": tc.schedule_kwargs(),
             }
         )
 
     def spec_for(self, rank: int, seed: int, variant: Variant = MAIN) -> TrialSpec:
+        """The trial's spec; with ``--branch-at``, a trial of the rank curve is its seed's
+        trunk or a branch of it (:func:`rankwise.run.branching.plan`)."""
         key = f"{variant.group}/r{rank}-s{seed}" if variant.group else f"r{rank}-s{seed}"
-        return TrialSpec(
+        spec = TrialSpec(
             key=key,
             rank=rank,
             seed=seed,
@@ -106,6 +115,7 @@ class TrialRunner:
             data_dir=str(self.dir.data),
             adapter_dir=str(self.dir.trial_adapter(key)),
         )
+        return branching.plan(spec, self.dir, self.opts.search.branch_at)
 
     # -- budgets --------------------------------------------------------------------------
     def predict(self, rank: int, variant: Variant = MAIN) -> dict:
@@ -127,6 +137,8 @@ class TrialRunner:
             self.ctx.model,
             ranks=[rank],
             target_modules=lora.target_modules,
+            target_parameters=lora.target_parameters,
+            use_dora=lora.use_dora,
             batch_size=self.opts.train.batch_size,
             seq_len=self.opts.data.seq_len,
             dtype=str(self.ctx.model.dtype).rsplit(".", 1)[-1],
@@ -272,12 +284,16 @@ class TrialRunner:
 
     def cutoff_for(self, strategy, p, variant: Variant = MAIN):
         """``--stop-when-decided``: the check that may stop this trial of the rank curve
-        (None when off, for other kinds of trial, or with no finished trial to pair with)."""
+        (None when off, for other kinds of trial, with no finished trial to pair with, or
+        under a schedule whose rates are not known in advance). Its table of late gap
+        moves is read on the trials' own schedule (rankwise.training.schedule.drift_for)."""
         if not self.opts.search.stop_when_decided or variant != MAIN:
             return None
-        from rankwise.core.cutoff import Cutoff
+        from rankwise.core.cutoff import DRIFT, Cutoff
+        from rankwise.training.schedule import drift_for
 
-        return Cutoff.for_proposal(strategy, p, strategy.results)
+        drift = drift_for(self.train_spec(0, MAIN), DRIFT)
+        return None if drift is None else Cutoff.for_proposal(strategy, p, strategy.results, drift)
 
     def run_nested(self, r_max: int, seed: int, ranks: list[int], variant: Variant = MAIN):
         """One nested-rank run at ``r_max`` (its stored truncations, or train it now)."""

@@ -135,6 +135,8 @@ def _proposals(runner, chosen: TrialResult, rank: int):
         skipped["eva"] = f"at a budget of r={budget} per module EVA cannot move ranks"
     elif s.serve:
         skipped["eva"] = f"EVA picks any rank per module; --serve {s.serve} loads only its set"
+    elif ref_lora.target_parameters:
+        skipped["eva"] = "EVA initialises modules, not --target-parameters (PEFT)"
     else:
         specs["eva"] = eva_spec(ref_lora, budget, policy)
     return ranks, specs, skipped

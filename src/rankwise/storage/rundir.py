@@ -2,7 +2,9 @@
 
 ``DIR/`` holds ``trials.sqlite`` (the store), ``data/tokens.safetensors`` (the token blocks
 every trial reads), ``data/retain.safetensors`` (the retain set forgetting is measured on),
-``trials/<key>/adapter`` (each trial's best adapter), ``adapter`` (the recommended one),
+``trials/<key>/adapter`` (each trial's best adapter), ``trials/<key>/trunk`` (with
+``--branch-at``: a trunk trial's training state at the branch step, where its seed's other
+ranks start; safetensors and JSON), ``adapter`` (the recommended one),
 ``recommendation.json``, ``summary.md`` and ``report.html``. Every one of
 these paths is a :class:`RunDir` property or method, so the layout is written down once;
 a trial that knows only its adapter folder finds its run directory with
@@ -67,6 +69,9 @@ TOKENS_FILE = "tokens.safetensors"  # the run's packed token blocks (rankwise.io
 RETAIN_FILE = "retain.safetensors"
 TRIALS_DIR = "trials"
 ADAPTER_DIR = "adapter"  # the delivered adapter, and each trial's, inside its key's folder
+TRUNK_DIR = "trunk"  # a trunk trial's saved training state, inside its key's folder
+TRUNK_TENSORS = "state.safetensors"  # ... its adapter, optimizer moments, RNG and data order
+TRUNK_META = "state.json"  # ... everything else; written last: the state exists iff it does
 RECOMMENDATION_FILE = "recommendation.json"
 SUMMARY_FILE = "summary.md"
 REPORT_FILE = "report.html"
@@ -119,6 +124,11 @@ class RunDir:
     def trial_adapter(self, key: str) -> Path:
         """Trial ``key``'s best adapter (a key's ``/`` becomes ``_``: one folder per trial)."""
         return self.trials / key.replace("/", "_") / ADAPTER_DIR
+
+    def trunk_checkpoint(self, key: str) -> Path:
+        """Trial ``key``'s training state at the branch step, when it is a trunk
+        (``--branch-at``; rankwise.training.branch writes and reads it)."""
+        return self.trials / key.replace("/", "_") / TRUNK_DIR
 
     def relocate(self, adapter_dir: str | Path) -> Path:
         """This directory's folder for the trial whose adapter folder is ``adapter_dir`` in

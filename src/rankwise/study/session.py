@@ -36,6 +36,7 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
 
     ``state``: ``baseline_bytes`` and ``elapsed`` for the runner's budgets."""
     from rankwise.io.data import prepare_data, save_tokens
+    from rankwise.io.experts import resolve_target_parameters
     from rankwise.io.models import check_targets, load_model, param_count, pick_autocast
     from rankwise.report.tracking import make_tracker
     from rankwise.training.adapter import TrialContext
@@ -50,9 +51,10 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
 
         labelled = read_labelled(opts.data, opts.train.seed)
     model, tokenizer, device = load_model(opts.model, labelled and labelled.labels)
-    ranks = _fit_ranks(opts, model)
+    parameters = resolve_target_parameters(model, opts.lora.target_parameters)
+    ranks = _fit_ranks(opts, model, parameters)
     n_params = param_count(model)
-    targets = check_targets(model, opts.lora.target_modules, ranks)
+    targets = check_targets(model, opts.lora.target_modules, ranks, parameters)
     if labelled:
         from rankwise.training.classify import encode
 
@@ -82,6 +84,7 @@ def open_session(opts: Options, run_dir: RunDir, progress, executor, **state) ->
         opts, run_dir, store, ctx, progress, tracker,
         ranks=ranks,
         targets=targets,
+        parameters=parameters,
         autocast=autocast,
         forgetting=_keep_retain(opts, run_dir, store, ctx, retain, progress),
         execute=executor.execute,
@@ -145,15 +148,14 @@ def _plan(session: Session, progress) -> None:
     session.ranks = session.runner.ranks = allowed
 
 
-def _fit_ranks(opts: Options, model) -> list[int]:
+def _fit_ranks(opts: Options, model, parameters: list[str] | None) -> list[int]:
     """Default rank list: drop ranks the model's layers cannot hold; explicit: check them."""
-    from rankwise.io.models import check_targets, linear_module_names
+    from rankwise.io.models import check_targets, rank_cap
 
     ranks = opts.search.ranks
     if ranks == DEFAULT_RANKS or ranks == SearchConfig(serve=opts.search.serve).ranks:
-        matched = check_targets(model, opts.lora.target_modules, [1])
-        sizes = linear_module_names(model)
-        cap = min(min(sizes[n]) for n in matched)
+        matched = check_targets(model, opts.lora.target_modules, [1], parameters)
+        cap = rank_cap(model, matched, parameters)
         ranks = [r for r in ranks if r <= cap]
     return ranks
 
@@ -161,13 +163,14 @@ def _fit_ranks(opts: Options, model) -> list[int]:
 def apply_budget(opts: Options, train_blocks: int) -> dict:
     """Resolve a trial's steps once the data is packed: --epochs over ``train_blocks``, times
     --trial-budget; --warmup-ratio becomes steps, and --warmup-steps shrinks with the budget
-    so the schedule keeps its shape. Sets ``opts.train.max_steps`` and returns the budget
-    as recommendation.json records it, with ``holds_for``: which budget the answer is for.
+    so the schedule keeps its shape (as do the schedule's own step counts). Sets
+    ``opts.train.max_steps`` and returns the budget as recommendation.json records it, with
+    its schedule and ``holds_for``: which budget the answer is for.
 
     >>> o = Options.from_flat({"epochs": 2, "batch_size": 4, "trial_budget": 0.25,
-    ...                        "warmup_ratio": 0.1})
+    ...                        "warmup_ratio": 0.1, "lr_scheduler": "cosine"})
     >>> print(apply_budget(o, train_blocks=400)["holds_for"])
-    50 steps: 0.25 of 2 epochs (200 steps)
+    50 steps, cosine schedule: 0.25 of 2 epochs (200 steps)
     >>> o.train.max_steps, o.train.warmup_steps
     (50, 5)
     """
@@ -181,12 +184,39 @@ def apply_budget(opts: Options, train_blocks: int) -> dict:
         tc.warmup_steps = math.ceil(tc.warmup_ratio * tc.max_steps)
     elif share < 1:
         tc.warmup_steps = max(0, min(tc.max_steps - 1, round(tc.warmup_steps * share)))
+    _shrink_schedule(tc, share)
     whole = f"{tc.epochs:g} epochs ({full} steps)" if tc.epochs else f"{full} steps"
     of = "the recipe's " if opts.run.recipe else ""
-    holds = f"{tc.max_steps} steps" + (f": {share:g} of {of}{whole}" if share < 1 else "")
+    holds = f"{tc.max_steps} steps, {tc.lr_scheduler} schedule"
+    holds += f": {share:g} of {of}{whole}" if share < 1 else ""
     if share == 1 and tc.epochs:
         holds += f": {whole}"
-    return {"full_steps": full, "trial_budget": share, "epochs": tc.epochs, "holds_for": holds}
+    return {"full_steps": full, "trial_budget": share, "epochs": tc.epochs, "holds_for": holds,
+            **_schedule_record(tc)}  # fmt: skip
+
+
+def _shrink_schedule(tc, share: float) -> None:
+    """The schedule's own step counts (warmup_stable_decay's num_decay_steps, ...) times
+    --trial-budget, as the warm-up: a trial of part of the budget keeps the schedule's shape."""
+    from rankwise.config.schedules import STEP_ARGUMENTS
+
+    kwargs = tc.lr_scheduler_kwargs
+    if share < 1 and kwargs and any(k in kwargs for k in STEP_ARGUMENTS):
+        # A new dict: the identity checked against the store holds the one given.
+        tc.lr_scheduler_kwargs = {
+            k: max(1, round(v * share)) if k in STEP_ARGUMENTS and isinstance(v, int) else v
+            for k, v in kwargs.items()
+        }
+
+
+def _schedule_record(tc) -> dict:
+    """How each trial's rate moves and its embeddings are noised, as the export writes it."""
+    return {
+        "lr_scheduler": tc.lr_scheduler,
+        "lr_scheduler_kwargs": tc.schedule_kwargs(),
+        "warmup_steps": tc.warmup_steps,
+        "neftune_alpha": tc.neftune_alpha,
+    }
 
 
 def _nested_scale(opts: Options, ranks: list[int]):

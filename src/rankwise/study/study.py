@@ -8,7 +8,8 @@ learning rate :mod:`rankwise.run.calibrate`; running and recording one trial
 
 Example (a real, if tiny, search: eight steps cannot tell r=1 from r=2. Two seeds of each
 show the difference is too close to the bar for a third seed to settle it, so the search
-stops racing, says so, and recommends the smaller):
+stops racing and says so. The smaller rank cannot be shown within the 1% guarantee of the
+best (its noise rests on one degree of freedom), so the answer is the larger):
     >>> import tempfile, json
     >>> from rankwise.testing import save_tiny_model
     >>> d = tempfile.mkdtemp()
@@ -20,7 +21,9 @@ stops racing, says so, and recommends the smaller):
     [(1, 2), (2, 2)]
     >>> rec = result.recommendation
     >>> rec.rank, rec.undecided.startswith("r=1 to r=2 are indistinguishable")
-    (1, True)
+    (2, True)
+    >>> rec.criterion_rank  # the knee's own pick; not shown within the 1% guarantee
+    1
     >>> [r["not_raced"][:22] for r in json.load(open(f"{d}/run/recommendation.json"))["races"]
     ...  if r.get("not_raced")]
     ['r=1 vs r=2 not raced: ']
@@ -36,15 +39,24 @@ from pathlib import Path
 
 from rankwise.analysis.diagnose import diagnose_search
 from rankwise.config import Options
-from rankwise.core import metrics
-from rankwise.core.criteria import Criterion, Recommendation, recommend
+from rankwise.core.criteria import Criterion, Recommendation
 from rankwise.core.cutoff import stopped_early
+from rankwise.core.eta import TimeLeft
 from rankwise.core.over_steps import answer_by_step, moved
 from rankwise.core.scores import RankScore, improvement_share, rank_scores
 from rankwise.core.strategies import Grid, Ladder, Nested
+from rankwise.errors import ConfigError
+from rankwise.io.quantize import import_peft
 from rankwise.io.recipes import with_recipe
-from rankwise.records import TrialResult, Variant
-from rankwise.report.recommendation import RecommendationInputs, recommendation_doc
+from rankwise.records import TrialKind, TrialResult, Variant
+from rankwise.report.document import RecommendationDoc
+from rankwise.report.recommendation import (
+    RecommendationInputs,
+    build_document,
+    recommend_run,
+    trainable_params,
+)
+from rankwise.run import branching
 from rankwise.run.calibrate import calibrate_lr
 from rankwise.run.executor import LocalExecutor, make_executor
 from rankwise.stages.base import Answer, StageContext
@@ -53,6 +65,7 @@ from rankwise.stages.final import FinalTrial
 from rankwise.stages.per_layer import PerLayer
 from rankwise.stages.targets import CompareTargets
 from rankwise.storage.rundir import RunDir
+from rankwise.study.quiet import third_party_quiet
 from rankwise.study.session import fairness_warnings, max_trials, open_session
 from rankwise.training.resources import current_rss
 
@@ -76,8 +89,7 @@ class SearchResult:
 
     def to_lora_config(self):
         """The recommended ``peft.LoraConfig``."""
-        from peft import LoraConfig
-
+        LoraConfig = import_peft().LoraConfig
         if self.lora_config is None:
             raise ValueError("no rank was recommended")
         return LoraConfig(**self.lora_config)
@@ -87,16 +99,44 @@ class SearchResult:
         return RunDir(self.run_dir).adapter
 
 
-def search(model: str | None = None, train: str | None = None, **options) -> SearchResult:
-    """Find the LoRA rank for ``model`` on ``train``. Options are the CLI's, as keywords;
-    ``recipe=FILE`` (``--from``) reads an axolotl, LLaMA-Factory or TRL config, which the
-    other keywords override."""
-    flat = dict(options)
+def search(
+    model: str | None = None,
+    train: str | None = None,
+    *,
+    options: Options | None = None,
+    **keywords,
+) -> SearchResult:
+    """Find the LoRA rank for ``model`` on ``train``.
+
+    The options are a typed :class:`~rankwise.Options` (``options=``), the CLI's options as
+    keywords, or both: keywords override the fields of ``options``, as flags override
+    ``--config`` (``search(options=opts, seed=1)`` is ``opts`` with another seed).
+    ``recipe=FILE`` (``--from``) reads an axolotl, LLaMA-Factory or TRL config under the
+    other keywords; it is refused with ``options=``, whose every field is already set, so
+    nothing of the recipe would be used.
+
+    Example (no training: a bad value fails before the model is loaded, naming the flag):
+        >>> from rankwise import Options
+        >>> search(options=Options(), ranks=[0])
+        Traceback (most recent call last):
+        ...
+        rankwise.errors.ConfigError: --ranks: every rank must be a positive integer, got 0
+    """
+    flat = dict(keywords)
     if model is not None:
         flat["model"] = model
     if train is not None:
         flat["train"] = train
-    return Study(Options.from_flat(with_recipe(flat), "search()")).run()
+    if options is None:
+        return Study(Options.from_flat(with_recipe(flat), "search()")).run()
+    if not isinstance(options, Options):
+        raise TypeError(f"search(): options= expects a rankwise.Options, got {options!r}")
+    if flat.get("recipe"):
+        raise ConfigError(
+            "search(): recipe= cannot be combined with options= (an Options sets every "
+            "option, so the recipe would set none); give the other options as keywords"
+        )
+    return Study(options.updated(flat, "search()")).run()
 
 
 def _slug(text: str) -> str:
@@ -125,9 +165,10 @@ class Study:
         # Process memory before the model is loaded, with the libraries a trial needs already
         # imported: the floor of CPU memory predictions' baseline (each prediction measures
         # what is resident right before its trial: TrialRunner.predict).
-        import peft  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
+
+        import_peft()
 
         self.baseline_bytes = current_rss()
 
@@ -169,7 +210,6 @@ class Study:
     def _nested(self, common: dict) -> Nested:
         """A nested strategy over the ranks whose adapter fits the budgets; the others are
         told as skipped (known before training from their predicted figures)."""
-        from rankwise.records import TrialKind
         from rankwise.training.nested import nested_key
 
         runner, s = self.session.runner, self.opts.search
@@ -195,6 +235,7 @@ class Study:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> SearchResult:
         with (
+            third_party_quiet(debug=self.opts.run.debug),
             self.dir.locked() as stale,
             make_executor(self.opts.executor, self.dir.path, self.progress) as self.executor,
         ):
@@ -216,8 +257,9 @@ class Study:
         # than that draws it once, at the end (drawing costs ~1 s of a tiny search's 5).
         self._drawn = (self.t0, 0.0)
         self.elapsed_before = sum(r.wall_seconds for r in session.store.results())
-        self.progress.plan(max_trials(self.opts, session.ranks), self.opts.search.max_time,
-                           self.elapsed_before)  # fmt: skip
+        total = max_trials(self.opts, session.ranks)
+        self.progress.plan(total, self.opts.search.max_time, self.elapsed_before,
+                           self._time_left(total))  # fmt: skip
         for warning in fairness_warnings(self.opts, session.ctx):
             self.progress.log(f"warning: {warning}")
         self.base_loss = runner.evaluate_base().best_val_loss
@@ -238,6 +280,20 @@ class Study:
                 f"as at r={session.start_rank} ({runner.lr:g}), which the search uses"
             )
         return self._finish(self.drive(self.strategy()))
+
+    def _time_left(self, total: int) -> TimeLeft:
+        """The time-left estimate (rankwise.core.eta), told the trials a resumed search
+        already has. Its plan is stored, so `rankwise show` of the live run says the same."""
+        session, tc = self.session, self.opts.train
+        tokens = tc.max_steps * tc.batch_size * tc.grad_accum * self.opts.data.seq_len
+        uncounted = sorted(r.key for r in session.excluded)  # not among max_trials' trials
+        left = TimeLeft(total, tokens)
+        for r in session.store.results():
+            if r.kind != TrialKind.BASE and r.key not in uncounted:
+                left.tell(r.train_tokens, r.wall_seconds + r.retain_seconds)
+        plan = {"trials": total, "trial_tokens": tokens, "uncounted": uncounted}
+        session.store.set_meta("time_left", plan)
+        return left
 
     def drive(self, strategy, variant: Variant | None = None):
         """Ask/run/tell until the strategy is done; the report is refreshed after each trial
@@ -266,23 +322,19 @@ class Study:
                        key=lambda r: r.best_val_loss)  # fmt: skip
             self.dir.deliver_adapter(best.key)
         extras.update(self._evidence(strategy, trials))
-        self._write(rec, answer.lora, trials, rank_scores(trials), extras)
+        doc = self._write(rec, answer.lora, trials, rank_scores(trials), extras)
         self._refresh(final=True)
         session.tracker.close()
         session.store.close()  # with gc.freeze() nothing else would: checkpoint the WAL now
-        self.progress.done(rec, self.dir.path)
+        self.progress.done(doc, self.dir.path)
         return SearchResult(self.dir.path, trials, rank_scores(trials), rec, answer.lora,
                             self.quantization_config())  # fmt: skip
 
     def _recommend(self, strategy, trials: list[TrialResult]) -> Recommendation:
         scores = rank_scores(trials)
-        params = {r.rank: r.trainable_params for r in trials if r.ok}
         stop = "; ".join([strategy.stop_reason, *self.session.plan_notes]).strip("; ")
-        rec = recommend(scores, self.criterion, stop, self.base_loss, params)
-        if self.opts.train.metric != "loss":  # the reason in the metric's terms
-            why = metrics.reason(rec, scores, self.criterion, self.opts.train.metric)
-            rec = dataclasses.replace(rec, reason=why)
-        return rec
+        return recommend_run(scores, self.criterion, self.opts.train.metric, stop,
+                             self.base_loss, trainable_params(trials))  # fmt: skip
 
     def _evidence(self, strategy, trials: list[TrialResult]) -> dict:
         """The diagnosis, the races and the answer over the training budget."""
@@ -303,6 +355,7 @@ class Study:
             "stopped_early": stopped_early(trials),
             "answer_by_step": by_step,
             "answer_moved": warning,
+            "branches": branching.branches(trials),  # --branch-at: each branch's trunk, step
         }
 
     def quantization_config(self) -> dict | None:
@@ -316,7 +369,7 @@ class Study:
         dtype = str(pick_dtype(m.dtype, self.session.ctx.device)).rsplit(".", 1)[-1]
         return bnb_config_kwargs(m.quantize, dtype)
 
-    def _write(self, rec, lora, trials, scores, extras) -> None:
+    def _write(self, rec, lora, trials, scores, extras) -> RecommendationDoc:
         runner, ctx = self.session.runner, self.session.ctx
         precision = (
             f"fp32 weights, {runner.autocast} autocast"
@@ -326,9 +379,9 @@ class Study:
         warnings = fairness_warnings(self.opts, ctx) + [
             w for w in [extras.get("answer_moved")] if w
         ]
-        doc = recommendation_doc(
+        doc = build_document(
             RecommendationInputs(
-                rec, lora, trials, scores, self.criterion, self.base_loss, self.opts,
+                rec, lora, trials, scores, self.criterion, self.base_loss, self.opts.to_flat(),
                 name=self.opts.run.name or self.dir.path.name,
                 lr=runner.lr, lr_record=self.lr_record, precision=precision,
                 quantization_config=self.quantization_config(),
@@ -336,7 +389,8 @@ class Study:
                 budget=self.session.budget,
             )
         )  # fmt: skip
-        self.dir.write_json(self.dir.recommendation, doc)
+        self.dir.write_json(self.dir.recommendation, doc.to_dict())
+        return doc
 
     def _refresh(self, final: bool = False) -> None:
         """Rewrite summary.md and report.html so a running search can be watched.

@@ -124,6 +124,14 @@ class Hooks:
         """A context manager around one step's forward and backward passes."""
         return nullcontext()
 
+    def resume(self, peft_model, optimizer, schedule, batches) -> int:
+        """Called once the optimizer, schedule and data order exist: the steps already
+        trained (a branch starts from its trunk's state there, rankwise.training.branch)."""
+        return 0
+
+    def stepped(self, peft_model, step: int, optimizer, schedule, batches) -> None:
+        """Called at the end of every step (a trunk saves its state at the branch step)."""
+
     def optimizer_step(self, peft_model, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
 
@@ -200,6 +208,7 @@ def trial_result(run: Run, view: int | None = None, **changes) -> TrialResult:
         time_limited=run.time_limited,
         early_stopped=run.early_stopped,
         val_blocks=list(curve.best_blocks),
+        branch=spec.branch,
     )
     result = TrialResult(**{**fields, **changes})
     if run.cut is not None and result.status == COMPLETE:

@@ -45,7 +45,9 @@ from rankwise.records import COMPLETE, FAILED, OUT_OF_MEMORY, TrialResult, Trial
 from rankwise.training.adapter import TrialContext, _is_seq_cls, _warm_start, attached
 from rankwise.training.evaluate import _autocast, _Batches, _loss_items, _token_loss
 from rankwise.training.hooks import Hooks, Run
+from rankwise.training.neftune import neftune
 from rankwise.training.resources import PeakMemory
+from rankwise.training.schedule import Schedule
 
 Progress = Callable[[int, int, float], None]
 # (step, max_steps, val loss, per-block losses) -> a Verdict to stop, or None (search.cutoff)
@@ -75,7 +77,8 @@ def run_lifecycle(
             hooks.attached(peft_model, run)
             # Counted after the hook: a data-driven init (EVA) may change every module's rank.
             run.trainable = peft_model.get_nb_trainable_parameters()[0]
-            _fit(peft_model, run, ctx, hooks, progress, cutoff)
+            with neftune(peft_model, spec.train.neftune_alpha):
+                _fit(peft_model, run, ctx, hooks, progress, cutoff)
             if spec.adapter_dir:
                 hooks.save(peft_model, run)
     except ConfigError:  # a bad pattern: the user's to fix, every trial would fail alike
@@ -105,18 +108,19 @@ def _fit(
     tc = run.spec.train
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(tc.warmup_steps, tc.max_steps))
+    sched = Schedule(opt, tc)
     batches = _Batches(ctx.data.train_ids.shape[0], tc.batch_size, tc.seed)
     loss_fn = _loss_fn(run.spec)
+    done = hooks.resume(peft_model, opt, sched, batches)  # a branch: its trunk's steps
     peft_model.train()
-    for step in range(1, tc.max_steps + 1):
+    for step in range(done + 1, tc.max_steps + 1):
         with hooks.step(peft_model, step):
             loss, tokens = _train_step(peft_model, batches, ctx, tc, loss_fn)
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}")
         torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         hooks.optimizer_step(peft_model, opt)
-        sched.step()
+        sched.stepped()
         opt.zero_grad(set_to_none=True)
         run.step, run.tokens = step, run.tokens + tokens
         run.train_curve.append((step, loss))
@@ -126,8 +130,10 @@ def _fit(
         evaluated = step % tc.eval_every == 0 or step == tc.max_steps or over
         if evaluated:
             hooks.evaluate(peft_model, run, ctx)
+            sched.evaluated(_latest_objective(run))
         if progress:
             progress(step, tc.max_steps, loss)
+        hooks.stepped(peft_model, step, opt, sched, batches)  # a trunk saves its state
         if over and step < tc.max_steps:
             run.time_limited = True
             break
@@ -139,6 +145,12 @@ def _fit(
             run.cut = cutoff(step, tc.max_steps, curve.val_curve[-1][1], curve.last_blocks)
             if run.cut is not None:
                 break
+
+
+def _latest_objective(run: Run) -> float:
+    """The objective of the evaluation just made, for a schedule that follows it: the whole
+    adapter's (a nested run's largest view, every truncation's training shares its rate)."""
+    return run.curves[max(run.curves)].val_curve[-1][1]
 
 
 def _stalled(run: Run, tc) -> bool:
@@ -205,17 +217,6 @@ def _train_step(
         total += float(loss_sum.detach())
         tokens += x.numel()
     return total / max(n_loss, 1), tokens
-
-
-def _schedule(warmup: int, total: int):
-    """HF's linear schedule: linear warm-up to the peak, then linear decay to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
 
 
 def failure_reason(exc: BaseException, peak: PeakMemory) -> str:

@@ -99,6 +99,11 @@ def _lora_modules(peft_model, adapter_name: str) -> dict[str, tuple[int, float]]
             rank = module.lora_A[adapter_name].weight.shape[0]
         else:  # an embedding: lora_embedding_A is a bare parameter of shape (r, vocab)
             rank = module.lora_embedding_A[adapter_name].shape[0]
+        if hasattr(module, "parameter_name"):
+            # A ParamWrapper: named by its parameter, as PEFT matches pattern keys for it
+            # (nested wrappers sit at .base_layer paths); lora_A stacks E experts' rows.
+            name = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
+            rank //= getattr(module, "num_experts", 1)
         found[name] = (int(rank), float(module.lora_alpha[adapter_name]))
     return found
 
