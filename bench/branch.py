@@ -70,15 +70,7 @@ SEEDS = (0, 1)
 # -- measuring ------------------------------------------------------------------------------
 def pool_spec(pool: dict, rank: int, seed: int):
     """The pool's own spec of trial (rank, seed), read-only: no adapter is written."""
-    from rankwise.storage.store import RunStore
-
-    store = RunStore(pool["run_dir"], readonly=True)
-    try:
-        spec = store.spec(f"r{rank}-s{seed}")
-    finally:
-        store.close()
-    if spec is None:
-        raise SystemExit(f"{pool['run_dir']}: no spec of r{rank}-s{seed}")
+    spec = stability.stored_spec(pool["run_dir"], rank, seed)
     return spec.replace(adapter_dir=None)
 
 

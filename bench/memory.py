@@ -36,6 +36,7 @@ if not __package__:  # run as a file (the measured worker process): make `bench`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import harness  # noqa: E402
+from rankwise.testing import saved_bytes  # noqa: E402
 
 SECTION = "## Peak memory: predicted vs measured"
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -97,25 +98,6 @@ def _load(name: str):
     return load_model(ModelConfig(model=name, device="cpu", dtype="float32"))[0]
 
 
-def _saved_bytes(peft_model, x) -> int:
-    """Bytes autograd saves for backward in one forward pass (parameters excluded)."""
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        peft_model(input_ids=x, labels=x).loss.backward()
-    peft_model.zero_grad(set_to_none=True)
-    return sum(seen.values())
-
-
 def worker(c: dict, saved: bool) -> dict:
     import gc
 
@@ -170,7 +152,7 @@ def worker(c: dict, saved: bool) -> dict:
     }
     if saved:
         x = torch.randint(0, vocab, (c["batch_size"], c["seq_len"]), generator=gen)
-        result["saved"] = _saved_bytes(pm, x)
+        result["saved"] = saved_bytes(pm, x)
     return result
 
 

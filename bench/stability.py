@@ -254,6 +254,20 @@ def build_pool(task: Task, runs: Path, smoke: bool = False, root: Path | None = 
     }
 
 
+def stored_spec(run_dir, rank: int, seed: int):
+    """The TrialSpec a pool's run folder stored for trial r{rank}-s{seed}, read-only."""
+    from rankwise.storage.store import RunStore
+
+    store = RunStore(run_dir, readonly=True)
+    try:
+        spec = store.spec(f"r{rank}-s{seed}")
+    finally:
+        store.close()
+    if spec is None:
+        raise SystemExit(f"{run_dir}: no stored spec r{rank}-s{seed}")
+    return spec
+
+
 def load_pool(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -148,15 +148,7 @@ def pool_spec(task: str, pool: dict, rank: int, seed: int):
     ``trials/<key>/adapter``. (The hot-head-k8 run folder's store names far-off-k8's model,
     data and adapters, the folder it was trained under; its numbers are hot-head-k8's, and
     the check in :func:`measure_task` confirms the rebased paths reproduce them.)"""
-    from rankwise.storage.store import RunStore
-
-    store = RunStore(stability.RUNS / task, readonly=True)
-    try:
-        spec = store.spec(f"r{rank}-s{seed}")
-    finally:
-        store.close()
-    if spec is None:
-        raise SystemExit(f"{task}: no stored spec r{rank}-s{seed}")
+    spec = stability.stored_spec(stability.RUNS / task, rank, seed)
     run = stability.RUNS / task
     return spec.replace(
         model=spec.model | {"model": pool["options"]["model"]}, data_dir=str(run / "data"),

@@ -21,7 +21,7 @@ from rankwise.analysis.spectra import inspect_adapter
 from rankwise.cli import main
 from rankwise.errors import ConfigError
 from rankwise.io.experts import targeted_parameters
-from rankwise.testing import save_tiny_model, tiny_model
+from rankwise.testing import save_tiny_model, saved_bytes, tiny_model
 from rankwise.training.adapter import attached
 from rankwise.training.patterns import verify_ranks
 from rankwise.training.trial import run_trial
@@ -134,22 +134,6 @@ def test_estimate_from_a_directory_takes_the_experts_shorthand(moe_dir):
     assert [r.trainable_params for r in rows] == [1792, 3584]
 
 
-def _saved_bytes(peft_model, ids) -> int:
-    """Bytes autograd saves for backward in one forward pass, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        peft_model(input_ids=ids, labels=ids).loss.backward()
-    return sum(seen.values())
-
-
 def test_memory_counts_the_merged_expert_copies_and_expert_inputs():
     """What LoRA on the experts adds to the saved activations, predicted exactly: each
     parameter's merged copy and every routed token's input (the rank does not matter)."""
@@ -157,7 +141,7 @@ def test_memory_counts_the_merged_expert_copies_and_expert_inputs():
     targets = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     shapes = targeted_parameters(model, EXPERTS)
     for rank in (1, 4):
-        measured = _saved_bytes(_peft_moe(rank, ["q_proj"]), ids) - _saved_bytes(
+        measured = saved_bytes(_peft_moe(rank, ["q_proj"]), ids) - saved_bytes(
             _peft_moe(rank, ["q_proj"], parameters=None), ids
         )
         # on CUDA every term has the same transient factor: the difference is exact

@@ -341,3 +341,24 @@ def stdlib_topics(
             raise ValueError(f"stdlib package {package!r} has only {len(texts)} docstrings")
         rows += [{"text": t, "label": package} for t in texts[:per_label]]
     return rows
+
+
+def saved_bytes(peft_model, ids) -> int:
+    """Bytes autograd saves for backward in one forward pass of ``peft_model`` on ``ids``,
+    parameters excluded: the activation memory a prediction is checked against. Leaves the
+    gradients cleared."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+    peft_model.zero_grad(set_to_none=True)
+    return sum(seen.values())
