@@ -178,3 +178,17 @@ def test_two_well_measured_sides_read_high():
 def test_a_guarantee_outside_zero_one_is_refused_naming_the_flag(bad):
     with pytest.raises(ConfigError, match=r"^--max-regret: expected a share of the val loss"):
         Criterion("knee", max_regret=bad)
+
+
+def test_a_best_smallest_rank_on_one_degree_of_freedom_is_not_high():
+    """The demo's shape: r=4 with two seeds (1 df of seed noise), every other rank one; r=1
+    has the best loss. However many validation blocks stand beside it, the seed noise rests
+    on one degree of freedom: medium, and the line names the seed that would settle it."""
+    blocks = {r: [v + 0.01 * ((i % 5) - 2) for i in range(64)] for r, v in
+              {1: 3.4222, 2: 3.4411, 4: 3.4309, 8: 3.4290}.items()}  # fmt: skip
+    trials = [trial(r, 0, sum(b) / len(b), b) for r, b in blocks.items()]
+    b41 = [x - 0.0024 for x in blocks[4]]
+    trials.append(trial(4, 1, sum(b41) / len(b41), b41))
+    rec = recommend(rank_scores(trials), Criterion())
+    assert rec.rank == 1 and rec.confidence.startswith("medium: r=1 is the best")
+    assert "would settle" in rec.confidence

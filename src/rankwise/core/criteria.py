@@ -39,7 +39,15 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from rankwise.core.scores import RankScore, critical, dof, half_width, improvement_share, noise
+from rankwise.core.scores import (
+    RankScore,
+    critical,
+    dof,
+    evidence_df,
+    half_width,
+    improvement_share,
+    noise,
+)
 from rankwise.core.stats import t_critical
 from rankwise.errors import ConfigError
 
@@ -242,9 +250,7 @@ class Criterion:
             return None
         ok = sorted((s for s in scores if s.ok), key=lambda s: s.rank)
         best = min(ok, key=lambda s: (s.mean, s.rank))
-        return next(
-            (s for s in ok if s.rank >= first.rank and self.within_regret(s, best)), best
-        )
+        return next((s for s in ok if s.rank >= first.rank and self.within_regret(s, best)), best)
 
     def settled(self, scores: list[RankScore], base: float | None = None) -> bool:
         """Whether the ranks above the largest one tried can no longer change the pick,
@@ -437,7 +443,9 @@ def recommend(
     confidence = _confidence(pick, ok, c, base_loss)
     if undecided and confidence.startswith("high"):
         # A comparison the answer rests on is open: not high, whatever the other side says.
-        confidence = "medium" + confidence[len("high") :] + "; a comparison the answer rests on is open"
+        confidence = (
+            "medium" + confidence[len("high") :] + "; a comparison the answer rests on is open"
+        )
     return Recommendation(
         pick.rank,
         pick.mean,
@@ -575,8 +583,20 @@ def _confidence(pick: RankScore, ok: list[RankScore], c: Criterion, base) -> str
     below = [s for s in ok if s.rank < pick.rank]
     if not below:
         if pick.rank == best.rank:
-            return f"high for the upper side: r={pick.rank} is the best and the smallest rank tried"
-        df = dof(pick, best)
+            # No rank beats it: judged against the runner-up, on the noise behind that pair.
+            rest = [s for s in ok if s.rank != pick.rank]
+            if not rest:
+                return f"medium: r={pick.rank} is the only rank trained"
+            second = min(rest, key=lambda s: (s.mean, s.rank))
+            df = evidence_df(pick, second)
+            said = (
+                f"r={pick.rank} is the best and the smallest rank tried "
+                f"(r={second.rank} is next; {_df_words(df)})"
+            )
+            if df >= 2:
+                return f"high for the upper side: {said}"
+            return f"medium: {said}; {_more_seeds(pick, second)}"
+        df = evidence_df(pick, best)
         level = "high" if df >= 2 else "medium"
         said = (
             f"{level}: r={pick.rank} is the smallest rank tried and is shown within "
@@ -584,24 +604,26 @@ def _confidence(pick: RankScore, ok: list[RankScore], c: Criterion, base) -> str
         )
         return said + ("" if df >= 2 else f"; {_more_seeds(pick, best)}")
     nxt = max(below, key=lambda s: s.rank)
-    hw, df = half_width(nxt, pick), dof(nxt, pick)
+    hw, df = half_width(nxt, pick), evidence_df(nxt, pick)
     diff = nxt.mean - pick.mean
     t = critical(nxt, pick)
     outside = nxt.mean - best.mean - half_width(nxt, best) > c.regret_bar(best)
     if not c.as_good(nxt, pick, base) or outside:
-        shown = f"r={nxt.rank} is worse by {diff:.4f} ({t:.3g} SE = {hw:.4f} at {_df_words(df)})"
+        shown = f"r={nxt.rank} is worse by {diff:.4f} ({t:.3g} SE = {hw:.4f}; {_df_words(df)})"
         if df >= 2:
             return f"high: {shown}"
-        return f"medium: {shown}, a noise measured on one degree of freedom; {_more_seeds(nxt, pick)}"
+        return (
+            f"medium: {shown}, a noise measured on one degree of freedom; {_more_seeds(nxt, pick)}"
+        )
     if not c.within_regret(nxt, best):
         return (
-            f"low: r={nxt.rank} is worse by only {diff:.4f} ({t:.3g} SE = {hw:.4f} at "
-            f"{_df_words(df)}), but not shown within {_pct(c.max_regret)} of the best, so "
-            f"r={pick.rank} is recommended; {_more_seeds(nxt, pick)}"
+            f"low: r={nxt.rank} is worse by only {diff:.4f} ({t:.3g} SE = {hw:.4f}; "
+            f"{_df_words(df)}), not shown within {_pct(c.max_regret)} of the best; "
+            f"{_more_seeds(nxt, pick)}"
         )
     return (
         f"low: r={nxt.rank} is worse by only {diff:.4f}, within the noise ({t:.3g} SE = "
-        f"{hw:.4f} at {_df_words(df)}); {_more_seeds(nxt, pick)}"
+        f"{hw:.4f}, {_df_words(df)}); {_more_seeds(nxt, pick)}"
     )
 
 

@@ -132,6 +132,11 @@ class Noise:
         se = math.sqrt(sum(v for v, _ in parts))
         return se, welch_df(parts), train[2] if train else "blocks"
 
+    def seed_df(self, a, b, n_a: int = 1, n_b: int = 1) -> int | None:
+        """Degrees of freedom of the seed-noise estimate behind ``a - b`` (None: none)."""
+        train = None if a == b else self._train_var(a, b, n_a, n_b)
+        return None if train is None else int(train[1])
+
     def critical(self, a, b, n_a: int = 1, n_b: int = 1) -> float:
         """Student's t at the degrees of freedom behind :meth:`test`'s standard error."""
         return t_critical(self.test(a, b, n_a, n_b)[1])

@@ -136,6 +136,17 @@ def dof(a: RankScore, b: RankScore) -> float:
     return max(1, a.n + b.n - 2)
 
 
+def evidence_df(a: RankScore, b: RankScore) -> float:
+    """The degrees of freedom a verdict on ``a - b`` rests on: the smaller of the whole
+    standard error's and its seed-noise estimate's (a sigma from one seed pair is one df,
+    however many validation blocks stand beside it)."""
+    df = dof(a, b)
+    if a.noise is not None and a.noise is b.noise:
+        seed = a.noise.seed_df(a.noise_key, b.noise_key, a.n, b.n)
+        return df if seed is None else min(df, seed)
+    return df
+
+
 def half_width(a: RankScore, b: RankScore) -> float:
     """The 95% half-width of ``a.mean - b.mean``: :func:`critical` x :func:`noise` (0 when
     the noise is unknown)."""
