@@ -633,4 +633,6 @@ def _more_seeds(a: RankScore, b: RankScore) -> str:
     if lo.n != hi.n:
         fewer = min((lo, hi), key=lambda s: s.n)
         return f"one more seed of r={fewer.rank} would settle r={lo.rank} vs r={hi.rank}"
+    if lo.n == 1:
+        return f"a second seed of r={lo.rank} and r={hi.rank} would settle it"
     return f"more seeds of r={lo.rank} and r={hi.rank} ({lo.n} each now) would settle it"
