@@ -53,8 +53,16 @@ CASES = {
         ["--target-modules", "no linear module named wq, wv", "q_proj", "v_proj"],
     ),
     "rank zero": (None, ["--ranks", "0,2"], ["--ranks: every rank must be a positive integer"]),
-    "regret zero": (None, ["--max-regret", "0"], ["--max-regret: expected a share of the val loss in (0, 1)"]),
-    "regret one": (None, ["--max-regret", "1"], ["--max-regret: expected a share of the val loss in (0, 1)"]),
+    "regret zero": (
+        None,
+        ["--max-regret", "0"],
+        ["--max-regret: expected a share of the val loss in (0, 1)"],
+    ),
+    "regret one": (
+        None,
+        ["--max-regret", "1"],
+        ["--max-regret: expected a share of the val loss in (0, 1)"],
+    ),
     "rank not integer": (None, ["--ranks", "1,2.5"], ["--ranks: expected integers, got '2.5'"]),
     "rank above layer size": (
         None,

@@ -120,7 +120,9 @@ def test_the_ladder_climbs_until_the_step_above_the_answer_is_shown_to_gain_less
 
 def test_the_grid_and_the_ladder_agree_under_the_guarantee():
     curve = {1: 3.60, 2: 3.45, 4: 3.40, 8: 3.35, 16: 3.345, 32: 3.344}
-    grid = drive(Grid([1, 2, 4, 8, 16, 32], criterion=KNEE_BASE, base_loss=9.6), lambda r, s: curve[r])
+    grid = drive(
+        Grid([1, 2, 4, 8, 16, 32], criterion=KNEE_BASE, base_loss=9.6), lambda r, s: curve[r]
+    )
     ladder = drive(
         Ladder([1, 2, 4, 8, 16, 32], start_rank=4, criterion=KNEE_BASE, base_loss=9.6),
         lambda r, s: curve[r],
