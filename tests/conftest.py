@@ -248,24 +248,6 @@ def bench_main(capsys):
     return run
 
 
-def table_rows(text: str, first: str = "") -> list[list[str]]:
-    """The cells of the markdown table rows in ``text`` whose first cell is ``first`` (any
-    row when empty), header and separator lines left out.
-
-        >>> table_rows("| a | b |\\n|---|---|\\n| x | 1 |\\n| y | 2 |", "y")
-        [['y', '2']]
-    """
-    rows = []
-    for line in text.splitlines():
-        if not line.startswith("| ") or line.startswith("|---"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if first and cells[0] != first:
-            continue
-        rows.append(cells)
-    return rows
-
-
 def check_error(capsys, argv, *fragments) -> str:
     """The CLI refuses ``argv``: exit 2, one line on stderr holding every fragment, no
     traceback. Returns the line."""

@@ -13,8 +13,6 @@ import pytest
 
 from bench import criteria, harness, rank_curves, search_efficiency, throughput
 
-from .conftest import table_rows
-
 
 def test_search_efficiency_ladder_and_grid_agree_on_planted_k2(bench_main, tmp_path):
     out = bench_main(search_efficiency, "--out", str(tmp_path))
@@ -36,12 +34,14 @@ def test_search_efficiency_ladder_and_grid_agree_on_planted_k2(bench_main, tmp_p
 
 
 def test_throughput_arms_train_alike(bench_main, tmp_path):
-    out = bench_main(throughput, "--out", str(tmp_path))
-    [row] = table_rows(out, "tiny")
-    assert row[2] == "5 × 4 × 64"  # steps × batch × seq: the smoke settings
+    bench_main(throughput, "--out", str(tmp_path))
+    [row] = json.loads((tmp_path / "throughput.json").read_text())
+    s = row["settings"]
+    assert (s["steps"], s["batch"], s["seq_len"]) == (5, 4, 64)  # the smoke settings
     # Same adapter init, blocks, order and schedule: the two arms' mean train losses agree
     # within 0.2% (measured: 4.8341 / 4.8384 here, 4.6048 / 4.6065 over 100 steps).
-    ours, trainer = map(float, row[-1].split(" / "))
+    ours = row["median"]["rankwise"]["mean_train_loss"]
+    trainer = row["median"]["baseline"]["mean_train_loss"]
     assert ours == pytest.approx(trainer, rel=2e-3)
 
 
