@@ -21,6 +21,7 @@ from rankwise.training.nested import (
     nested_key,
     run_nested,
     save_truncated,
+    with_nested,
 )
 from rankwise.training.trial import run_trial
 
@@ -172,7 +173,7 @@ def test_run_nested_records_adapters_and_base(tmp_path):
     base_state, base_digest = {k: v.clone() for k, v in model.state_dict().items()}, digest(model)
     spec = make_spec(tmp_path, 4, steps=6, eval_every=3)
     scale_for = POLICIES["fixed"][1]
-    results = run_nested(spec, ranks, ctx, scale_for)
+    results = run_nested(with_nested(spec, ranks, scale_for), ctx)
 
     assert [r.key for r in results] == [nested_key(r, 0) for r in ranks]
     assert [r.rank for r in results] == ranks
@@ -224,12 +225,12 @@ def test_failures_and_bad_arguments(tmp_path):
     model = tiny_model()
     ctx = random_ctx(model)
     spec = make_spec(tmp_path, 4, lr=float("nan"), steps=2)
-    results = run_nested(spec, [1, 4], ctx, POLICIES["fixed"][1])
+    results = run_nested(with_nested(spec, [1, 4], POLICIES["fixed"][1]), ctx)
     assert [r.status for r in results] == ["failed", "failed"]
     with pytest.raises(ValueError, match="largest rank"):
-        run_nested(make_spec(tmp_path, 4), [1, 8], ctx, POLICIES["fixed"][1])
+        run_nested(with_nested(make_spec(tmp_path, 4), [1, 8], POLICIES["fixed"][1]), ctx)
     with pytest.raises(ValueError, match="distribution"):
-        run_nested(make_spec(tmp_path, 4), [1, 4], ctx, POLICIES["fixed"][1], "normal")
+        run_nested(with_nested(make_spec(tmp_path, 4), [1, 4], POLICIES["fixed"][1], "normal"), ctx)
 
 
 def test_one_rank_is_run_trial(tmp_path):
@@ -238,7 +239,7 @@ def test_one_rank_is_run_trial(tmp_path):
     ctx = random_ctx(model)
     spec = make_spec(tmp_path, 2, steps=4, eval_every=2)
     plain = run_trial(spec, ctx)
-    (nested,) = run_nested(spec, [2], ctx, POLICIES["fixed"][1])
+    (nested,) = run_nested(with_nested(spec, [2], POLICIES["fixed"][1]), ctx)
     for got, want in ((nested.train_curve, plain.train_curve), (nested.val_curve, plain.val_curve)):
         assert [s for s, _ in got] == [s for s, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6)
@@ -254,7 +255,7 @@ def test_early_stopping_holds_under_nested_training(tmp_path, tiny_ctx):
 
     spec = make_spec(tmp_path, 4, steps=40, lr=1e-2, eval_every=2)
     spec = spec.replace(train=spec.train.replace(early_stopping_patience=2))
-    results = run_nested(spec, [1, 2, 4], tiny_ctx, POLICIES["fixed"][1])
+    results = run_nested(with_nested(spec, [1, 2, 4], POLICIES["fixed"][1]), tiny_ctx)
     tc = spec.train
     assert all(r.ok and r.early_stopped for r in results)
     assert {r.steps for r in results} == {8} and {r.val_curve[-1][0] for r in results} == {8}
@@ -352,8 +353,21 @@ def test_nested_knee_matches_the_grid_on_a_planted_task(tmp_path):
         return make_spec(tmp_path, r, steps=300, batch_size=8, eval_every=75, lr=3e-3)
 
     grid = [run_trial(spec(r), ctx) for r in ranks]
-    nested = run_nested(spec(ranks[-1]), ranks, ctx, POLICIES["fixed"][1])
+    nested = run_nested(with_nested(spec(ranks[-1]), ranks, POLICIES["fixed"][1]), ctx)
     assert all(r.ok for r in grid + nested)
     knee_grid = recommend(rank_scores(grid), tolerance).rank
     knee_nested = recommend(rank_scores(nested), tolerance).rank
     assert abs(ranks.index(knee_grid) - ranks.index(knee_nested)) <= 1, (grid, nested)
+
+
+def test_a_nested_run_is_described_by_its_spec_alone(tmp_path):
+    """The decision protected: a nested run travels as its serialisable spec (a Ray worker
+    gets nothing else): its truncations, their scales and the rank draw round-trip JSON."""
+    from rankwise.records import NestedRun
+
+    spec = with_nested(make_spec(tmp_path, 4), [1, 2, 4], POLICIES["fixed"][1], "normal")
+    back = TrialSpec.from_json(spec.to_json())
+    assert back.nested == spec.nested
+    assert isinstance(back.nested, NestedRun) and back.nested.ranks == (1, 2, 4)
+    assert back.nested.scale_for(2) == POLICIES["fixed"][1](2)
+    assert back.nested.distribution == "normal"

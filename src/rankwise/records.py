@@ -27,6 +27,7 @@ __all__ = [
     "LoraSpec",
     "TrainSpec",
     "Branch",
+    "NestedRun",
     "TrialSpec",
     "TrialResult",
     "COMPLETE",
@@ -133,6 +134,30 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class NestedRun:
+    """A nested-rank run (``--strategy nested``): the truncations one adapter at
+    ``max(ranks)`` trains at once, each truncation's LoRA scale under the alpha policy, and
+    how the rank of each step is drawn. Plain data, so the run travels in its spec.
+
+    >>> n = NestedRun(ranks=(1, 4), scales=(8.0, 2.0))
+    >>> n.scale_for(4), n.distribution
+    (2.0, 'uniform-list')
+    """
+
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]
+    distribution: str = "uniform-list"
+
+    def __post_init__(self):
+        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        object.__setattr__(self, "scales", tuple(float(x) for x in self.scales))
+
+    def scale_for(self, rank: int) -> float:
+        """The LoRA scale of the rank-``rank`` truncation."""
+        return dict(zip(self.ranks, self.scales, strict=True))[rank]
+
+
+@dataclass(frozen=True)
 class Branch:
     """A trial of the rank curve that shares its first steps with its seed's trunk
     (``--branch-at``). The trunk (``role="trunk"``, the first trial of its seed) saves its
@@ -177,6 +202,7 @@ class TrialSpec:
     group: str = ""  # the label of a variant (a learning rate, a target set, a co-tune setting)
     adapter_dir: str | None = None
     branch: Branch | None = None  # --branch-at: the trunk saves its state, a branch starts there
+    nested: NestedRun | None = None  # --strategy nested: the truncations this run trains
 
     def __post_init__(self):
         # Plain dicts (from JSON, or written by hand) become the typed records.
@@ -186,6 +212,8 @@ class TrialSpec:
             object.__setattr__(self, "train", TrainSpec(**self.train))
         if isinstance(self.branch, dict):
             object.__setattr__(self, "branch", Branch(**self.branch))
+        if isinstance(self.nested, dict):
+            object.__setattr__(self, "nested", NestedRun(**self.nested))
         object.__setattr__(self, "kind", TrialKind(self.kind))
 
     def to_json(self) -> str:

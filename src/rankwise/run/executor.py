@@ -79,7 +79,7 @@ class LocalExecutor:
                 on_result()
         return strategy
 
-    def nested(self, spec, ranks, ctx, scale_for, distribution, progress=None):
+    def nested(self, spec, ctx, progress=None):
         from rankwise.training.nested import run_nested
 
-        return run_nested(spec, ranks, ctx, scale_for, distribution, progress)
+        return run_nested(spec, ctx, progress)

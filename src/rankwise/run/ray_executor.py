@@ -39,8 +39,8 @@ class Worker:
         tokens: list | None = None,
         trunk: dict | None = None,
     ) -> dict:
-        """Train one trial (``task``: ``("nested", ranks, scale_for, distribution)`` for a
-        nested-rank run); ``tokens``: ``[ObjectRef]`` of the token blocks, or None to read
+        """Train one trial (``task``: ``("nested",)`` for a nested-rank run, which its spec
+        describes); ``tokens``: ``[ObjectRef]`` of the token blocks, or None to read
         them from the run directory; ``trunk``: a branch's trunk state (its files), sent
         along with the tokens when the run directory is not shared."""
         from rankwise.training.adapter import TrialContext
@@ -55,7 +55,7 @@ class Worker:
         if task:
             from rankwise.training.nested import run_nested
 
-            results = run_nested(spec, task[1], ctx, task[2], task[3])
+            results = run_nested(spec, ctx)
         else:
             results = [run_trial(spec, ctx)]
         from rankwise.training.resources import resident_bytes
@@ -287,8 +287,8 @@ class RayExecutor:
     def execute(self, spec: TrialSpec, progress=None, task: tuple = ()) -> TrialResult:
         return self._one(spec, task)[0]
 
-    def nested(self, spec, ranks, ctx, scale_for, distribution, progress=None):
-        return self._one(spec, ("nested", ranks, scale_for, distribution))
+    def nested(self, spec, ctx, progress=None):
+        return self._one(spec, ("nested",))
 
     def _one(self, spec: TrialSpec, task: tuple) -> list[TrialResult]:
         """One task on a free worker, retried once if the worker is lost."""

@@ -297,19 +297,19 @@ class TrialRunner:
 
     def run_nested(self, r_max: int, seed: int, ranks: list[int], variant: Variant = MAIN):
         """One nested-rank run at ``r_max`` (its stored truncations, or train it now)."""
-        from rankwise.training.nested import nested_key
+        from rankwise.training.nested import nested_key, with_nested
 
         stored = [self.store.result(nested_key(r, seed, variant.group)) for r in ranks]
         if all(r is not None for r in stored):
             return stored
         spec = self.spec_for(r_max, seed, variant)
         spec = spec.replace(key=nested_key(r_max, seed, variant.group), kind=TrialKind.NESTED)
+        spec = with_nested(
+            spec, ranks, self.nested_scale(ranks), self.opts.search.nested_distribution
+        )
         self.store.start(spec)
-        s = self.opts.search
         with self.progress.trial(spec) as bar:
-            results = self.nested(
-                spec, ranks, self.ctx, self.nested_scale(ranks), s.nested_distribution, bar
-            )
+            results = self.nested(spec, self.ctx, bar)
         return [self.record(r, spec) for r in results]
 
     def prepare(

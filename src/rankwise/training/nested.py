@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.records import TrialResult, TrialSpec
+from rankwise.records import NestedRun, TrialResult, TrialSpec
 from rankwise.storage.rundir import RunDir
 from rankwise.training.adapter import TrialContext
 from rankwise.training.hooks import Hooks, Run, trial_result
@@ -412,23 +412,30 @@ def nested_adapter_dir(spec: TrialSpec, rank: int) -> Path | None:
     )
 
 
-def run_nested(
-    spec: TrialSpec,
-    ranks: list[int],
-    ctx: TrialContext,
-    scale_for: ScaleFor,
-    distribution: str = "uniform-list",
-    progress: Progress | None = None,
-) -> list[TrialResult]:
-    """Train one adapter at ``max(ranks)`` with nested ranks; one result per rank.
+def with_nested(
+    spec: TrialSpec, ranks: list[int], scale_for: ScaleFor, distribution: str = "uniform-list"
+) -> TrialSpec:
+    """``spec`` as a nested-rank run over ``ranks``: each truncation's scale read off the
+    alpha policy's ``scale_for`` and written into the spec (:class:`NestedRun`)."""
+    run = NestedRun(tuple(ranks), tuple(scale_for(r) for r in ranks), distribution)
+    return spec.replace(nested=run)
 
-    ``spec`` is the ``r_max`` trial's spec (``spec.lora.r == max(ranks)``); ``scale_for(r)``
-    is the alpha policy's LoRA scale of a rank-r adapter (fixed: alpha/r; rslora:
-    alpha/sqrt(r); ratio: k). Each rank's best checkpoint is saved as a plain rank-r adapter
+
+def run_nested(
+    spec: TrialSpec, ctx: TrialContext, progress: Progress | None = None
+) -> list[TrialResult]:
+    """Train one adapter at ``max(spec.nested.ranks)`` with nested ranks; one result per rank.
+
+    ``spec`` is the ``r_max`` trial's spec (``spec.lora.r == max(ranks)``), and
+    ``spec.nested`` (:func:`with_nested`) names the truncations, each one's LoRA scale under
+    the alpha policy (fixed: alpha/r; rslora: alpha/sqrt(r); ratio: k) and the rank draw. Each rank's best checkpoint is saved as a plain rank-r adapter
     in :func:`nested_adapter_dir`. A failure (OOM, NaN, error) fails every rank's record.
     Early stopping (``spec.train.early_stopping_patience``) ends the run once no truncation
     has improved for that many evaluations (:func:`rankwise.training.lifecycle._stalled`).
     """
-    ranks = _check(spec, ranks, distribution)
-    draw = RankSampler(ranks, distribution, seed=spec.seed + RANK_SEED_OFFSET)
-    return run_lifecycle(spec, ctx, NestedHooks(ranks, scale_for, draw), progress)
+    if spec.nested is None:
+        raise ValueError(f"{spec.key}: not a nested-rank run (no spec.nested)")
+    n = spec.nested
+    ranks = _check(spec, list(n.ranks), n.distribution)
+    draw = RankSampler(ranks, n.distribution, seed=spec.seed + RANK_SEED_OFFSET)
+    return run_lifecycle(spec, ctx, NestedHooks(ranks, n.scale_for, draw), progress)
