@@ -1,4 +1,4 @@
-"""bench/truncate.py: the SVD truncation of a LoRA adapter is exact at r_max and optimal below.
+"""bench/archive/truncate.py: the SVD truncation of a LoRA adapter is exact at r_max and optimal below.
 
 The state dict of a PEFT adapter (r_max = 8, random A and B) on q_proj and up_proj of a
 2-layer, hidden-64 Llama (rankwise.testing's tiny model: up_proj 64 -> 128), with PEFT's key
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from bench.truncate import svd_truncate, truncate_state, write_truncation
+from bench.archive.truncate import svd_truncate, truncate_state, write_truncation
 
 R_MAX, ALPHA = 8, 8.0
 

@@ -33,7 +33,7 @@ normalised size for the first tens of steps. bench/branch.py measures the outcom
 fresh trials of the same rank and seed.)
 
 **Shrinking** (r1 below r0): the best rank-r1 approximation of the trunk's ΔW per module
-(Eckart-Young, as bench/truncate.py), B' = U·sqrt(S/s1), A' = sqrt(S/s1)·Vᵀ, computed from
+(Eckart-Young, as bench/archive/truncate.py), B' = U·sqrt(S/s1), A' = sqrt(S/s1)·Vᵀ, computed from
 QR factors of B0 and A0ᵀ so only an r0 × r0 matrix is decomposed. The optimizer starts
 fresh: the truncated components mix the trunk's, so no moment belongs to them.
 

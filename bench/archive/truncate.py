@@ -43,12 +43,12 @@ with one seed is 6.0, the new default ladder its replayed tokens.
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.truncate                    # 5 tasks, seeds 0-2
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.truncate --seeds 3 4 5 --no-final  # curves only
-    OMP_NUM_THREADS=1 .venv/bin/python -m bench.truncate --tasks planted-k4 --seeds 0 1
-    .venv/bin/python -m bench.truncate --report                           # tables, no training
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.archive.truncate                    # 5 tasks, seeds 0-2
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.archive.truncate --seeds 3 4 5 --no-final  # curves only
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.archive.truncate --tasks planted-k4 --seeds 0 1
+    .venv/bin/python -m bench.archive.truncate --report                           # tables, no training
 
-(``.venv/bin/python bench/truncate.py ...`` works as well.) About 30-110 s of one shared core
+(``.venv/bin/python bench/archive/truncate.py ...`` works as well.) About 30-110 s of one shared core
 per task and seed (curves only: ~30 s).
 
 Results go to ``bench/.cache/truncate/<task>.json``, written after every measurement; a
@@ -65,8 +65,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-if not __package__:  # run as a file (bench/truncate.py): make `bench` importable
+ROOT = Path(__file__).resolve().parents[1]  # bench/ (this file is in bench/archive/)
+if not __package__:  # run as a file (bench/archive/truncate.py): make `bench` importable
     sys.path.insert(0, str(ROOT.parent))
 
 from bench import stability  # noqa: E402
