@@ -245,7 +245,11 @@ class Criterion:
         """The recommended rank's score, or None (nothing completed, or no help): the
         criterion's pick, raised to the smallest rank at or above it shown within the
         guarantee (the best rank always is)."""
-        first = self.criterion_pick(scores, base)
+        return self.guaranteed(self.criterion_pick(scores, base), scores)
+
+    def guaranteed(self, first: RankScore | None, scores: list[RankScore]) -> RankScore | None:
+        """``first`` (the criterion's pick) raised to the smallest rank at or above it that
+        is shown within the guarantee."""
         if first is None:
             return None
         ok = sorted((s for s in scores if s.ok), key=lambda s: s.rank)
@@ -293,7 +297,8 @@ class Criterion:
         two ranks settle them (racing)."""
         c = self.resolve(base)
         ok = sorted((s for s in scores if s.ok), key=lambda s: s.rank)
-        first, pick = c.criterion_pick(ok, base), c.pick(ok, base)
+        first = c.criterion_pick(ok, base)
+        pick = c.guaranteed(first, ok)
         if pick is None or len(ok) < 2:
             return []
         best = min(ok, key=lambda s: (s.mean, s.rank))
@@ -422,7 +427,8 @@ def recommend(
         why = "no trial completed; nothing to recommend"
         return Recommendation(None, None, None, None, stop_reason, why, **common)
     best = min(ok, key=lambda s: (s.mean, s.rank))
-    pick = c.pick(ok, base_loss)
+    first = c.criterion_pick(ok, base_loss)
+    pick = c.guaranteed(first, ok)
     stopped = f"; stopped: {stop_reason}" if stop_reason else ""
     if pick is None:
         why = _no_help(best, base_loss, c) + stopped
@@ -430,7 +436,6 @@ def recommend(
             None, None, best.rank, best.mean, stop_reason, why, lora_helps=False, **common
         )
     why = _reason(pick, best, ok, c, base_loss, params)
-    first = c.criterion_pick(ok, base_loss)
     why += f"; {_guarantee(pick, first, best, c)}"
     undecided = _undecided(pick, ok, c, base_loss)
     if undecided:

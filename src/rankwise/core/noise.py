@@ -137,10 +137,6 @@ class Noise:
         train = None if a == b else self._train_var(a, b, n_a, n_b)
         return None if train is None else int(train[1])
 
-    def critical(self, a, b, n_a: int = 1, n_b: int = 1) -> float:
-        """Student's t at the degrees of freedom behind :meth:`test`'s standard error."""
-        return t_critical(self.test(a, b, n_a, n_b)[1])
-
     def _train_var(self, a, b, n_a: int, n_b: int) -> tuple[float, int, str] | None:
         """The seed noise's variance of the difference, its df and which estimate it is."""
         seeds_a, seeds_b = self.seeds.get(a, ()), self.seeds.get(b, ())

@@ -120,20 +120,24 @@ def noise(a: RankScore, b: RankScore) -> float | None:
     return math.sqrt(a.se**2 + b.se**2)
 
 
+def _test(a: RankScore, b: RankScore) -> tuple[float | None, float]:
+    """``(se, df)`` of ``a.mean - b.mean``: the curve's noise model when both scores share
+    one, else the two scores' own spreads (pooled df)."""
+    if a.noise is not None and a.noise is b.noise:
+        return a.noise.test(a.noise_key, b.noise_key, a.n, b.n)[:2]
+    return noise(a, b), max(1, a.n + b.n - 2)
+
+
 def critical(a: RankScore, b: RankScore) -> float:
     """How many standard errors of ``a.mean - b.mean`` make the difference real: Student's
     t at the degrees of freedom behind :func:`noise` (12.7 at 1 df, 4.30 at 2, 1.96 at many).
     """
-    if a.noise is not None and a.noise is b.noise:
-        return a.noise.critical(a.noise_key, b.noise_key, a.n, b.n)
-    return t_critical(max(1, a.n + b.n - 2))
+    return t_critical(_test(a, b)[1])
 
 
 def dof(a: RankScore, b: RankScore) -> float:
     """The degrees of freedom behind :func:`noise` (``inf``: the validation blocks only)."""
-    if a.noise is not None and a.noise is b.noise:
-        return a.noise.test(a.noise_key, b.noise_key, a.n, b.n)[1]
-    return max(1, a.n + b.n - 2)
+    return _test(a, b)[1]
 
 
 def evidence_df(a: RankScore, b: RankScore) -> float:
@@ -150,8 +154,8 @@ def evidence_df(a: RankScore, b: RankScore) -> float:
 def half_width(a: RankScore, b: RankScore) -> float:
     """The 95% half-width of ``a.mean - b.mean``: :func:`critical` x :func:`noise` (0 when
     the noise is unknown)."""
-    se = noise(a, b)
-    return critical(a, b) * se if se else 0.0
+    se, df = _test(a, b)
+    return t_critical(df) * se if se else 0.0
 
 
 def beats(better: RankScore, worse: RankScore, tolerance: float) -> bool:

@@ -128,7 +128,7 @@ def _undecided(rec, pick, ok, metric) -> str:
     worst, best = max(span, key=lambda s: s.mean), min(span, key=lambda s: s.mean)
     names = f"r={lo} and r={hi}" if len(span) == 2 else f"r={lo} to r={hi}"
     apart = f"{_amount(worst.mean - best.mean, best.mean, metric)} apart ({_sure(worst, best)})"
-    raised = getattr(rec, "criterion_rank", None) not in (None, rec.rank)
+    raised = rec.criterion_rank not in (None, rec.rank)
     taken = (
         f"the {'smaller' if len(span) == 2 else 'smallest'} is recommended"
         if pick.rank == lo
@@ -262,9 +262,8 @@ def _scores_lines(rec, scores, metric, params) -> list[str]:
 
 
 def _guarantee_lines(rec: Recommendation) -> list[str]:
-    """--max-regret, where the search core has it: what the answer may lose to the best."""
-    g, bound = getattr(rec, "max_regret", None), getattr(rec, "regret_bound", None)
-    first = getattr(rec, "criterion_rank", None)
+    """--max-regret: what the answer may lose to the best rank trained."""
+    g, bound, first = rec.max_regret, rec.regret_bound, rec.criterion_rank
     if g is None or rec.rank is None:
         return []
     lines = []
